@@ -1,0 +1,160 @@
+"""LoRA, written by hand: low-rank adapters on the attention projections.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv 2106.09685), Eq. (3):
+a frozen weight W0 (out, in) is adapted as
+
+    h = W0 x + (alpha / r) · B A x        A: (r, in), B: (out, r), r << min(in, out)
+
+A starts random and B starts at zero, so B A = 0 and the model is exactly unchanged until the
+first update. Only A and B train: for ModelScope at r = 16 that is 6.65 M parameters against the
+UNet's 1.41 B, which is what lets alignment fit one GPU.
+
+Manual mixed precision. The frozen base may sit in bf16 or fp16 (half the memory, and it never
+receives updates, so rounding cannot accumulate in it). The LoRA weights, their gradients and
+the optimizer state stay float32: updates of lr 2e-4 to numbers of size ~1e-2 would be rounded
+away in bf16 (8 mantissa bits), so the adapter path computes in float32 and only its output is
+cast back to the activations' dtype.
+
+Saved files use PEFT's key layout (`unet.<module path>.lora_A.weight`, `...lora_B.weight`), so
+other tools can read them; rank and alpha travel in the safetensors metadata.
+"""
+import math
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from common import UserError, atomic_path
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, spatial and temporal
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a trainable float32 low-rank update (Eq. 3 of 2106.09685)."""
+
+    def __init__(self, base: nn.Linear, rank=16, alpha=None, dropout=0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
+        self.scaling = self.alpha / rank
+        # Module names chosen so state-dict keys read `...to_q.lora_A.weight`, PEFT's layout.
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        # PEFT's initialisation: A ~ Kaiming-uniform (as nn.Linear), B = 0, so B A = 0 at start.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        update = self.lora_B(self.lora_A(self.dropout(x.float()))) * self.scaling  # (..., out), fp32
+        return self.base(x) + update.to(x.dtype)
+
+    def merged_weight(self):
+        """W0 + (alpha / r) B A, in the base weight's dtype."""
+        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
+        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+
+
+def _matches(name, targets):
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_layers(model):
+    """{module path: LoRALinear} for every adapter in `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _replace(model, name, new):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def inject_lora(model, rank=16, alpha=None, targets=TARGETS, dropout=0.0):
+    """Freeze `model` and wrap every nn.Linear whose qualified name ends with a target.
+
+    Returns the new trainable parameters (A and B of every adapter), ready for the optimizer.
+    The model's output is unchanged until they are trained, because every B starts at zero.
+    """
+    model.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)]
+    if not names:
+        raise UserError(f"no nn.Linear in the model matches the LoRA targets {list(targets)}")
+    for name in names:
+        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
+    return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+
+
+def lora_state_dict(model, prefix="unet."):
+    """PEFT-style state dict: {prefix}{path}.lora_A.weight (r, in) and .lora_B.weight (out, r)."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"{prefix}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
+        out[f"{prefix}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+    return out
+
+
+def save_lora(model, path, prefix="unet."):
+    """Write the adapters to a safetensors file (atomically); rank and alpha go in its metadata."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save")
+    first = next(iter(layers.values()))
+    meta = {"rank": str(first.rank), "alpha": str(first.alpha), "format": "peft", "prefix": prefix}
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, prefix).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+
+
+def read_lora_file(path):
+    """(tensors, metadata) of a LoRA file; `UserError` if it is missing or not a LoRA file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise UserError(f"LoRA file {path} does not exist; pass the lora.safetensors of a training run") from None
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    if "rank" not in meta or "alpha" not in meta:
+        raise UserError(f"{path} has no LoRA rank/alpha metadata; was it written by save_lora?")
+    return tensors, meta
+
+
+def load_lora(model, path):
+    """Load adapters saved by `save_lora` into `model`, injecting them first if it has none.
+
+    Every key must match: a file for another model or another set of targets is refused rather
+    than half loaded.
+    """
+    tensors, meta = read_lora_file(path)
+    prefix = meta.get("prefix", "unet.")
+    if not lora_layers(model):
+        paths = {k[len(prefix):].rsplit(".lora_", 1)[0] for k in tensors}
+        inject_lora(model, int(meta["rank"]), float(meta["alpha"]), targets=tuple(paths))
+    expected = lora_state_dict(model, prefix)
+    if set(expected) != set(tensors):
+        missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+        raise UserError(
+            f"{path} does not fit this model ({len(missing)} adapters missing, {len(extra)} unexpected); "
+            "load it into the model it was trained on"
+        )
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if expected[k].shape != v.shape:
+                raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
+            expected[k].copy_(v)
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight (W0 <- W0 + (alpha / r) B A) and unwrap it.
+
+    The result is a plain model with the original module structure, so `save_pretrained` writes
+    a checkpoint any diffusers code can load, and inference pays nothing for the adapters.
+    An explicit call, never a side effect of `.eval()` (a lesson from loralib).
+    """
+    for name, layer in lora_layers(model).items():
+        with torch.no_grad():
+            layer.base.weight.copy_(layer.merged_weight())
+        _replace(model, name, layer.base)
+    return model

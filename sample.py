@@ -1,0 +1,122 @@
+"""Generate videos from a base model, with or without a trained LoRA.
+
+    python sample.py --model tiny --lora runs/tiny-colorfulness/lora.safetensors --prompts animals.txt
+    python sample.py --model tiny --lora OUT/lora.safetensors --prompts animals.txt --side-by-side
+
+Each prompt gives an .mp4 and a .gif in --output-dir. With --side-by-side the base model's video
+(left) and the aligned one (right) share a file, from the same seed, so the change is easy to see.
+"""
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from common import UserError, atomic_path, run_cli
+
+FPS = 8  # ModelScope's clips are 16 frames of a ~2 s scene; 8 frames a second shows them well
+MIN_SIDE = 128  # tiny videos are upscaled (nearest neighbour) to at least this height to be seen
+
+
+def tile(videos):
+    """Place B videos side by side: (B, F, 3, H, W) -> (F, 3, H, B*W)."""
+    return torch.cat(list(videos), dim=-1)  # (F, 3, H, B*W)
+
+
+def to_uint8(video):
+    """(F, 3, H, W) in [0, 1] -> (F, H', W', 3) uint8, upscaled by a whole factor if small."""
+    scale = max(1, -(-MIN_SIDE // video.shape[-2]))  # ceil(MIN_SIDE / H)
+    if scale > 1:
+        video = torch.nn.functional.interpolate(video, scale_factor=scale, mode="nearest")  # (F, 3, sH, sW)
+    return (video.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (F, H', W', 3)
+
+
+def write_video(video, stem):
+    """Write (F, 3, H, W) in [0, 1] to `stem`.mp4 and `stem`.gif (each atomically); returns the paths."""
+    import imageio
+
+    frames = to_uint8(video)
+    stem = Path(stem)
+    mp4, gif = stem.with_suffix(".mp4"), stem.with_suffix(".gif")
+    with atomic_path(mp4) as tmp:
+        # libx264 wants sides divisible by 16; to_uint8's upscaling keeps small videos so.
+        imageio.mimwrite(tmp, list(frames), fps=FPS, macro_block_size=16)
+    with atomic_path(gif) as tmp:
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=1000 // FPS, loop=0)
+    return mp4, gif
+
+
+def slug(text, n=40):
+    """A file-name-safe short form of a prompt."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "prompt"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="model name (tiny, modelscope, zeroscope), local folder or hub id")
+    p.add_argument("--lora", help="a lora.safetensors written by train.py; omit for the base model")
+    p.add_argument("--prompts", default="animals.txt", help="prompts file: a path or a name under prompts/")
+    p.add_argument("--num-prompts", type=int, default=4, help="how many prompts from the file (0: all)")
+    p.add_argument("--output-dir", default="runs/samples", help="where the videos go")
+    p.add_argument("--side-by-side", action="store_true", help="base (left) and aligned (right) in one file")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    p.add_argument("--num-steps", type=int, help="DDIM steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
+    p.add_argument("--frames", type=int, help="frames per video (default: the model's)")
+    p.add_argument("--height", type=int, help="height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="width in pixels (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the frozen model's dtype (auto: bf16 on GPU, fp32 on CPU)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from lora import load_lora, read_lora_file
+    from vader import encode_prompts, generate, load_video_model, read_prompts, resolve_device, resolve_dtype
+
+    prompts = read_prompts(args.prompts)
+    prompts = prompts[: args.num_prompts] if args.num_prompts > 0 else prompts
+    if args.side_by_side and not args.lora:
+        raise UserError("--side-by-side compares the base with a LoRA: also pass --lora PATH")
+    if args.lora:
+        read_lora_file(args.lora)  # fail on a bad file now, before loading the model
+    device = resolve_device(args.device)
+    model = load_video_model(args.model, device, resolve_dtype(args.dtype, device))
+    spec = model.spec
+    gen = {k: getattr(spec, k) if getattr(args, k) is None else getattr(args, k)
+           for k in ("frames", "height", "width", "num_steps", "guidance")}
+    if min(gen["frames"], gen["height"], gen["width"], gen["num_steps"]) < 1:
+        raise UserError("--frames, --height, --width and --num-steps must be positive")
+    cond = encode_prompts(model, prompts)  # (P, 77, D)
+    uncond = encode_prompts(model, [""])  # (1, 77, D), broadcast over the batch
+
+    def videos():
+        """One video per prompt (seed + i), batched one at a time to bound memory."""
+        out = []
+        for i in tqdm(range(len(prompts)), desc="sampling", leave=False):
+            out.append(generate(model, cond[i:i + 1], uncond, seed=args.seed + i, **gen)[0])  # (F, 3, H, W)
+        return out
+
+    base = videos() if (args.side_by_side or not args.lora) else None
+    if args.lora:
+        load_lora(model.unet, args.lora)
+        aligned = videos()
+    out_dir = Path(args.output_dir)
+    for i, prompt in enumerate(prompts):
+        if args.side_by_side:
+            video = tile(torch.stack([base[i], aligned[i]]))  # (F, 3, H, 2W)
+        else:
+            video = aligned[i] if args.lora else base[i]
+        write_video(video, out_dir / f"{i:03d}-{slug(prompt)}")
+    (out_dir / "prompts.txt").write_text("".join(f"{i:03d}\t{p}\n" for i, p in enumerate(prompts)))
+    print(f"wrote {len(prompts)} videos (.mp4 and .gif) to {out_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,185 @@
+"""DDIM sampling, written from the equations, with truncated backpropagation.
+
+Symbols (Song et al., "Denoising Diffusion Implicit Models", arXiv 2010.02502):
+    alpha_bar_t  ᾱ_t, the cumulative product of (1 - β_s) for s <= t  (the paper writes α_t)
+    x_t          the noisy latent at timestep t
+    eps          ε_θ(x_t, t), the model's noise prediction
+    x0_pred      the predicted clean latent, "predicted x_0" in Eq. (12)
+    sigma_t      σ_t(η), the step's noise scale, Eq. (16); η = 0 is deterministic DDIM
+
+VADER (arXiv 2407.08737) backpropagates a reward through the sampling chain. Keeping the graph
+for all N steps costs N UNet activations; VADER, like AlignProp (2310.03739) and DRaFT
+(2309.17400), keeps gradients only for the last K steps ("truncated backpropagation"): the first
+N - K steps run under `torch.no_grad()`, and each of the last K is wrapped in activation
+checkpointing, so its activations are recomputed during backward instead of stored.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def ddim_step(x_t, model_output, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None,
+              prediction_type="epsilon"):
+    """One DDIM update x_t -> x_{t-1}; Eq. (12) of Song et al. 2010.02502. No clipping of x0.
+
+    `alpha_bar_*` are ᾱ at this timestep and the previous (less noisy) one, floats or tensors
+    broadcastable to `x_t`. `prediction_type` is "epsilon" (the model predicts ε) or
+    "v_prediction" (it predicts v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0, Salimans & Ho 2202.00512).
+    With eta > 0, `noise` is the standard normal sample to add (drawn here if None).
+    """
+    a_t = torch.as_tensor(alpha_bar_t, dtype=x_t.dtype, device=x_t.device)
+    a_prev = torch.as_tensor(alpha_bar_prev, dtype=x_t.dtype, device=x_t.device)
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0_pred = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    elif prediction_type == "v_prediction":
+        x0_pred = a_t.sqrt() * x_t - (1 - a_t).sqrt() * model_output
+        eps = a_t.sqrt() * model_output + (1 - a_t).sqrt() * x_t
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
+    # Eq. (16): σ_t(η) = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev).
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    # Eq. (12): x_prev = sqrt(ᾱ_prev) x0_pred + sqrt(1 - ᾱ_prev - σ²) ε + σ z.
+    x_prev = a_prev.sqrt() * x0_pred + (1 - a_prev - sigma**2).sqrt() * eps
+    if eta > 0:
+        noise = torch.randn_like(x_t) if noise is None else noise
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+@dataclass
+class Schedule:
+    """The noise schedule and timestep rule of a model, read from its scheduler config.
+
+    The fields mirror diffusers' DDIMScheduler config names, so a model's
+    `scheduler/scheduler_config.json` fills them directly.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"  # "linear" or "scaled_linear" (linear in sqrt(β))
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"  # "leading", "linspace" or "trailing"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True  # ᾱ after the last step: 1, or ᾱ_0 if False
+
+    @classmethod
+    def from_config(cls, config):
+        """Build from a scheduler config dict, ignoring fields DDIM sampling does not use."""
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in dict(config).items() if k in fields})
+
+    def alphas_cumprod(self):
+        """ᾱ_t for t = 0..T-1, in float32 as diffusers computes it (so the two agree bit for bit)."""
+        T = self.num_train_timesteps
+        if self.beta_schedule == "linear":
+            betas = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float32)
+        elif self.beta_schedule == "scaled_linear":  # the latent-diffusion schedule
+            betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float32) ** 2
+        else:
+            raise ValueError(f"unsupported beta_schedule {self.beta_schedule!r}")
+        return torch.cumprod(1.0 - betas, dim=0)
+
+    def timesteps(self, num_steps):
+        """The N timesteps to visit, most noisy first.
+
+        The three spacings of Table 2 in Lin et al., "Common Diffusion Noise Schedules and
+        Sample Steps are Flawed" (2305.08891), written as diffusers does them.
+        """
+        T, N = self.num_train_timesteps, num_steps
+        if self.timestep_spacing == "linspace":
+            t = np.linspace(0, T - 1, N).round()[::-1]
+        elif self.timestep_spacing == "leading":
+            t = (np.arange(0, N) * (T // N)).round()[::-1] + self.steps_offset
+        elif self.timestep_spacing == "trailing":
+            t = np.round(np.arange(T, 0, -T / N)) - 1
+        else:
+            raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
+        return [int(x) for x in t]
+
+    def alpha_pairs(self, num_steps):
+        """[(t, ᾱ_t, ᾱ_prev)] for every step of an N-step DDIM run.
+
+        Quirk kept for parity with diffusers: the previous timestep is always t - T // N, even
+        when the spacing ("linspace", "trailing") puts the next visited timestep elsewhere.
+        """
+        ac = self.alphas_cumprod()
+        final = torch.tensor(1.0) if self.set_alpha_to_one else ac[0]
+        pairs = []
+        for t in self.timesteps(num_steps):
+            prev = t - self.num_train_timesteps // num_steps
+            pairs.append((t, ac[t], ac[prev] if prev >= 0 else final))
+        return pairs
+
+
+def guided_eps(unet, x, t, cond, uncond, guidance):
+    """Classifier-free guidance (Ho & Salimans, 2207.12598): eps_u + w (eps_c - eps_u).
+
+    x: latents (B, C, F, h, w); cond: text embeddings (B, L, D); uncond: (B, L, D) or the one
+    empty-prompt embedding (1, L, D), broadcast to the batch. With guidance 1 the
+    unconditional pass is skipped (w = 1 gives eps_c exactly). Otherwise both passes run as one
+    batch of 2B, which is faster than two calls.
+
+    Manual mixed precision: the latents stay float32 between steps, because the DDIM update
+    subtracts nearly equal numbers when ᾱ is close to 1, which bf16's 8 mantissa bits would
+    wreck. Only the UNet call runs in the base model's dtype (that of the text embeddings).
+    """
+    x_in = x.to(cond.dtype)
+    if guidance == 1.0:
+        return unet(x_in, t, encoder_hidden_states=cond).sample.to(x.dtype)
+    text = torch.cat([uncond.expand_as(cond), cond])  # (2B, L, D)
+    both = unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=text).sample  # (2B, C, F, h, w)
+    eps_u, eps_c = both.to(x.dtype).chunk(2)  # each (B, C, F, h, w)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def pick_grad_steps(num_steps, grad_steps, random_k=False, generator=None):
+    """How many final steps keep gradients this training step.
+
+    Fixed mode returns K. Random mode draws K uniformly from 1..K afresh every training step,
+    so over training every depth of the chain up to K is trained; VADER's "backprop_mode:
+    rand" is this with K = N (a cut-off drawn anywhere in the chain).
+    """
+    if not 0 <= grad_steps <= num_steps:
+        raise ValueError(f"grad_steps must be in 0..{num_steps}, got {grad_steps}")
+    if random_k and grad_steps > 0:
+        return int(torch.randint(1, grad_steps + 1, (1,), generator=generator))
+    return grad_steps
+
+
+def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_steps=0, eta=0.0,
+           generator=None, use_checkpoint=True, progress=None):
+    """Run N DDIM steps from z_T; gradients flow only through the last `grad_steps` (K) of them.
+
+    z_T: (B, C, F, h, w) initial noise. cond/uncond: (B, L, D) text embeddings (uncond may be
+    None when guidance is 1). Returns z_0, (B, C, F, h, w).
+    The first N - K steps run without a graph: their output is a constant to the optimiser, the
+    "truncation" of truncated backprop. Each of the last K steps is checkpointed: only its
+    input x_t is stored, and its UNet activations are recomputed during backward, so memory no
+    longer grows with the UNet's depth times K.
+    """
+    x = z_T
+    pairs = schedule.alpha_pairs(num_steps)
+    for i, (t, a_t, a_prev) in enumerate(pairs):
+        keep_grad = i >= num_steps - grad_steps
+        noise = None
+        if eta > 0:  # drawn outside the checkpoint so the recomputation sees the same noise
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+        def step(x_t, t=t, a_t=a_t, a_prev=a_prev, noise=noise):
+            eps = guided_eps(unet, x_t, t, cond, uncond, guidance)
+            return ddim_step(x_t, eps, a_t, a_prev, eta, noise, schedule.prediction_type)
+
+        if not keep_grad:
+            with torch.no_grad():
+                x = step(x)
+        elif use_checkpoint:
+            x = checkpoint(step, x, use_reentrant=False)
+        else:
+            x = step(x)
+        if progress is not None:
+            progress.update(1)
+    return x

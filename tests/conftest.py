@@ -1,0 +1,30 @@
+"""Shared fixtures: offline, CPU, and one tiny model built once per test session."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: the hub is unreachable here and in CI.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny model written once in the diffusers layout, as a user's local folder would be."""
+    from vader import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_model(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_model(tiny_folder):
+    """A fresh copy of the tiny model (tests inject LoRA into it), loaded from the folder."""
+    from vader import load_video_model
+
+    return load_video_model(str(tiny_folder))

@@ -1,0 +1,115 @@
+"""LoRA: identity at start, merged == unmerged, save/load, what trains, PEFT key layout."""
+import pytest
+import torch
+
+from common import UserError
+from lora import LoRALinear, inject_lora, load_lora, lora_layers, lora_state_dict, merge_lora, save_lora
+
+
+def unet_output(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 3, 16, 16, generator=g)  # (B, C, F, h, w)
+    text = torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return model.unet(x, 500, encoder_hidden_states=text).sample
+
+
+def randomise(params, seed=1):
+    """Give every B a non-zero value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_identity_at_initialisation(tiny_model):
+    before = unet_output(tiny_model)
+    inject_lora(tiny_model.unet, rank=4)
+    torch.testing.assert_close(unet_output(tiny_model), before, rtol=0, atol=0)
+
+
+def test_targets_spatial_and_temporal_attention(tiny_model):
+    inject_lora(tiny_model.unet, rank=4)
+    names = list(lora_layers(tiny_model.unet))
+    suffixes = {n.split(".attn")[-1] for n in names}
+    assert suffixes == {"1.to_q", "1.to_k", "1.to_v", "1.to_out.0", "2.to_q", "2.to_k", "2.to_v", "2.to_out.0"}
+    assert any("temp_attentions" in n for n in names) and any(".attentions." in n for n in names)
+    assert any(n.startswith("transformer_in") for n in names)
+
+
+def test_only_lora_parameters_train(tiny_model):
+    params = inject_lora(tiny_model.unet, rank=4)
+    trainable = [p for p in tiny_model.unet.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in params}
+    assert len(params) == 2 * len(lora_layers(tiny_model.unet))
+
+
+def test_merged_equals_unmerged(tiny_model):
+    params = inject_lora(tiny_model.unet, rank=4, alpha=8)
+    randomise(params)
+    unmerged = unet_output(tiny_model)
+    assert not torch.allclose(unmerged, unet_output_without_lora(tiny_model))
+    merge_lora(tiny_model.unet)
+    assert not lora_layers(tiny_model.unet)  # unwrapped: plain nn.Linear again
+    torch.testing.assert_close(unet_output(tiny_model), unmerged, rtol=1e-4, atol=1e-5)
+
+
+def unet_output_without_lora(model):
+    layers = lora_layers(model.unet)
+    saved = {n: layer.scaling for n, layer in layers.items()}
+    for layer in layers.values():
+        layer.scaling = 0.0
+    out = unet_output(model)
+    for n, layer in layers.items():
+        layer.scaling = saved[n]
+    return out
+
+
+def test_matches_the_lora_equation():
+    """h = W0 x + (alpha / r) B A x, Eq. (3) of Hu et al. 2106.09685, checked by hand."""
+    base = torch.nn.Linear(6, 5)
+    layer = LoRALinear(base, rank=2, alpha=3)
+    randomise([layer.lora_B.weight])
+    x = torch.randn(4, 6)
+    expected = base(x) + 1.5 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_save_load_round_trip_with_peft_keys(tiny_model, tiny_folder, tmp_path):
+    from vader import load_video_model
+
+    params = inject_lora(tiny_model.unet, rank=4, alpha=2)
+    randomise(params)
+    path = tmp_path / "lora.safetensors"
+    save_lora(tiny_model.unet, path)
+    keys = lora_state_dict(tiny_model.unet)
+    some = next(k for k in keys if k.endswith("attn1.to_q.lora_A.weight"))
+    assert some.startswith("unet.") and keys[some].shape[0] == 4
+    fresh = load_video_model(str(tiny_folder))
+    load_lora(fresh.unet, path)  # injects rank 4, alpha 2 from the file's metadata
+    layer = next(iter(lora_layers(fresh.unet).values()))
+    assert (layer.rank, layer.scaling) == (4, 0.5)
+    torch.testing.assert_close(unet_output(fresh), unet_output(tiny_model))
+
+
+def test_load_refuses_a_file_for_another_model(tiny_model, tmp_path):
+    other = torch.nn.Sequential()
+    other.add_module("to_q", torch.nn.Linear(3, 3))
+    inject_lora(other, rank=2, targets=("to_q",))
+    save_lora(other, tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="does not fit"):
+        load_lora(tiny_model.unet, tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="does not exist"):
+        load_lora(tiny_model.unet, tmp_path / "missing.safetensors")
+
+
+def test_mixed_precision_keeps_lora_in_float32():
+    base = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    layer = LoRALinear(base, rank=4)
+    randomise([layer.lora_B.weight])
+    out = layer(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    for p in (layer.lora_A.weight, layer.lora_B.weight):
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+    assert base.weight.grad is None

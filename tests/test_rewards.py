@@ -1,0 +1,46 @@
+"""The reward registry and the weight-free rewards."""
+import pytest
+import torch
+
+from common import UserError
+from rewards import REWARDS, load_reward
+
+WEIGHT_FREE = ["brightness", "darkness", "colorfulness", "compressibility", "smoothness"]
+
+
+@pytest.mark.parametrize("name", WEIGHT_FREE)
+def test_gradient_reaches_the_frames(name):
+    frames = torch.rand(3, 2, 3, 16, 16, requires_grad=True)  # (B, f, 3, H, W)
+    r = load_reward(name)(frames, ["a", "b", "c"])
+    assert r.shape == (3,)
+    r.sum().backward()
+    assert torch.isfinite(frames.grad).all() and frames.grad.abs().sum() > 0
+
+
+def test_values_on_known_images():
+    white, black = torch.ones(1, 2, 3, 8, 8), torch.zeros(1, 2, 3, 8, 8)
+    grey, red = torch.full((1, 2, 3, 8, 8), 0.5), torch.zeros(1, 2, 3, 8, 8)
+    red[:, :, 0] = 1
+    assert load_reward("brightness")(white, [""]).item() == pytest.approx(1.0)
+    assert load_reward("darkness")(black, [""]).item() == pytest.approx(1.0)
+    colour = load_reward("colorfulness")
+    assert colour(grey, [""]).item() == pytest.approx(0.0, abs=1e-3)
+    assert colour(red, [""]).item() == pytest.approx(0.3 * (1 + 0.25) ** 0.5, abs=1e-3)  # rg = 1, yb = 0.5
+    assert load_reward("compressibility")(grey, [""]).item() == pytest.approx(0.0)
+    stripes = grey.clone()
+    stripes[..., ::2] = 1.0
+    assert load_reward("compressibility")(stripes, [""]).item() < -0.2
+    moving = torch.stack([black[0, 0], white[0, 0]])[None]  # (1, 2, 3, 8, 8): a black then a white frame
+    assert load_reward("smoothness")(moving, [""]).item() == pytest.approx(-1.0)
+
+
+def test_registry_errors():
+    assert set(WEIGHT_FREE) <= set(REWARDS)
+    with pytest.raises(UserError, match="unknown reward 'nope'; known rewards: .*brightness"):
+        load_reward("nope")
+    with pytest.raises(UserError, match="takes no option"):
+        load_reward("brightness", colour="red")
+    smooth = load_reward("smoothness")
+    assert smooth.min_frames == 2 and load_reward("brightness").min_frames == 1
+    with pytest.raises(UserError, match="--decode-frames 2"):
+        smooth(torch.rand(1, 1, 3, 8, 8), [""])

@@ -1,0 +1,136 @@
+"""End to end: train.py and sample.py on the tiny model, the files they write, and bad input."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import sample
+import train
+from common import run_cli
+from conftest import ROOT
+
+FAST = ["--model", "tiny", "--prompts", "animals.txt", "--num-steps", "4", "--frames", "4", "--num-videos", "2"]
+
+
+def run_script(script, *args):
+    """Run a script as a user would; returns the finished process."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def read_metrics(run):
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One 10-step training run on the brightness reward, shared by the tests below."""
+    out = tmp_path_factory.mktemp("runs") / "bright"
+    proc = run_script("train.py", *FAST, "--reward", "brightness", "--max-steps", "10", "--save-every", "5",
+                      "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_train_writes_every_file(run):
+    for name in ("lora.safetensors", "metrics.csv", "config.json", "reward_curve.png",
+                 "videos/before.mp4", "videos/before.gif", "videos/after.mp4", "videos/after.gif"):
+        assert (run / name).stat().st_size > 0, name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["reward"] == "brightness" and config["max_steps"] == 10 and config["lr"] == 1e-2
+    gif = Image.open(run / "videos/after.gif")
+    assert gif.n_frames == 4 and gif.size == (2 * 128, 128)  # 2 prompts side by side, upscaled to 128
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    assert set(rows[0]) == set(train.METRICS)
+
+
+def test_reward_rises(run):
+    rewards = [float(r["reward_mean"]) for r in read_metrics(run)]
+    first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
+    assert last > first + 0.01, rewards
+
+
+def test_resume_continues_the_run(run, tmp_path):
+    copy = tmp_path / "resumed"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-000010")  # as if the run had died after step 5
+    proc = run_script("train.py", "--output-dir", str(copy), "--resume", "--max-steps", "7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = read_metrics(run), read_metrics(copy)
+    assert [int(r["step"]) for r in after] == list(range(1, 8))
+    assert after[:5] == before[:5]  # the history up to the checkpoint is kept as it was
+    # Same LoRA, optimizer and RNG state at step 5, so steps 6-7 repeat the original run's.
+    for a, b in zip(after[5:7], before[5:7]):
+        assert float(a["reward_mean"]) == pytest.approx(float(b["reward_mean"]), rel=1e-4)
+
+
+def test_sample_side_by_side(run, tmp_path):
+    out = tmp_path / "samples"
+    proc = run_script("sample.py", "--model", "tiny", "--lora", str(run / "lora.safetensors"),
+                      "--prompts", "animals.txt", "--num-prompts", "2", "--num-steps", "4", "--frames", "4",
+                      "--side-by-side", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gifs = sorted(out.glob("*.gif"))
+    assert len(gifs) == 2 and len(list(out.glob("*.mp4"))) == 2
+    assert Image.open(gifs[0]).size == (2 * 128, 128)  # base | aligned
+    assert gifs[0].name == "000-a-cat-stretching-in-a-patch-of-sunlight.gif"
+
+
+def bad(tmp_path, *args):
+    """train.py's command line with FAST settings and an output folder under tmp_path."""
+    return [*FAST, "--reward", "brightness", "--output-dir", str(tmp_path / "out"), *args]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompts", "missing.txt"], "prompts file 'missing.txt' not found"),
+    (["--prompts", "EMPTY"], "has no prompts"),
+    (["--model", "nope"], "unknown model 'nope'; known models: tiny"),
+    (["--reward", "nope"], "unknown reward 'nope'; known rewards:"),
+    (["--grad-steps", "5"], "--grad-steps must be between 0 and --num-steps (4), got 5"),
+    (["--grad-steps", "-1"], "--grad-steps must be between 0 and --num-steps (4), got -1"),
+    (["--decode-frames", "5"], "--decode-frames must be between 1 and --frames (4), got 5"),
+    (["--height", "33"], "--height and --width must be multiples of 2"),
+    (["--reward", "smoothness"], "needs --decode-frames 2 or more"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    if "EMPTY" in args:
+        (tmp_path / "empty.txt").write_text("# no prompts here\n")
+        args = [a.replace("EMPTY", str(tmp_path / "empty.txt")) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, bad(tmp_path, *args))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_refuses_a_folder_that_holds_a_run(run, tmp_path, capsys):
+    copy = tmp_path / "taken"
+    shutil.copytree(run, copy)
+    metrics = (copy / "metrics.csv").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, [*FAST, "--reward", "brightness", "--output-dir", str(copy)])
+    assert exit_.value.code == 2 and "already holds a run; pass --resume" in capsys.readouterr().err
+    assert (copy / "metrics.csv").read_text() == metrics  # untouched
+
+
+def test_sample_bad_lora_path(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(sample.main, ["--model", "tiny", "--lora", str(tmp_path / "x.safetensors")])
+    assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    proc = run_script("train.py", "--model", "tiny", "--reward", "nope")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown reward") and "Traceback" not in proc.stderr
