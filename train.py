@@ -2,6 +2,7 @@
 
     python train.py --reward aesthetic --prompts animals.txt                  # ModelScope, GPU
     python train.py --model tiny --reward colorfulness --prompts animals.txt --max-steps 30   # CPU
+    torchrun --nproc_per_node=4 train.py --reward aesthetic                   # several GPUs
 
 One optimizer step: for each of `grad_accum` micro-batches, sample `batch_size` prompts, run
 DDIM with gradients through the last K steps, decode f frames, score them, backpropagate
@@ -12,7 +13,10 @@ import argparse
 import csv
 import io
 import json
+import math
+import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,7 +42,7 @@ class Config:
     """
 
     model: str = opt("modelscope", "Video model: a name in vader.MODELS, a local diffusers folder, or a hub id.")
-    reward: str = opt("aesthetic", "Reward name from rewards.REWARDS.")
+    reward: str = opt("aesthetic", "Reward name from rewards.REWARDS, or a weighted sum like aesthetic:1,hps:2.")
     reward_options: str = opt("", "Options for the reward as key=value pairs separated by commas.")
     prompts: str = opt("animals.txt", "Training prompts: a file path or a file name under prompts/.")
     output_dir: str = opt("", "Run folder; empty means runs/<model>-<reward>.")
@@ -51,7 +55,7 @@ class Config:
     random_grad_steps: bool = opt(False, "Draw K uniformly from 1..K afresh every step (VADER's rand mode).")
     decode_frames: int = opt(1, "f, how many of the F frames the VAE decodes for the reward (random each step).")
     max_steps: int = opt(200, "Optimizer steps to train for.")
-    batch_size: int = opt(1, "Videos per micro-batch (VADER: 1 on a 24 GB GPU).")
+    batch_size: int = opt(1, "Videos per micro-batch on each process (VADER: 1 on a 24 GB GPU).")
     grad_accum: int = opt(16, "Micro-batches per optimizer step (VADER: 16).")
     lr: float = opt(2e-4, "AdamW learning rate (VADER: 2e-4).")
     weight_decay: float = opt(1e-2, "AdamW weight decay (PyTorch's default).")
@@ -60,29 +64,40 @@ class Config:
     lora_alpha: float = opt(None, "LoRA alpha; the update is scaled by alpha / r (None: alpha = r).")
     lora_dropout: float = opt(0.0, "Dropout on the LoRA input.")
     num_videos: int = opt(4, "Prompts shown in the before/after videos (the first ones of the file).")
+    eval_every: int = opt(0, "Score held-out prompts every this many steps, and at the start and end (0: never).")
+    eval_prompts: str = opt("", "Held-out prompts file; empty: hold out the last tenth of --prompts.")
+    eval_videos: int = opt(4, "How many held-out prompts to generate at each evaluation.")
     save_every: int = opt(0, "Save a checkpoint every this many steps (0: only at the end).")
+    keep_checkpoints: int = opt(3, "Keep only the newest this many checkpoints (0: keep all).")
+    max_bad_steps: int = opt(3, "Stop after this many steps in a row with a non-finite loss or gradient.")
+    report_to: str = opt("", "Also log to 'wandb' or 'tensorboard' (imported only when asked for).")
     seed: int = opt(0, "Seed for the noise, the prompt order and K.")
-    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: each process its own GPU).")
     dtype: str = opt("auto", "Frozen model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
-    resume: bool = opt(False, "Continue the run in --output-dir from its last checkpoint.")
+    resume: str = opt("", "Continue a run: --resume alone uses --output-dir; or give a run folder or a checkpoint.")
     overwrite: bool = opt(False, "Replace the run already in --output-dir.")
 
 
 GENERATION = ("height", "width", "frames", "num_steps", "guidance")  # defaults come from the model spec
-LOCKED = ("model", "height", "width", "frames", "lora_rank", "lora_alpha")  # a resume cannot change these
+LOCKED = ("model", "height", "width", "frames", "lora_rank", "lora_alpha", "lora_dropout")  # fixed by a run
 RUN_FILES = ("config.json", "metrics.csv", "reward_curve.png", "lora.safetensors", "checkpoints", "videos")
-METRICS = ("step", "reward_mean", "reward_std", "loss", "lr", "grad_norm", "grad_steps", "seconds")
+METRICS = ("step", "reward_mean", "reward_std", "loss", "lr", "grad_norm", "grad_steps", "skipped", "eval_reward",
+           "seconds")
+LOWER_MEMORY = ("--decode-frames 1, --grad-steps 1, a smaller --height/--width or --frames, "
+                "--batch-size 1 with a larger --grad-accum")
 
 
 def parse_config(argv=None):
-    """Build the Config: dataclass defaults < model spec and recipe < saved run (resume) < flags."""
+    """Build the Config: dataclass defaults < model spec and recipe < resumed run < typed flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+            p.add_argument(flag, action="store_true", help=help)
+        elif f.name == "resume":
+            p.add_argument(flag, nargs="?", const="latest", metavar="PATH", help=help)
         else:
-            p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=f.metadata["help"])
+            p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=help)
     given = vars(p.parse_args(argv))  # only the flags actually typed
     from vader import MODELS
 
@@ -90,36 +105,41 @@ def parse_config(argv=None):
     if cfg.model in MODELS:
         spec = MODELS[cfg.model]
         for k in GENERATION:
-            if k not in given:
+            if given.get(k) is None:
                 setattr(cfg, k, getattr(spec, k))
         for k, v in spec.recipe.items():
             if k not in given:
                 setattr(cfg, k, v)
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
-    saved = Path(cfg.output_dir) / "config.json"
-    if cfg.resume and saved.exists():
-        old = json.loads(saved.read_text())
+    if cfg.resume:
+        from checkpoint import find_resume_point
+
+        run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume)
+        old = json.loads((ckpt / "config.json").read_text())
         for k in LOCKED:
             if k in given and given[k] != old[k]:
-                raise UserError(f"--resume cannot change --{k.replace('_', '-')} ({old[k]} in {saved}); start a new run")
-        cfg = Config(**{**old, **given, "resume": True, "overwrite": False})
+                raise UserError(f"--resume cannot change --{k.replace('_', '-')} (the run has {old[k]}); "
+                                "start a new run with another --output-dir")
+        changed = {k: (old[k], v) for k, v in given.items() if k in old and old[k] != v and k not in ("resume",)}
+        cfg = Config(**{**old, **given, "output_dir": str(run_dir), "resume": str(ckpt), "overwrite": False})
+        for k, (a, b) in changed.items():
+            print(f"resume: {k} {a} -> {b}")
     return cfg, given
 
 
 def parse_options(text):
-    """'label=dancing,log=true' -> {'label': 'dancing', 'log': True} (numbers and booleans parsed)."""
+    """'label=dancing,log_prob=true' -> {'label': 'dancing', 'log_prob': True} (numbers, booleans parsed)."""
     out = {}
     for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
+        key, sep, value = (s.strip() for s in item.partition("="))
         if not sep:
             raise UserError(f"--reward-options wants key=value pairs, got {item!r}")
-        low = value.strip().lower()
-        if low in ("true", "false"):
-            out[key.strip()] = low == "true"
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
             continue
         for cast in (int, float, str):
             try:
-                out[key.strip()] = cast(value.strip())
+                out[key] = cast(value)
                 break
             except ValueError:
                 pass
@@ -128,7 +148,8 @@ def parse_options(text):
 
 def validate(cfg, model=None):
     """Check the settings; raise UserError naming the flag. Runs before anything is written."""
-    for k in ("max_steps", "batch_size", "grad_accum", "lora_rank", "num_steps", "frames", "height", "width"):
+    for k in ("max_steps", "batch_size", "grad_accum", "lora_rank", "num_steps", "frames", "height", "width",
+              "max_bad_steps"):
         if getattr(cfg, k) is not None and getattr(cfg, k) < 1:  # None: the model's value, known after loading
             raise UserError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(cfg, k)}")
     if cfg.num_steps is not None and not 0 <= cfg.grad_steps <= cfg.num_steps:
@@ -137,79 +158,105 @@ def validate(cfg, model=None):
         raise UserError(f"--decode-frames must be between 1 and --frames ({cfg.frames}), got {cfg.decode_frames}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.report_to not in ("", "wandb", "tensorboard"):
+        raise UserError(f"--report-to takes wandb or tensorboard, got {cfg.report_to!r}")
+    needs = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(cfg.report_to)
+    if needs and importlib_find(needs) is None:
+        raise UserError(f"--report-to {cfg.report_to} needs the {needs} package: pip install {needs}")
     out = Path(cfg.output_dir)
-    taken = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
-    if taken and not (cfg.resume or cfg.overwrite):
+    if out.is_dir() and any((out / n).exists() for n in RUN_FILES) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                         "or another --output-dir")
-    if cfg.resume and not latest_checkpoint(out):
-        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}; start the run without --resume")
     if model is not None and (cfg.height % model.vae_factor or cfg.width % model.vae_factor):
         raise UserError(f"--height and --width must be multiples of {model.vae_factor} (the VAE's downsampling), "
                         f"got {cfg.height}x{cfg.width}")
 
 
-#### Checkpoints
+def importlib_find(name):
+    import importlib.util
 
-def latest_checkpoint(out):
-    """The newest checkpoints/step-N folder of a run, or None."""
-    steps = sorted((out / "checkpoints").glob("step-*"))
-    return steps[-1] if steps else None
+    return importlib.util.find_spec(name)
 
 
-def save_checkpoint(out, model, optimizer, generator, step):
-    """Write checkpoints/step-N/ (LoRA, optimizer, RNG) into a temporary folder, then rename it.
+#### Multi-GPU: DistributedDataParallel semantics for the LoRA parameters
 
-    The rename is atomic, so a crash leaves either the complete new checkpoint or none.
+def setup_distributed(device):
+    """(rank, world size, device). torchrun sets RANK and WORLD_SIZE; plain `python` sets neither.
+
+    Every process draws the same global batch from the same seed and keeps its own share, so
+    N processes with batch B compute exactly what one process with batch N*B would.
     """
-    from lora import save_lora
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    import torch.distributed as dist
 
-    final = out / "checkpoints" / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_lora(model.unet, tmp / "lora.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "rng": generator.get_state(), "step": step},
-               tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    local = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
-def load_checkpoint(folder, model, optimizer, generator):
-    """Restore LoRA, optimizer and RNG from a checkpoint folder; returns its step."""
-    from lora import load_lora
+def all_average(tensors, world):
+    """Average tensors over processes in one all-reduce (what DDP does to gradients)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
 
-    load_lora(model.unet, folder / "lora.safetensors")
-    state = torch.load(folder / "state.pt", weights_only=True)  # tensors and numbers only, no code
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["rng"])
-    return state["step"]
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(v.view_as(t))
+
+
+def all_gather(tensor, world):
+    """Concatenate a (B,) tensor from every process (B must be the same on each)."""
+    if world == 1:
+        return tensor
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
 
 
 #### Logging
 
-def write_metrics(out, rows):
-    """metrics.csv, rewritten whole and atomically so a crash never leaves half a line."""
+def metrics_text(rows):
+    """metrics.csv's contents; floats are written in full so a resumed run can match bit for bit."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRICS)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "metrics.csv", buf.getvalue())
+    return buf.getvalue()
+
+
+def read_metrics(path):
+    """Rows of a metrics.csv, numbers parsed, empty cells kept as ''."""
+    with open(path) as f:
+        return [{k: v if v == "" else (int(v) if k in ("step", "grad_steps", "skipped") else float(v))
+                 for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def plot_rewards(out, rows, reward_name):
-    """reward_curve.png: mean training reward per optimizer step, with a ±1 std band."""
+    """reward_curve.png: training reward per step (mean ± std) and held-out reward where measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
-    mean = torch.tensor([r["reward_mean"] for r in rows])
-    std = torch.tensor([r["reward_std"] for r in rows])
+    train = [r for r in rows if r["reward_mean"] != ""]
+    steps = [r["step"] for r in train]
+    mean = torch.tensor([r["reward_mean"] for r in train])
+    std = torch.tensor([r["reward_std"] for r in train])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, mean, label="train reward (mean)")
     ax.fill_between(steps, mean - std, mean + std, alpha=0.2, label="±1 std")
+    held = [r for r in rows if r["eval_reward"] != ""]
+    if held:
+        ax.plot([r["step"] for r in held], [r["eval_reward"] for r in held], "o-", label="held-out prompts")
     ax.set(xlabel="optimizer step", ylabel=reward_name, title=f"VADER: {reward_name}")
     ax.legend()
     with atomic_path(out / "reward_curve.png") as tmp:
@@ -217,29 +264,55 @@ def plot_rewards(out, rows, reward_name):
     plt.close(fig)
 
 
-def make_videos(model, cfg, prompts, cond, uncond, path_stem):
-    """Generate the fixed before/after videos: the first prompts, seeds 0..n-1, tiled side by side."""
+def open_tracker(cfg, out):
+    """A log(row) function for --report-to, or None. The package is imported only when asked for."""
+    if cfg.report_to == "wandb":
+        import wandb
+
+        wandb.init(project="vader-minimal", config=asdict(cfg), dir=str(out))
+        return lambda row: wandb.log({k: v for k, v in row.items() if v != ""}, step=row["step"])
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+        return lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in row.items() if v != ""]
+    return None
+
+
+def make_videos(model, cfg, prompts, cond, uncond, path_stem, reward_fn=None):
+    """Generate the first prompts with seeds 0..n-1, tiled side by side; returns their mean reward."""
     from sample import tile, write_video
     from vader import generate
 
-    n = min(cfg.num_videos, len(prompts))
+    n = min(cfg.num_videos if reward_fn is None else cfg.eval_videos, len(prompts))
     video = generate(model, cond[:n], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
                      cfg.guidance, seed=0)  # (n, F, 3, H, W)
     write_video(tile(video), path_stem)  # (F, 3, H, n*W)
+    if reward_fn is not None:
+        with torch.no_grad():
+            return reward_fn(video, prompts[:n]).float().mean().item()
 
 
 #### Main
 
 def main(argv=None):
     cfg, given = parse_config(argv)
+    from checkpoint import load_checkpoint, save_checkpoint
     from lora import inject_lora, save_lora
     from rewards import load_reward
     from sampler import pick_grad_steps
     from vader import encode_prompts, load_video_model, read_prompts, resolve_device, resolve_dtype, vader_loss
 
     prompts = read_prompts(cfg.prompts)
+    held_out = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+    if cfg.eval_every and not held_out:
+        if len(prompts) < 2:
+            raise UserError("--eval-every needs held-out prompts: pass --eval-prompts or at least 2 --prompts")
+        cut = len(prompts) - max(1, len(prompts) // 10)  # hold out the last tenth
+        prompts, held_out = prompts[:cut], prompts[cut:]
     validate(cfg)
-    device = resolve_device(cfg.device)
+    rank, world, device = setup_distributed(resolve_device(cfg.device))
+    main_process = rank == 0
     dtype = resolve_dtype(cfg.dtype, device)
     reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
     if cfg.decode_frames < reward_fn.min_frames:
@@ -250,13 +323,14 @@ def main(argv=None):
             setattr(cfg, k, getattr(model.spec, k))
     validate(cfg, model)
     out = Path(cfg.output_dir)
-    if cfg.overwrite:  # remove only what a run writes, never other files a user keeps there
+    if cfg.overwrite and main_process:  # remove only what a run writes, never other files kept there
         for name in RUN_FILES:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     # Text embeddings once per prompt; the text encoder is not needed again.
     cond = encode_prompts(model, prompts)  # (P, 77, D)
+    held_cond = encode_prompts(model, held_out) if held_out else None  # (P_eval, 77, D)
     uncond = encode_prompts(model, [""])  # (1, 77, D)
     model.text_encoder.to("cpu")
     params = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, dropout=cfg.lora_dropout)
@@ -264,65 +338,121 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(cfg.seed)
     rows, step = [], 0
     if cfg.resume:
-        step = load_checkpoint(latest_checkpoint(out), model, optimizer, generator)
+        step = load_checkpoint(Path(cfg.resume), model.unet, optimizer, generator)
         for group in optimizer.param_groups:  # a resumed run may change the learning rate
             group["lr"] = cfg.lr
-        with open(out / "metrics.csv") as f:
-            rows = [{k: (int if k in ("step", "grad_steps") else float)(v) for k, v in r.items()}
-                    for r in csv.DictReader(f)][:step]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        rows = read_metrics(Path(cfg.resume) / "metrics.csv")
+    config_text = json.dumps(asdict(cfg), indent=2) + "\n"
+    tracker = None
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", config_text)
+        tracker = open_tracker(cfg, out)
+        n_params = sum(p.numel() for p in params)
+        print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} DDIM steps, "
+              f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}"
+              + (f" x {world} processes" if world > 1 else ""))
+        print(f"reward {cfg.reward} | {len(prompts)} prompts ({len(held_out)} held out) | "
+              f"{cfg.batch_size * cfg.grad_accum * world} videos per optimizer step ({cfg.batch_size} x "
+              f"{cfg.grad_accum} accumulated x {world} processes) | grad through the last "
+              f"{'1..' if cfg.random_grad_steps else ''}{cfg.grad_steps} of {cfg.num_steps} steps | "
+              f"{cfg.decode_frames} of {cfg.frames} frames decoded")
+        print(f"LoRA rank {cfg.lora_rank}: {n_params:,} trainable parameters | lr {cfg.lr} | output {out}")
+        if not (out / "videos" / "before.mp4").exists():
+            make_videos(model, cfg, prompts, cond, uncond, out / "videos" / "before")
 
-    n_params = sum(p.numel() for p in params)
-    print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} DDIM steps, "
-          f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}")
-    print(f"reward {cfg.reward} | {len(prompts)} prompts | {cfg.batch_size * cfg.grad_accum} videos per optimizer "
-          f"step ({cfg.batch_size} x {cfg.grad_accum} accumulated) | grad through the last "
-          f"{'1..' if cfg.random_grad_steps else ''}{cfg.grad_steps} of {cfg.num_steps} steps | "
-          f"{cfg.decode_frames} of {cfg.frames} frames decoded")
-    print(f"LoRA rank {cfg.lora_rank}: {n_params:,} trainable parameters | lr {cfg.lr} | output {out}")
-    if not (out / "videos" / "before.mp4").exists():
-        make_videos(model, cfg, prompts, cond, uncond, out / "videos" / "before")
+    def evaluate(step):
+        """Held-out reward at fixed seeds, with its videos; '' when this step has no evaluation."""
+        if not (main_process and held_out and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)):
+            return ""
+        return make_videos(model, cfg, held_out, held_cond, uncond, out / "videos" / f"eval-step-{step:06d}", reward_fn)
+
+    def checkpoint():
+        if main_process:
+            save_checkpoint(out, step, model.unet, optimizer, generator, config_text, metrics_text(rows),
+                            cfg.keep_checkpoints)
+
+    if not rows and held_out and cfg.eval_every and main_process:
+        rows.append({**dict.fromkeys(METRICS, ""), "step": 0, "eval_reward": evaluate(0)})
+
+    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the step in flight, then saves and exits.
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
 
     #### Training loop
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step")
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not main_process)
+    bad_in_a_row = 0
     while step < cfg.max_steps:
         t0 = time.time()
         optimizer.zero_grad(set_to_none=True)
         rewards, loss_sum = [], 0.0
         k = pick_grad_steps(cfg.num_steps, cfg.grad_steps, cfg.random_grad_steps, generator)
-        for _ in range(cfg.grad_accum):
-            idx = torch.randint(len(prompts), (cfg.batch_size,), generator=generator)
-            loss, r, _ = vader_loss(model, reward_fn, [prompts[i] for i in idx], cond[idx.to(cond.device)],
-                                    uncond, cfg, generator, k)
-            (loss / cfg.grad_accum).backward()  # average over micro-batches
-            rewards.append(r)
-            loss_sum += loss.item() / cfg.grad_accum
+        try:
+            for _ in range(cfg.grad_accum):
+                idx = torch.randint(len(prompts), (cfg.batch_size * world,), generator=generator)
+                idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]  # this process's share
+                loss, r, _ = vader_loss(model, reward_fn, [prompts[i] for i in idx], cond[idx.to(cond.device)],
+                                        uncond, cfg, generator, k, shard=(rank, world))
+                (loss / cfg.grad_accum).backward()  # average over micro-batches
+                rewards.append(r)
+                loss_sum += loss.item() / cfg.grad_accum
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of GPU memory at {cfg.frames}x{cfg.height}x{cfg.width}; lower it with "
+                            f"{LOWER_MEMORY}") from None
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        loss_t = torch.tensor([loss_sum], device=grads[0].device)
+        all_average(grads + [loss_t], world)
+        loss_sum = loss_t.item()
+        for p, g in zip(params, grads):
+            p.grad = g
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        finite = math.isfinite(loss_sum) and torch.isfinite(grad_norm).item()
+        if finite:  # a NaN or inf would poison AdamW's moments for good: skip such a step
+            optimizer.step()
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
         step += 1
-        r = torch.cat(rewards)
+        r = all_gather(torch.cat(rewards).to(device), world)
         rows.append(dict(step=step, reward_mean=r.mean().item(), reward_std=r.std(unbiased=False).item(),
-                         loss=loss_sum, lr=cfg.lr, grad_norm=grad_norm.item(), grad_steps=k,
-                         seconds=round(time.time() - t0, 3)))
-        write_metrics(out, rows)
-        post = dict(reward=f"{rows[-1]['reward_mean']:.4f}", loss=f"{loss_sum:.4f}")
-        if device.startswith("cuda"):
-            post["peak_GB"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
-        bar.set_postfix(post)
-        bar.update(1)
-        if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(out, model, optimizer, generator, step)
+                         loss=loss_sum, lr=cfg.lr, grad_norm=grad_norm.item(), grad_steps=k, skipped=int(not finite),
+                         eval_reward=evaluate(step), seconds=round(time.time() - t0, 3)))
+        if main_process:
+            atomic_write_text(out / "metrics.csv", metrics_text(rows))
+            if tracker:
+                tracker(rows[-1])
+            post = dict(reward=f"{rows[-1]['reward_mean']:.4f}", loss=f"{loss_sum:.4f}")
+            if device.startswith("cuda"):
+                post["peak_GB"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
+            bar.set_postfix(post)
+            bar.update(1)
+        if bad_in_a_row >= cfg.max_bad_steps:
+            checkpoint()
+            raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}); "
+                            "their updates were skipped. Lower --lr or check the reward; resume with --resume")
+        if not finite:
+            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
+        interrupted = bool(all_gather(torch.tensor([float(bool(stop))], device=device), world).max())
+        if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
+            checkpoint()
+        if interrupted:
+            break
     bar.close()
 
-    if not latest_checkpoint(out) or latest_checkpoint(out).name != f"step-{step:06d}":
-        save_checkpoint(out, model, optimizer, generator, step)
+    if not main_process:
+        return
+    if not stop and not (cfg.save_every and step % cfg.save_every == 0):
+        checkpoint()
     save_lora(model.unet, out / "lora.safetensors")
     plot_rewards(out, rows, cfg.reward)
+    if stop:
+        print(f"stopped by {stop[0]} after step {step}; checkpoint saved. Continue with: "
+              f"python train.py --resume {out}")
+        return
     make_videos(model, cfg, prompts, cond, uncond, out / "videos" / "after")
-    first, last = rows[0]["reward_mean"], rows[-1]["reward_mean"]
-    print(f"done: reward {first:.4f} (step 1) -> {last:.4f} (step {step}); wrote {out}/lora.safetensors, "
-          f"metrics.csv, reward_curve.png, videos/before|after.mp4")
+    trained = [r for r in rows if r["reward_mean"] != ""]
+    print(f"done: reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "
+          f"{trained[-1]['reward_mean']:.4f} (step {step}); wrote {out}/lora.safetensors, metrics.csv, "
+          "reward_curve.png, videos/before|after.mp4")
 
 
 if __name__ == "__main__":

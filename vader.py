@@ -285,15 +285,21 @@ def initial_noise(model, batch, frames, height, width, generator, device):
     return torch.randn(shape, generator=generator).to(device)  # (B, C, F, h, w)
 
 
-def vader_loss(model, reward_fn, prompts, cond, uncond, cfg, generator, grad_steps):
+def vader_loss(model, reward_fn, prompts, cond, uncond, cfg, generator, grad_steps, shard=(0, 1)):
     """One VADER forward pass for a batch: sample with truncated backprop, decode f frames, score.
 
     cond/uncond: (B, 77, D) cached text embeddings. `cfg` supplies frames, height, width,
     num_steps, guidance, decode_frames. Returns (loss, rewards (B,) detached, frames (B, f, 3, H, W)).
     The loss is -mean(r): gradient ascent on the reward (VADER's "-r" form).
+    `shard` = (rank, world size) under torchrun: every process draws the noise of the whole
+    global batch (world * B videos) from the same generator and keeps its own B, so the
+    processes see exactly the videos one process with the global batch would.
     """
     device = cond.device
-    z_T = initial_noise(model, len(prompts), cfg.frames, cfg.height, cfg.width, generator, device)  # (B, C, F, h, w)
+    rank, world = shard
+    b = len(prompts)
+    z_T = initial_noise(model, b * world, cfg.frames, cfg.height, cfg.width, generator, device)  # (world*B, C, F, h, w)
+    z_T = z_T[rank * b:(rank + 1) * b]  # (B, C, F, h, w)
     z0 = sample(model.unet, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, grad_steps)
     idx = choose_frames(cfg.frames, cfg.decode_frames, generator).to(device)
     frames = decode_frames(model, z0, idx)  # (B, f, 3, H, W)

@@ -1,0 +1,115 @@
+"""Checkpoints you can trust: atomic, pruned, and enough state to resume a run exactly.
+
+A checkpoint is a folder `checkpoints/step-000100/` holding
+    lora.safetensors   the adapters (lora.save_lora)
+    state.pt           optimizer state, step, and every random number generator's state
+    config.json        the run's settings at that step
+    metrics.csv        the metrics up to that step
+It is written under a temporary name and renamed into place in one step, so a kill or a full
+disk at any instant leaves either the complete new checkpoint or none, and the previous ones
+are untouched. `state.pt` holds only tensors, numbers and lists, so it loads with
+`torch.load(weights_only=True)`: no code in the file ever runs.
+
+Exact resume needs every source of randomness restored: the run's own torch.Generator (noise,
+prompt order, K, decoded frames), and, for anything else that draws (LoRA dropout, a reward
+model), the global torch, CUDA, NumPy and Python generators.
+"""
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import UserError
+
+PREFIX = "step-"
+
+
+def list_checkpoints(out):
+    """The complete checkpoints of a run folder, oldest first (temporary folders excluded)."""
+    folder = Path(out) / "checkpoints"
+    return sorted(p for p in folder.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit())
+
+
+def rng_state(generator):
+    """Every generator's state, as tensors and plain lists (weights_only-loadable)."""
+    version, keys, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [version, list(keys), gauss],
+    }
+
+
+def set_rng_state(state, generator):
+    """Restore what `rng_state` captured."""
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+
+
+def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_text, keep=0):
+    """Write checkpoints/step-N atomically, then keep only the newest `keep` (0: keep all).
+
+    An OSError (disk full, no permission) becomes a UserError that says the previous
+    checkpoint is intact, which it is: nothing is renamed until every file is written.
+    """
+    from lora import save_lora
+
+    final = Path(out) / "checkpoints" / f"{PREFIX}{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_lora(unet, tmp / "lora.safetensors")
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(generator)}
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.json").write_text(config_text)
+        (tmp / "metrics.csv").write_text(metrics_text)
+        if final.exists():  # the same step saved twice (a resumed run): replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(out)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); {kept}; "
+                        "free disk space or choose another --output-dir, then --resume") from None
+    if keep > 0:
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def find_resume_point(target):
+    """--resume TARGET -> (run folder, checkpoint folder).
+
+    TARGET is a run folder (its newest checkpoint is used) or one checkpoint folder in it.
+    """
+    target = Path(target)
+    if target.name.startswith(PREFIX) and (target / "state.pt").exists():
+        return target.parent.parent, target
+    found = list_checkpoints(target)
+    if not found:
+        raise UserError(f"--resume: no checkpoint in {target / 'checkpoints'}; start the run without --resume")
+    return target, found[-1]
+
+
+def load_checkpoint(folder, unet, optimizer, generator):
+    """Restore the adapters, the optimizer and every RNG from a checkpoint; returns its step."""
+    from lora import load_lora
+
+    load_lora(unet, folder / "lora.safetensors")
+    state = torch.load(folder / "state.pt", weights_only=True)  # tensors and numbers only, no code
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"], generator)
+    return state["step"]
