@@ -126,6 +126,25 @@ def load_reward(name, device="cpu", dtype=torch.float32, **options):
     return weighted_sum
 
 
+def parse_options(text):
+    """--reward-options 'label=dancing,log_prob=true' -> {'label': 'dancing', 'log_prob': True} (numbers, booleans parsed)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep:
+            raise UserError(f"--reward-options wants key=value pairs, got {item!r}")
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+            continue
+        for cast in (int, float, str):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                pass
+    return out
+
+
 def per_frame(score_images):
     """Lift an image score (N, 3, H, W) -> (N,) to a video reward: score each frame, then average.
 

@@ -2,15 +2,18 @@
 
     python sample.py --model tiny --lora runs/tiny-colorfulness/lora.safetensors --prompts animals.txt
     python sample.py --model tiny --lora OUT/lora.safetensors --prompts animals.txt --side-by-side
+    python sample.py --model modelscope --lora OUT/lora.safetensors --export-merged OUT/unet-merged
 
 Each prompt gives an .mp4 and a .gif in --output-dir. With --side-by-side the base model's video
 (left) and the aligned one (right) share a file, from the same seed, so the change is easy to see.
+With --export-merged nothing is sampled: the UNet, with the LoRA folded into its weights, is
+written with save_pretrained, for use in diffusers' own pipelines (see `export_merged`).
 """
 import argparse
 import re
+import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -55,9 +58,36 @@ def slug(text, n=40):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "prompt"
 
 
+def export_merged(model, lora_path, folder):
+    """Fold the LoRA into the UNet's weights and write the UNet to `folder` with save_pretrained.
+
+    diffusers cannot `load_lora_weights` into a UNet3DConditionModel (it lacks PeftAdapterMixin),
+    so this is how an aligned ModelScope or Zeroscope reaches diffusers' own pipeline:
+        unet = UNet3DConditionModel.from_pretrained(FOLDER)
+        pipe = TextToVideoSDPipeline.from_pretrained("ali-vilab/text-to-video-ms-1.7b", unet=unet)
+    For AnimateDiff the folder holds a UNetMotionModel: AnimateDiffPipeline.from_pretrained(SD 1.5 id,
+    unet=UNetMotionModel.from_pretrained(FOLDER), motion_adapter=None). The weights keep the
+    model's --dtype (bf16 on a GPU by default; pass --dtype float32 for a full-precision copy).
+    Written to a temporary folder and renamed, so a crash never leaves half an export.
+    """
+    from lora import load_lora, merge_lora
+
+    load_lora(model.unet, lora_path)
+    merge_lora(model.unet)  # W0 + (alpha / r) B A in every adapted layer; plain nn.Linear again
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.unet.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    print(f"wrote the merged {type(model.unet).__name__} to {folder}; load it with "
+          f"{type(model.unet).__name__}.from_pretrained({str(folder)!r})")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="model name (tiny, modelscope, zeroscope), local folder or hub id")
+    p.add_argument("--model", default="tiny", help="model name (tiny, modelscope, zeroscope, animatediff, ...), "
+                   "local folder or hub id")
     p.add_argument("--lora", help="a lora.safetensors written by train.py; omit for the base model")
     p.add_argument("--prompts", default="animals.txt", help="prompts file: a path or a name under prompts/")
     p.add_argument("--num-prompts", type=int, default=4, help="how many prompts from the file (0: all)")
@@ -72,6 +102,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the frozen model's dtype (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--export-merged", metavar="DIR", help="write the UNet with --lora merged in to DIR "
+                   "(diffusers save_pretrained) instead of sampling")
     return p.parse_args(argv)
 
 
@@ -84,10 +116,15 @@ def main(argv=None):
     prompts = prompts[: args.num_prompts] if args.num_prompts > 0 else prompts
     if args.side_by_side and not args.lora:
         raise UserError("--side-by-side compares the base with a LoRA: also pass --lora PATH")
+    if args.export_merged and not args.lora:
+        raise UserError("--export-merged folds a LoRA into the UNet: also pass --lora PATH")
     if args.lora:
         read_lora_file(args.lora)  # fail on a bad file now, before loading the model
     device = resolve_device(args.device)
     model = load_video_model(args.model, device, resolve_dtype(args.dtype, device))
+    if args.export_merged:
+        export_merged(model, args.lora, args.export_merged)
+        return
     spec = model.spec
     gen = {k: getattr(spec, k) if getattr(args, k) is None else getattr(args, k)
            for k in ("frames", "height", "width", "num_steps", "guidance")}

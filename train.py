@@ -10,8 +10,7 @@ DDIM with gradients through the last K steps, decode f frames, score them, backp
 config.json, metrics.csv, reward_curve.png, lora.safetensors, checkpoints/ and videos/.
 """
 import argparse
-import csv
-import io
+import contextlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_path, atomic_write_text, run_cli
+from common import UserError, atomic_write_text, run_cli
 
 
 def opt(default, help):
@@ -74,6 +73,8 @@ class Config:
     seed: int = opt(0, "Seed for the noise, the prompt order and K.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: each process its own GPU).")
     dtype: str = opt("auto", "Frozen model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+    low_memory: bool = opt(False, "Trade speed for memory: checkpoint whole grad steps, decode frame by frame, "
+                                  "offload saved activations to CPU (see vader.vader_loss).")
     resume: str = opt("", "Continue a run: --resume alone uses --output-dir; or give a run folder or a checkpoint.")
     overwrite: bool = opt(False, "Replace the run already in --output-dir.")
 
@@ -81,8 +82,6 @@ class Config:
 GENERATION = ("height", "width", "frames", "num_steps", "guidance")  # defaults come from the model spec
 LOCKED = ("model", "height", "width", "frames", "lora_rank", "lora_alpha", "lora_dropout")  # fixed by a run
 RUN_FILES = ("config.json", "metrics.csv", "reward_curve.png", "lora.safetensors", "checkpoints", "videos")
-METRICS = ("step", "reward_mean", "reward_std", "loss", "lr", "grad_norm", "grad_steps", "skipped", "eval_reward",
-           "seconds")
 LOWER_MEMORY = ("--decode-frames 1, --grad-steps 1, a smaller --height/--width or --frames, "
                 "--batch-size 1 with a larger --grad-accum")
 
@@ -112,7 +111,7 @@ def parse_config(argv=None):
                 setattr(cfg, k, v)
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
     if cfg.resume:
-        from checkpoint import find_resume_point
+        from runlog import find_resume_point
 
         run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume)
         old = json.loads((ckpt / "config.json").read_text())
@@ -125,25 +124,6 @@ def parse_config(argv=None):
         for k, (a, b) in changed.items():
             print(f"resume: {k} {a} -> {b}")
     return cfg, given
-
-
-def parse_options(text):
-    """'label=dancing,log_prob=true' -> {'label': 'dancing', 'log_prob': True} (numbers, booleans parsed)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep:
-            raise UserError(f"--reward-options wants key=value pairs, got {item!r}")
-        if value.lower() in ("true", "false"):
-            out[key] = value.lower() == "true"
-            continue
-        for cast in (int, float, str):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                pass
-    return out
 
 
 def validate(cfg, model=None):
@@ -180,22 +160,29 @@ def importlib_find(name):
 
 #### Multi-GPU: DistributedDataParallel semantics for the LoRA parameters
 
-def setup_distributed(device):
-    """(rank, world size, device). torchrun sets RANK and WORLD_SIZE; plain `python` sets neither.
+def distributed_env(device):
+    """(rank, world size, device) from the variables torchrun sets; plain `python` sets none.
 
     Every process draws the same global batch from the same seed and keeps its own share, so
     N processes with batch B compute exactly what one process with batch N*B would.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
         return 0, 1, device
-    import torch.distributed as dist
-
-    local = int(os.environ["LOCAL_RANK"])
     if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return int(os.environ["RANK"]), world, device
+
+
+def join_process_group(world, device):
+    """Start the process group (NCCL on GPUs, gloo on CPUs). Called after the models are loaded:
+    once a group exists, transformers' save_pretrained writes only on rank 0, and every rank
+    writes the tiny model to its own temporary folder."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
 def all_average(tensors, world):
@@ -222,63 +209,6 @@ def all_gather(tensor, world):
     return torch.cat(parts)
 
 
-#### Logging
-
-def metrics_text(rows):
-    """metrics.csv's contents; floats are written in full so a resumed run can match bit for bit."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRICS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def read_metrics(path):
-    """Rows of a metrics.csv, numbers parsed, empty cells kept as ''."""
-    with open(path) as f:
-        return [{k: v if v == "" else (int(v) if k in ("step", "grad_steps", "skipped") else float(v))
-                 for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def plot_rewards(out, rows, reward_name):
-    """reward_curve.png: training reward per step (mean ± std) and held-out reward where measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in rows if r["reward_mean"] != ""]
-    steps = [r["step"] for r in train]
-    mean = torch.tensor([r["reward_mean"] for r in train])
-    std = torch.tensor([r["reward_std"] for r in train])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, mean, label="train reward (mean)")
-    ax.fill_between(steps, mean - std, mean + std, alpha=0.2, label="±1 std")
-    held = [r for r in rows if r["eval_reward"] != ""]
-    if held:
-        ax.plot([r["step"] for r in held], [r["eval_reward"] for r in held], "o-", label="held-out prompts")
-    ax.set(xlabel="optimizer step", ylabel=reward_name, title=f"VADER: {reward_name}")
-    ax.legend()
-    with atomic_path(out / "reward_curve.png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-
-
-def open_tracker(cfg, out):
-    """A log(row) function for --report-to, or None. The package is imported only when asked for."""
-    if cfg.report_to == "wandb":
-        import wandb
-
-        wandb.init(project="vader-minimal", config=asdict(cfg), dir=str(out))
-        return lambda row: wandb.log({k: v for k, v in row.items() if v != ""}, step=row["step"])
-    if cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
-        return lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in row.items() if v != ""]
-    return None
-
-
 def make_videos(model, cfg, prompts, cond, uncond, path_stem, reward_fn=None):
     """Generate the first prompts with seeds 0..n-1, tiled side by side; returns their mean reward."""
     from sample import tile, write_video
@@ -293,15 +223,30 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, reward_fn=None):
             return reward_fn(video, prompts[:n]).float().mean().item()
 
 
+@contextlib.contextmanager
+def stop_signals():
+    """Catch SIGINT and SIGTERM into a list (checked after each step); restore the old handlers after."""
+    stop = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 #### Main
 
 def main(argv=None):
     cfg, given = parse_config(argv)
-    from checkpoint import load_checkpoint, save_checkpoint
+    import runlog
+    from runlog import load_checkpoint, metrics_text, open_tracker, plot_rewards, read_metrics, save_checkpoint
     from lora import inject_lora, save_lora
-    from rewards import load_reward
+    from rewards import load_reward, parse_options
     from sampler import pick_grad_steps
-    from vader import encode_prompts, load_video_model, read_prompts, resolve_device, resolve_dtype, vader_loss
+    from vader import (describe, encode_prompts, load_video_model, loss_scaler, read_prompts, resolve_device,
+                       resolve_dtype, vader_loss)
 
     prompts = read_prompts(cfg.prompts)
     held_out = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
@@ -311,7 +256,7 @@ def main(argv=None):
         cut = len(prompts) - max(1, len(prompts) // 10)  # hold out the last tenth
         prompts, held_out = prompts[:cut], prompts[cut:]
     validate(cfg)
-    rank, world, device = setup_distributed(resolve_device(cfg.device))
+    rank, world, device = distributed_env(resolve_device(cfg.device))
     main_process = rank == 0
     dtype = resolve_dtype(cfg.dtype, device)
     reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
@@ -322,6 +267,7 @@ def main(argv=None):
         if getattr(cfg, k) is None:
             setattr(cfg, k, getattr(model.spec, k))
     validate(cfg, model)
+    join_process_group(world, device)
     out = Path(cfg.output_dir)
     if cfg.overwrite and main_process:  # remove only what a run writes, never other files kept there
         for name in RUN_FILES:
@@ -333,8 +279,11 @@ def main(argv=None):
     held_cond = encode_prompts(model, held_out) if held_out else None  # (P_eval, 77, D)
     uncond = encode_prompts(model, [""])  # (1, 77, D)
     model.text_encoder.to("cpu")
-    params = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, dropout=cfg.lora_dropout)
+    torch.manual_seed(cfg.seed)  # LoRA's random A: the same on every process and in every run of this seed
+    params = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, targets=model.spec.lora_targets,
+                         dropout=cfg.lora_dropout)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = loss_scaler(dtype, device)  # dynamic loss scaling for an fp16 base; does nothing for bf16/fp32
     generator = torch.Generator().manual_seed(cfg.seed)
     rows, step = [], 0
     if cfg.resume:
@@ -352,6 +301,7 @@ def main(argv=None):
         print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} DDIM steps, "
               f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}"
               + (f" x {world} processes" if world > 1 else ""))
+        print(f"registry entry {describe(model.spec)}" + (" | --low-memory" if cfg.low_memory else ""))
         print(f"reward {cfg.reward} | {len(prompts)} prompts ({len(held_out)} held out) | "
               f"{cfg.batch_size * cfg.grad_accum * world} videos per optimizer step ({cfg.batch_size} x "
               f"{cfg.grad_accum} accumulated x {world} processes) | grad through the last "
@@ -373,70 +323,69 @@ def main(argv=None):
                             cfg.keep_checkpoints)
 
     if not rows and held_out and cfg.eval_every and main_process:
-        rows.append({**dict.fromkeys(METRICS, ""), "step": 0, "eval_reward": evaluate(0)})
-
-    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the step in flight, then saves and exits.
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
+        rows.append({**dict.fromkeys(runlog.METRICS, ""), "step": 0, "eval_reward": evaluate(0)})
 
     #### Training loop
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not main_process)
-    bad_in_a_row = 0
-    while step < cfg.max_steps:
-        t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)
-        rewards, loss_sum = [], 0.0
-        k = pick_grad_steps(cfg.num_steps, cfg.grad_steps, cfg.random_grad_steps, generator)
-        try:
-            for _ in range(cfg.grad_accum):
-                idx = torch.randint(len(prompts), (cfg.batch_size * world,), generator=generator)
-                idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]  # this process's share
-                loss, r, _ = vader_loss(model, reward_fn, [prompts[i] for i in idx], cond[idx.to(cond.device)],
-                                        uncond, cfg, generator, k, shard=(rank, world))
-                (loss / cfg.grad_accum).backward()  # average over micro-batches
-                rewards.append(r)
-                loss_sum += loss.item() / cfg.grad_accum
-        except torch.cuda.OutOfMemoryError:
-            raise UserError(f"out of GPU memory at {cfg.frames}x{cfg.height}x{cfg.width}; lower it with "
-                            f"{LOWER_MEMORY}") from None
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        loss_t = torch.tensor([loss_sum], device=grads[0].device)
-        all_average(grads + [loss_t], world)
-        loss_sum = loss_t.item()
-        for p, g in zip(params, grads):
-            p.grad = g
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        finite = math.isfinite(loss_sum) and torch.isfinite(grad_norm).item()
-        if finite:  # a NaN or inf would poison AdamW's moments for good: skip such a step
-            optimizer.step()
-        bad_in_a_row = 0 if finite else bad_in_a_row + 1
-        step += 1
-        r = all_gather(torch.cat(rewards).to(device), world)
-        rows.append(dict(step=step, reward_mean=r.mean().item(), reward_std=r.std(unbiased=False).item(),
-                         loss=loss_sum, lr=cfg.lr, grad_norm=grad_norm.item(), grad_steps=k, skipped=int(not finite),
-                         eval_reward=evaluate(step), seconds=round(time.time() - t0, 3)))
-        if main_process:
-            atomic_write_text(out / "metrics.csv", metrics_text(rows))
-            if tracker:
-                tracker(rows[-1])
-            post = dict(reward=f"{rows[-1]['reward_mean']:.4f}", loss=f"{loss_sum:.4f}")
-            if device.startswith("cuda"):
-                post["peak_GB"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
-            bar.set_postfix(post)
-            bar.update(1)
-        if bad_in_a_row >= cfg.max_bad_steps:
-            checkpoint()
-            raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}); "
-                            "their updates were skipped. Lower --lr or check the reward; resume with --resume")
-        if not finite:
-            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
-        interrupted = bool(all_gather(torch.tensor([float(bool(stop))], device=device), world).max())
-        if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
-            checkpoint()
-        if interrupted:
-            break
-    bar.close()
+    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the step in flight, then saves and exits.
+    with stop_signals() as stop:
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not main_process)
+        bad_in_a_row = 0
+        while step < cfg.max_steps:
+            t0 = time.time()
+            optimizer.zero_grad(set_to_none=True)
+            rewards, loss_sum = [], 0.0
+            k = pick_grad_steps(cfg.num_steps, cfg.grad_steps, cfg.random_grad_steps, generator)
+            try:
+                for _ in range(cfg.grad_accum):
+                    idx = torch.randint(len(prompts), (cfg.batch_size * world,), generator=generator)
+                    idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]  # this process's share
+                    loss, r, _ = vader_loss(model, reward_fn, [prompts[i] for i in idx], cond[idx.to(cond.device)],
+                                            uncond, cfg, generator, k, shard=(rank, world), low_memory=cfg.low_memory)
+                    scaler.scale(loss / cfg.grad_accum).backward()  # average over micro-batches
+                    rewards.append(r)
+                    loss_sum += loss.item() / cfg.grad_accum
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(f"out of GPU memory at {cfg.frames}x{cfg.height}x{cfg.width}; lower it with "
+                                f"{LOWER_MEMORY}") from None
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            loss_t = torch.tensor([loss_sum], device=grads[0].device)
+            all_average(grads + [loss_t], world)
+            loss_sum = loss_t.item()
+            for p, g in zip(params, grads):
+                p.grad = g
+            scaler.unscale_(optimizer)  # fp16: divide the gradients by the loss scale before clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            finite = math.isfinite(loss_sum) and torch.isfinite(grad_norm).item()
+            if finite:  # a NaN or inf would poison AdamW's moments for good: skip such a step
+                scaler.step(optimizer)
+            scaler.update()  # fp16: halve the loss scale after an overflow, grow it after many clean steps
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            step += 1
+            r = all_gather(torch.cat(rewards).to(device), world)
+            rows.append(dict(step=step, reward_mean=r.mean().item(), reward_std=r.std(unbiased=False).item(),
+                             loss=loss_sum, lr=cfg.lr, grad_norm=grad_norm.item(), grad_steps=k, skipped=int(not finite),
+                             eval_reward=evaluate(step), seconds=round(time.time() - t0, 3)))
+            if main_process:
+                atomic_write_text(out / "metrics.csv", metrics_text(rows))
+                if tracker:
+                    tracker(rows[-1])
+                post = dict(reward=f"{rows[-1]['reward_mean']:.4f}", loss=f"{loss_sum:.4f}")
+                if device.startswith("cuda"):
+                    post["peak_GB"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
+                bar.set_postfix(post)
+                bar.update(1)
+            if bad_in_a_row >= cfg.max_bad_steps:
+                checkpoint()
+                raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}); "
+                                "their updates were skipped. Lower --lr or check the reward; resume with --resume")
+            if not finite:
+                tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
+            interrupted = bool(all_gather(torch.tensor([float(bool(stop))], device=device), world).max())
+            if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
+                checkpoint()
+            if interrupted:
+                break
+        bar.close()
 
     if not main_process:
         return

@@ -1,4 +1,4 @@
-"""Checkpoints you can trust: atomic, pruned, and enough state to resume a run exactly.
+"""What a run writes as it goes: checkpoints you can trust, metrics.csv, the reward curve.
 
 A checkpoint is a folder `checkpoints/step-000100/` holding
     lora.safetensors   the adapters (lora.save_lora)
@@ -14,16 +14,21 @@ Exact resume needs every source of randomness restored: the run's own torch.Gene
 prompt order, K, decoded frames), and, for anything else that draws (LoRA dropout, a reward
 model), the global torch, CUDA, NumPy and Python generators.
 """
+import csv
+import io
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import UserError
+from common import UserError, atomic_path
 
 PREFIX = "step-"
+METRICS = ("step", "reward_mean", "reward_std", "loss", "lr", "grad_norm", "grad_steps", "skipped", "eval_reward",
+           "seconds")  # the columns of metrics.csv
 
 
 def list_checkpoints(out):
@@ -113,3 +118,60 @@ def load_checkpoint(folder, unet, optimizer, generator):
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"], generator)
     return state["step"]
+
+
+#### Logs: metrics.csv, the reward curve, optional trackers
+
+def metrics_text(rows):
+    """metrics.csv's contents; floats are written in full so a resumed run can match bit for bit."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRICS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def read_metrics(path):
+    """Rows of a metrics.csv, numbers parsed, empty cells kept as ''."""
+    with open(path) as f:
+        return [{k: v if v == "" else (int(v) if k in ("step", "grad_steps", "skipped") else float(v))
+                 for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_rewards(out, rows, reward_name):
+    """reward_curve.png: training reward per step (mean ± std) and held-out reward where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r["reward_mean"] != ""]
+    steps = [r["step"] for r in train]
+    mean = torch.tensor([r["reward_mean"] for r in train])
+    std = torch.tensor([r["reward_std"] for r in train])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, mean, label="train reward (mean)")
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.2, label="±1 std")
+    held = [r for r in rows if r["eval_reward"] != ""]
+    if held:
+        ax.plot([r["step"] for r in held], [r["eval_reward"] for r in held], "o-", label="held-out prompts")
+    ax.set(xlabel="optimizer step", ylabel=reward_name, title=f"VADER: {reward_name}")
+    ax.legend()
+    with atomic_path(out / "reward_curve.png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def open_tracker(cfg, out):
+    """A log(row) function for --report-to, or None. The package is imported only when asked for."""
+    if cfg.report_to == "wandb":
+        import wandb
+
+        wandb.init(project="vader-minimal", config=asdict(cfg), dir=str(out))
+        return lambda row: wandb.log({k: v for k, v in row.items() if v != ""}, step=row["step"])
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+        return lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in row.items() if v != ""]
+    return None
