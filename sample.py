@@ -65,9 +65,10 @@ def export_merged(model, lora_path, folder):
     so this is how an aligned ModelScope or Zeroscope reaches diffusers' own pipeline:
         unet = UNet3DConditionModel.from_pretrained(FOLDER)
         pipe = TextToVideoSDPipeline.from_pretrained("ali-vilab/text-to-video-ms-1.7b", unet=unet)
-    For AnimateDiff the folder holds a UNetMotionModel: AnimateDiffPipeline.from_pretrained(SD 1.5 id,
-    unet=UNetMotionModel.from_pretrained(FOLDER), motion_adapter=None). The weights keep the
-    model's --dtype (bf16 on a GPU by default; pass --dtype float32 for a full-precision copy).
+    For AnimateDiff the folder holds a UNetMotionModel (UNetMotionModel.from_pretrained(FOLDER), then
+    AnimateDiffPipeline(..., unet=unet)); there the LoRA file also loads as it is, with
+    `unet.load_lora_adapter(PATH, prefix="unet")` (exact for alpha = r, the default). The weights keep
+    the model's --dtype (bf16 on a GPU by default; pass --dtype float32 for a full-precision copy).
     Written to a temporary folder and renamed, so a crash never leaves half an export.
     """
     from lora import load_lora, merge_lora

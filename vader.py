@@ -1,4 +1,4 @@
-"""The VADER glue: load a text-to-video model, decode a few frames, compute the loss.
+"""The VADER glue: prompts in, a few decoded frames out, the loss; plus plain generation.
 
 VADER (Prabhudesai et al., arXiv 2407.08737) aligns a video diffusion model to a reward by
 plain gradient ascent on   J(θ) = E_{prompt, z_T} [ r( decode( DDIM_θ(z_T, prompt) ), prompt ) ]
@@ -9,212 +9,34 @@ Two tricks keep that affordable, both here:
 - Frame subsampling: decoding all F frames through the VAE with gradients is the largest
   memory cost, so only f of them are decoded (random ones each step); the reward sees those.
 - Cached prompt embeddings: the text encoder runs once per prompt, then leaves the GPU.
+`--low-memory` trades more speed for memory (`vader_loss`), and `loss_scaler` makes an fp16
+base train safely. The model registry and loading live in models.py.
 """
-import importlib.util
-import json
-import os
-import tempfile
-from dataclasses import dataclass, field, replace
+import contextlib
 from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from common import UserError
-from sampler import Schedule, sample
+from models import (  # noqa: F401  (the registry and loading live in models.py; re-exported here)
+    MODELS,
+    MODELSCOPE_SCHEDULER,
+    TINY_TEXT,
+    TINY_UNET,
+    TINY_VAE,
+    ModelSpec,
+    VideoModel,
+    build_tiny_model,
+    describe,
+    load_video_model,
+    resolve_device,
+    resolve_dtype,
+    write_clip_tokenizer,
+)
+from sampler import sample
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A video model's source and its generation defaults (flags override them)."""
-
-    source: str  # hub id or local folder in the diffusers layout; "" for the built-in tiny model
-    height: int
-    width: int
-    frames: int
-    num_steps: int  # DDIM steps
-    guidance: float  # classifier-free guidance weight
-    recipe: dict = field(default_factory=dict)  # training defaults that differ from the paper's
-
-
-MODELS = {
-    # Built from small configs with a fixed seed: random weights, no download, runs on a CPU.
-    # Its recipe: a larger learning rate, because a random model's LoRA starts far from any
-    # useful direction, and no gradient accumulation, so the demo finishes in a minute or two.
-    "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
-    # The toy world (toy.py): coloured shapes moving over a plain background, pretrained on a CPU
-    # by pretrain_toy.py and committed in toy_model/ (fp16, diffusers layout). Its recipe: a
-    # large learning rate and no accumulation, so `--reward redness` visibly recolours the
-    # shapes within two minutes on a laptop CPU.
-    "toy": ModelSpec(str(Path(__file__).parent / "toy_model"), 32, 32, 8, 10, 3.0,
-                     recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
-    # VADER's ModelScope setting (Table 6 of 2407.08737 and its configs): 25 DDIM steps,
-    # guidance 9; the pipeline's default resolution is 256x256 with 16 frames.
-    "modelscope": ModelSpec("ali-vilab/text-to-video-ms-1.7b", 256, 256, 16, 25, 9.0),
-    # The ModelScope architecture fine-tuned for 576x320, 24 frames.
-    "zeroscope": ModelSpec("cerspense/zeroscope_v2_576w", 320, 576, 24, 25, 9.0),
-}
-
-
-@dataclass
-class VideoModel:
-    """The frozen parts of a text-to-video latent diffusion model, plus its defaults."""
-
-    unet: torch.nn.Module  # UNet3DConditionModel: ε_θ(x_t, t, text) on (B, C, F, h, w)
-    vae: torch.nn.Module  # AutoencoderKL: decodes one frame (N, 4, h, w) -> (N, 3, H, W)
-    text_encoder: torch.nn.Module  # CLIPTextModel: tokens (P, 77) -> embeddings (P, 77, D)
-    tokenizer: object
-    schedule: Schedule
-    spec: ModelSpec
-
-    @property
-    def vae_factor(self):
-        """Pixels per latent cell: each VAE down block but the last halves the resolution."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_channels(self):
-        return self.unet.config.in_channels
-
-
-#### Tiny model: small configs, fixed seed
-
-TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-)
-# scaling_factor 1: a random encoder's latents are not ~N(0, 1/0.18215²) like SD's.
-TINY_VAE = dict(
-    block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=1.0,
-)
-TINY_TEXT = dict(
-    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=77, projection_dim=32,
-)
-# ModelScope's scheduler settings (REAL_MODELS.md), so the tiny model samples like the real one.
-MODELSCOPE_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
-    clip_sample=False,
-)
-
-
-def quiet_libraries():
-    """Silence diffusers' and transformers' per-file progress bars and warnings.
-
-    For the tiny model they are pure noise (and would break the one-line error contract on
-    stderr); the hub's download progress comes from huggingface_hub and stays visible.
-    """
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-
-
-def write_clip_tokenizer(folder):
-    """Save a transformers CLIPTokenizer built from the CLIP BPE vocabulary open_clip ships.
-
-    The hub is out of reach in tests and on a fresh laptop, but open_clip bundles the same
-    49,408-token vocabulary OpenAI's CLIP uses, so the tiny model gets a real tokenizer offline.
-    open_clip spells the special tokens <start_of_text>, transformers <|startoftext|>.
-    """
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
-
-    bpe = SimpleTokenizer()
-    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {rename.get(k, k): v for k, v in bpe.encoder.items()}
-    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-        tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
-    tok.save_pretrained(Path(folder) / "tokenizer")
-
-
-def build_tiny_model(folder, seed=0):
-    """Write the tiny model to `folder` in the diffusers layout (unet/, vae/, text_encoder/, ...).
-
-    The same seed gives the same weights every time; the global RNG is left untouched.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    quiet_libraries()
-    folder = Path(folder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        UNet3DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
-        AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
-        CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).save_pretrained(folder / "text_encoder")
-    DDIMScheduler(**MODELSCOPE_SCHEDULER).save_pretrained(folder / "scheduler")
-    write_clip_tokenizer(folder)
-
-
-#### Loading
-
-def resolve_device(device="auto"):
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype, device):
-    """The frozen base's dtype: 'auto' -> bf16 on a GPU that has it, fp16 on one that lacks it, fp32 on CPU."""
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def load_video_model(name, device="cpu", dtype=torch.float32):
-    """Load `name`: a key of MODELS, a local folder in the diffusers layout, or a hub id.
-
-    All three take the same `from_pretrained` path; the tiny model is first written to a
-    temporary folder. Every component is frozen and in eval mode.
-    """
-    quiet_libraries()
-    spec = MODELS.get(name)
-    if name == "tiny":
-        with tempfile.TemporaryDirectory() as tmp:
-            build_tiny_model(tmp)
-            return _load_components(tmp, spec, device, dtype)
-    if spec is None and not (os.path.isdir(name) or "/" in name):
-        raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}, a local folder, or a hub id")
-    return _load_components(spec.source if spec else name, spec, device, dtype)
-
-
-def _load_components(source, spec, device, dtype):
-    """Load the five components from `source`; `spec` None means: read the defaults off the configs."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    try:
-        unet = UNet3DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        schedule = Schedule.from_config(DDIMScheduler.load_config(source, subfolder="scheduler"))
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"could not load the video model from {source!r} ({first}); check the hub id or "
-            "folder (it needs unet/, vae/, text_encoder/, tokenizer/, scheduler/) and your connection"
-        ) from None
-    for m in (unet, vae, text_encoder):
-        m.to(device).eval().requires_grad_(False)
-    if spec is None:  # a folder or hub id of the ModelScope family: its size from its configs
-        size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        spec = replace(MODELS["modelscope"], source=source, height=size, width=size)
-    return VideoModel(unet, vae, text_encoder, tokenizer, schedule, spec)
 
 
 def read_prompts(arg):
@@ -257,12 +79,15 @@ def choose_frames(num_frames, f, generator=None, random_frames=True):
     return torch.linspace(0, num_frames - 1, f).round().long()
 
 
-def decode_frames(model, z0, frame_idx, use_checkpoint=True):
+def decode_frames(model, z0, frame_idx, use_checkpoint=True, one_at_a_time=False):
     """Decode only the chosen frames of z0 (B, C, F, h, w) -> frames (B, f, 3, H, W) in [0, 1].
 
     The VAE is a 2D image decoder, so the f frames of each video are folded into the batch.
     With `use_checkpoint`, the decoder's activations are recomputed during backward instead of
-    stored: for ModelScope at 256x256 they are several GB per frame.
+    stored: for ModelScope at 256x256 they are several GB per frame. With `one_at_a_time`
+    (--low-memory) each frame is its own checkpoint, so backward recomputes one frame's
+    activations at a time instead of all B*f at once; it costs B*f small decoder calls instead
+    of one batched call (nothing when B*f = 1, VADER's setting).
     """
     z = z0[:, :, frame_idx]  # (B, C, f, h, w)
     b, c, f, h, w = z.shape
@@ -270,9 +95,12 @@ def decode_frames(model, z0, frame_idx, use_checkpoint=True):
     z = (z / model.vae.config.scaling_factor).to(model.vae.dtype)  # undo the latent scaling of LDM
 
     def decode(z):
-        return model.vae.decode(z).sample  # (B*f, 3, H, W) in about [-1, 1]
+        return model.vae.decode(z).sample  # (n, 3, H, W) in about [-1, 1]
 
-    x = checkpoint(decode, z, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else decode(z)
+    def run(z):
+        return checkpoint(decode, z, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else decode(z)
+
+    x = torch.cat([run(zi) for zi in z.split(1)]) if one_at_a_time else run(z)  # (B*f, 3, H, W)
     x = (x.float() / 2 + 0.5).clamp(0, 1)  # (B*f, 3, H, W) in [0, 1]
     return x.view(b, f, *x.shape[1:])  # (B, f, 3, H, W)
 
@@ -285,26 +113,54 @@ def initial_noise(model, batch, frames, height, width, generator, device):
     return torch.randn(shape, generator=generator).to(device)  # (B, C, F, h, w)
 
 
-def vader_loss(model, reward_fn, prompts, cond, uncond, cfg, generator, grad_steps, shard=(0, 1)):
+def vader_loss(model, reward_fn, prompts, cond, uncond, cfg, generator, grad_steps, shard=(0, 1),
+               low_memory=False):
     """One VADER forward pass for a batch: sample with truncated backprop, decode f frames, score.
 
     cond/uncond: (B, 77, D) cached text embeddings. `cfg` supplies frames, height, width,
     num_steps, guidance, decode_frames. Returns (loss, rewards (B,) detached, frames (B, f, 3, H, W)).
     The loss is -mean(r): gradient ascent on the reward (VADER's "-r" form).
-    `shard` = (rank, world size) under torchrun: every process draws the noise of the whole
-    global batch (world * B videos) from the same generator and keeps its own B, so the
-    processes see exactly the videos one process with the global batch would.
+
+    shard = (rank, world): under torchrun every process draws the noise of the whole global
+    batch (world * B videos) from the same generator and keeps its own B, so N processes compute
+    exactly what one process with N * B videos would, and every generator stays in step.
+
+    Memory. By default the UNet's blocks are checkpointed (models.checkpoint_blocks), so each of
+    the K grad steps keeps its block boundaries until backward. `low_memory` trades speed for
+    memory three ways: (1) each grad step is also checkpointed whole (sampler.sample), so only
+    its input latent is kept and memory stays flat in K, at one more UNet forward per grad step;
+    (2) the VAE decodes and recomputes one frame at a time (`decode_frames`); (3) what autograd
+    still saves outside those checkpoints (the reward model's activations, DDIM's arithmetic)
+    goes to CPU memory (pinned, on a GPU) and comes back during backward, at the cost of the copies.
     """
-    device = cond.device
     rank, world = shard
+    device = cond.device
     b = len(prompts)
     z_T = initial_noise(model, b * world, cfg.frames, cfg.height, cfg.width, generator, device)  # (world*B, C, F, h, w)
-    z_T = z_T[rank * b:(rank + 1) * b]  # (B, C, F, h, w)
-    z0 = sample(model.unet, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, grad_steps)
-    idx = choose_frames(cfg.frames, cfg.decode_frames, generator).to(device)
-    frames = decode_frames(model, z0, idx)  # (B, f, 3, H, W)
-    rewards = reward_fn(frames, prompts).float()  # (B,)
+    z_T = z_T[rank * b:(rank + 1) * b]  # (B, C, F, h, w): this process's share
+    offload = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+    with offload if low_memory else contextlib.nullcontext():
+        z0 = sample(model.unet, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, grad_steps,
+                    use_checkpoint=low_memory)  # (B, C, F, h, w)
+        idx = choose_frames(cfg.frames, cfg.decode_frames, generator).to(device)
+        frames = decode_frames(model, z0, idx, one_at_a_time=low_memory)  # (B, f, 3, H, W)
+        rewards = reward_fn(frames, prompts).float()  # (B,)
     return -rewards.mean(), rewards.detach(), frames.detach()
+
+
+def loss_scaler(dtype, device):
+    """Dynamic loss scaling for an fp16 base; a no-op (enabled=False) for bf16 and float32.
+
+    fp16 keeps 5 exponent bits: gradients below ~6e-8 flush to zero on their way back through
+    the fp16 UNet and VAE, and small LoRA gradients vanish. Multiplying the loss by S (scaler.scale)
+    lifts them into range; scaler.unscale_ divides the float32 LoRA gradients by S before clipping;
+    scaler.step skips the update when an inf or NaN shows the scale was too large, and
+    scaler.update halves S then (and doubles it after 2000 clean steps). S starts at 2^10 rather
+    than PyTorch's 2^16, so the first steps are not spent skipping updates while S comes down
+    (train.py stops after --max-bad-steps skipped steps in a row). bf16 has float32's exponent
+    range and needs none of this.
+    """
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**10, enabled=dtype == torch.float16)
 
 
 @torch.no_grad()
