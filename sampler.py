@@ -20,6 +20,12 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta):
+    """σ_t(η) = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev), Eq. (16) of 2010.02502:
+    the noise scale of one DDIM step (η = 1 is DDPM's posterior variance, η = 0 deterministic)."""
+    return eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
+
+
 def ddim_step(x_t, model_output, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None,
               prediction_type="epsilon"):
     """One DDIM update x_t -> x_{t-1}; Eq. (12) of Song et al. 2010.02502. No clipping of x0.
@@ -39,8 +45,7 @@ def ddim_step(x_t, model_output, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=Non
         eps = a_t.sqrt() * model_output + (1 - a_t).sqrt() * x_t
     else:
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
-    # Eq. (16): σ_t(η) = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev).
-    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    sigma = ddim_sigma(a_t, a_prev, eta)
     # Eq. (12): x_prev = sqrt(ᾱ_prev) x0_pred + sqrt(1 - ᾱ_prev - σ²) ε + σ z.
     x_prev = a_prev.sqrt() * x0_pred + (1 - a_prev - sigma**2).sqrt() * eps
     if eta > 0:

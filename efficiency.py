@@ -1,0 +1,321 @@
+"""VADER against DDPO: how much reward each learning signal buys per reward query.
+
+    python bench.py efficiency                      # tiny model, brightness, 3 seeds (~9 CPU minutes)
+    python bench.py efficiency --seeds 0            # the classroom version, ~3 minutes
+
+The paper's central claim (VADER, arXiv 2407.08737; AlignProp, 2310.03739): backpropagating the
+reward's gradient learns with far fewer reward queries than a gradient-free policy-gradient
+method (DDPO, 2305.13301, in ddpo.py). BENCHMARKS.md holds the measured numbers.
+"""
+import copy
+import csv
+import io
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from common import UserError, atomic_path, atomic_write_text
+from train import Config
+
+GRAD_CLIP, WEIGHT_DECAY = Config.grad_clip, Config.weight_decay  # train.py's defaults, named once there
+
+#### efficiency: reward gradients against DDPO on the tiny model
+#
+# Both methods train the same LoRA (same rank, same seed, same initial A) of the same model on
+# the same reward and prompts, and are stopped after the same number of reward queries (one
+# query = one video scored). Both are evaluated the same way: the mean reward of a fixed set of
+# videos (EVAL_SEED, deterministic DDIM, every frame decoded, as sample.py generates them),
+# at log-spaced query counts. The training reward of the last batch is logged beside it.
+
+EVAL_SEED = 10_000  # seeds of the evaluation videos, far from any training seed
+
+
+def add_parser(sub):
+    """The `efficiency` subcommand; defaults are sized for a 2-core CPU (a few minutes)."""
+    e = sub.add_parser("efficiency", help="VADER vs DDPO: reward against reward queries and seconds",
+                       description="Train VADER (K = 1 and a larger K) and DDPO with the same budget of reward "
+                                   "queries; write a table, a CSV and a plot.")
+    e.add_argument("--model", default="tiny", help="a name in vader.MODELS (tiny; toy once built) or a folder")
+    e.add_argument("--reward", default="brightness", help="a reward in rewards.REWARDS (weight-free: offline)")
+    e.add_argument("--prompts", default="animals.txt", help="prompts file: a path or a name under prompts/")
+    e.add_argument("--num-prompts", type=int, default=4, help="use the first P prompts, so DDPO sees each one often")
+    e.add_argument("--budget", type=int, default=64, help="reward queries (videos scored) per training run")
+    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run of each method per seed")
+    e.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r for both methods (VADER: 16)")
+    e.add_argument("--num-steps", type=int, default=4, help="DDIM steps N (fewer than the model's, for a CPU)")
+    e.add_argument("--frames", type=int, default=4, help="frames per video F (fewer than the model's, for a CPU)")
+    e.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1: one UNet pass a step)")
+    e.add_argument("--decode-frames", type=int, default=1, help="f, frames decoded for each training reward query")
+    e.add_argument("--grad-steps", type=int, default=1, help="K of the main VADER run (VADER: 1)")
+    e.add_argument("--large-k", type=int, default=None, help="K of the truncation ablation run (default: N)")
+    e.add_argument("--batch-size", type=int, default=2, help="VADER: videos per optimizer step")
+    e.add_argument("--vader-lr", type=float, default=None, help="VADER's AdamW lr (default: the model's recipe)")
+    e.add_argument("--ddpo-lr", type=float, default=1e-3, help="DDPO's AdamW lr (best of 3e-4..3e-2 on tiny)")
+    e.add_argument("--ddpo-batch", type=int, default=8, help="DDPO: videos sampled per epoch (2 PPO steps each)")
+    e.add_argument("--clip-range", type=float, default=1e-4, help="PPO's clip range ε (DDPO: 1e-4)")
+    e.add_argument("--eta", type=float, default=1.0, help="η of DDPO's stochastic DDIM policy (DDPO: 1)")
+    e.add_argument("--eval-videos", type=int, default=4, help="fixed videos scored at every evaluation point")
+    e.add_argument("--eval-points", type=int, default=8, help="log-spaced evaluation points, one batch to budget")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    e.add_argument("--output-dir", default="runs/efficiency", help="where the CSVs, table and plot go")
+    e.set_defaults(run=run_efficiency)
+
+
+def check_efficiency_args(a):
+    """Bad values are the user's to fix: one line naming the flag."""
+    from ddpo import DDPOConfig
+
+    for name in ("num_prompts", "budget", "lora_rank", "num_steps", "frames", "batch_size", "ddpo_batch",
+                 "eval_videos", "eval_points"):
+        if getattr(a, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.budget < max(a.batch_size, a.ddpo_batch):
+        raise UserError(f"--budget ({a.budget}) is smaller than one batch (--batch-size {a.batch_size}, "
+                        f"--ddpo-batch {a.ddpo_batch}); raise --budget")
+    if a.budget % a.batch_size or a.budget % a.ddpo_batch:
+        raise UserError(f"--budget ({a.budget}) must be a multiple of --batch-size ({a.batch_size}) and --ddpo-batch "
+                        f"({a.ddpo_batch}), so every method stops at exactly the budget")
+    for name, k in (("grad-steps", a.grad_steps), ("large-k", a.large_k)):
+        if not 1 <= k <= a.num_steps:
+            raise UserError(f"--{name} must be between 1 and --num-steps ({a.num_steps}), got {k}")
+    if not 1 <= a.decode_frames <= a.frames:
+        raise UserError(f"--decode-frames must be between 1 and --frames ({a.frames}), got {a.decode_frames}")
+    if a.ddpo_batch % DDPOConfig.updates_per_epoch:
+        raise UserError(f"--ddpo-batch must be a multiple of {DDPOConfig.updates_per_epoch} (the PPO steps that "
+                        f"share an epoch's videos), got {a.ddpo_batch}")
+    if a.eta <= 0 or a.clip_range <= 0 or a.ddpo_lr <= 0 or (a.vader_lr is not None and a.vader_lr <= 0):
+        raise UserError("--eta, --clip-range, --ddpo-lr and --vader-lr must be positive")
+
+
+def vader_update(model, reward_fn, params, optimizer, prompts, cond, uncond, gen, generator, k):
+    """One optimizer step of train.py's loop (one micro-batch): sample, score, backprop, clip, step.
+
+    Returns the rewards (B,) of the `gen.batch_size` videos it queried.
+    """
+    from vader import vader_loss
+
+    optimizer.zero_grad(set_to_none=True)
+    idx = torch.randint(len(prompts), (gen.batch_size,), generator=generator)
+    loss, rewards, _ = vader_loss(model, reward_fn, [prompts[i] for i in idx], cond[idx.to(cond.device)],
+                                  uncond, gen, generator, k)
+    loss.backward()  # the reward's gradient, through the decoder and the last K DDIM steps
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    optimizer.step()
+    return rewards
+
+
+def train_run(method, seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg):
+    """Train a fresh LoRA with `method` ("VADER K=k" or "DDPO") until the query budget is spent.
+
+    Both use train.py's AdamW (its weight decay) and gradient clipping; only the lr differs.
+    Returns one row per evaluation point: queries, training seconds so far (evaluation excluded),
+    the evaluation reward and change, and the mean reward of the last training batch.
+    """
+    from ddpo import PromptStats, ddpo_epoch
+    from lora import inject_lora
+
+    torch.manual_seed(seed)  # the LoRA's initial A: the same for every method of this seed
+    run_model = replace(model, unet=copy.deepcopy(model.unet))  # the base stays clean for the next run
+    params = inject_lora(run_model.unet, a.lora_rank)
+    lr = a.ddpo_lr if method == "DDPO" else a.vader_lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    generator = torch.Generator().manual_seed(seed)
+    if method == "DDPO":
+        stats = PromptStats(ddpo_cfg.buffer_size, ddpo_cfg.min_count)
+
+        def update():
+            return ddpo_epoch(run_model, reward_fn, params, optimizer, stats, prompts, cond, uncond, a, ddpo_cfg,
+                              generator)[0]
+    else:
+        k = int(method.split("K=")[1])
+
+        def update():
+            return vader_update(run_model, reward_fn, params, optimizer, prompts, cond, uncond, a, generator, k)
+
+    points = eval_schedule(min(a.batch_size, a.ddpo_batch), a.budget, a.eval_points)
+    rows = [dict(method=method, seed=seed, queries=0, seconds=0.0, train_reward=float("nan"), **evaluate(run_model))]
+    queries, seconds = 0, 0.0
+    while queries < a.budget:
+        start = time.perf_counter()
+        rewards = update()
+        seconds += time.perf_counter() - start
+        queries += len(rewards)
+        if queries >= points[0] or queries >= a.budget:
+            points = [p for p in points if p > queries] or [a.budget]
+            rows.append(dict(method=method, seed=seed, queries=queries, seconds=round(seconds, 2),
+                             train_reward=rewards.mean().item(), **evaluate(run_model)))
+    print(f"  seed {seed} {method:>9}: eval reward {rows[0]['eval_reward']:.4f} -> {rows[-1]['eval_reward']:.4f} "
+          f"in {queries} queries, {seconds:.1f} s of training")
+    return rows
+
+
+def eval_schedule(first, budget, n):
+    """n query counts, log-spaced from one batch to the budget: dense where VADER moves fastest."""
+    return sorted({round(first * (budget / first) ** (i / max(n - 1, 1))) for i in range(n)})
+
+
+def queries_to(rows, target, column="queries"):
+    """`column` at the first evaluation point after training began whose reward reaches `target`; NaN if none."""
+    return next((r[column] for r in rows if r["queries"] > 0 and r["eval_reward"] >= target), float("nan"))
+
+
+def summarise(rows, methods, seeds, base_reward):
+    """Per seed and method: final reward, and queries and seconds to reach DDPO's final reward.
+
+    A seed whose DDPO run ends at or below the base model has no target (NaN): every method
+    "reaches" such a reward at its first evaluation, which would measure nothing.
+    """
+    out = []
+    for seed in seeds:
+        runs = {m: [r for r in rows if r["method"] == m and r["seed"] == seed] for m in methods}
+        target = runs["DDPO"][-1]["eval_reward"]
+        target = target if target > base_reward else float("nan")
+        for m in methods:
+            out.append(dict(method=m, seed=seed, target=target, final_reward=runs[m][-1]["eval_reward"],
+                            queries_to_target=queries_to(runs[m], target),
+                            seconds_to_target=queries_to(runs[m], target, "seconds"),
+                            final_change=runs[m][-1]["change"]))
+    return out
+
+
+def spread(values, missing="n/a"):
+    """'mean ± std' over the seeds that have a value (population std; one seed shows ± 0); NaN = `missing`."""
+    t = torch.tensor(values, dtype=torch.float64)
+    t = t[~t.isnan()]
+    if len(t) == 0:
+        return missing
+    missed = f" ({len(values) - len(t)} of {len(values)} seeds: {missing})" if len(t) < len(values) else ""
+    return f"{t.mean():.4g} ± {t.std(unbiased=False):.2g}{missed}"
+
+
+def markdown_table(summary, methods, a, base_reward):
+    """The table for BENCHMARKS.md, with the DDPO/VADER ratio of queries (and seconds) to target."""
+    lines = [f"Base model eval reward: {base_reward:.4f} ({a.reward}). Target = the eval reward DDPO ends with "
+             f"after {a.budget} queries (per seed; n/a where DDPO did not improve on the base, or a method never "
+             f"reached it). Mean ± std over seeds {', '.join(map(str, a.seeds))}.", "",
+             f"| method | final reward at {a.budget} queries | queries to target | training s to target "
+             "| change from base (mean abs pixel) |", "| --- | --- | --- | --- | --- |"]
+    for m in methods:
+        s = [r for r in summary if r["method"] == m]
+        lines.append(f"| {m} | " + " | ".join(spread([r[k] for r in s]) for k in
+                                               ("final_reward", "queries_to_target", "seconds_to_target",
+                                                "final_change")) + " |")
+    lines.append("")
+    ddpo = [r for r in summary if r["method"] == "DDPO"]
+    for m in methods[:-1]:
+        vader = [r for r in summary if r["method"] == m]
+        q = [d["queries_to_target"] / v["queries_to_target"] for d, v in zip(ddpo, vader)]
+        s = [d["seconds_to_target"] / v["seconds_to_target"] for d, v in zip(ddpo, vader)]
+        gain = [(v["final_reward"] - base_reward) / (d["final_reward"] - base_reward)
+                if d["final_reward"] > base_reward else float("nan") for d, v in zip(ddpo, vader)]
+        lines.append(f"DDPO / {m}: {spread(q)} times the reward queries (per seed: "
+                     f"{', '.join(f'{x:.3g}' for x in q)}), {spread(s)} times the training seconds, to reach the "
+                     f"target. {m} / DDPO: {spread(gain, 'n/a, DDPO did not improve')} times the reward gained over "
+                     f"the base model at {a.budget} queries.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_efficiency(path, rows, methods, base_reward, reward_name):
+    """Three panels, mean over seeds with a min-max band: reward vs queries, vs seconds; change vs queries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for m in methods:
+        seeds = sorted({r["seed"] for r in rows if r["method"] == m})
+        # The query counts of a method are the same for every seed, so runs line up point by point.
+        runs = [[r for r in rows if r["method"] == m and r["seed"] == s and r["queries"] > 0] for s in seeds]
+        curve = {k: torch.tensor([[r[k] for r in run] for run in runs], dtype=torch.float64)
+                 for k in ("queries", "seconds", "eval_reward", "change")}
+        for ax, x, y in zip(axes, ("queries", "seconds", "queries"), ("eval_reward", "eval_reward", "change")):
+            xs = curve[x].mean(dim=0)
+            ax.plot(xs, curve[y].mean(dim=0), marker="o", ms=3, label=m)
+            ax.fill_between(xs, curve[y].min(dim=0).values, curve[y].max(dim=0).values, alpha=0.2)
+    for ax in axes[:2]:
+        ax.axhline(base_reward, color="grey", ls="--", lw=1, label="base model")
+    labels = (("reward queries (videos scored)", f"eval reward ({reward_name})"),
+              ("training seconds (this CPU)", f"eval reward ({reward_name})"),
+              ("reward queries (videos scored)", "change from base videos (mean |Δ pixel|)"))
+    for ax, (xl, yl) in zip(axes, labels):
+        ax.set_xscale("log", base=2)  # VADER's gains come in its first few steps; a log axis shows them
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel=xl, ylabel=yl)
+        ax.legend(fontsize=8)
+    fig.suptitle("VADER (reward gradients) vs DDPO (policy gradients): mean over seeds, band = min..max")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def write_csv(path, rows):
+    """Rows of dicts to a CSV file, atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def run_efficiency(a):
+    from ddpo import DDPOConfig
+    from rewards import load_reward
+    from train import Config
+    from vader import encode_prompts, generate, load_video_model, read_prompts
+
+    a.large_k = a.num_steps if a.large_k is None else a.large_k
+    check_efficiency_args(a)
+    prompts = read_prompts(a.prompts)[:a.num_prompts]
+    reward_fn = load_reward(a.reward, device=a.device)
+    if a.decode_frames < reward_fn.min_frames:
+        raise UserError(f"the {a.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
+    model = load_video_model(a.model, a.device)
+    a.height, a.width = model.spec.height, model.spec.width
+    a.vader_lr = a.vader_lr or model.spec.recipe.get("lr", Config.lr)  # as train.py picks it
+    ddpo_cfg = DDPOConfig(eta=a.eta, samples_per_epoch=a.ddpo_batch, clip_range=a.clip_range,
+                          grad_clip=GRAD_CLIP)
+    cond, uncond = encode_prompts(model, prompts), encode_prompts(model, [""])  # (P, 77, D), (1, 77, D)
+    eval_idx = torch.arange(a.eval_videos) % len(prompts)
+    eval_prompts = [prompts[i] for i in eval_idx]  # E strings
+    eval_cond = cond[eval_idx.to(cond.device)]  # (E, 77, D)
+
+    def videos(m):
+        return generate(m, eval_cond, uncond, a.frames, a.height, a.width, a.num_steps, a.guidance,
+                        seed=EVAL_SEED)  # (E, F, 3, H, W)
+
+    base = videos(model)  # (E, F, 3, H, W)
+    base_reward = reward_fn(base, eval_prompts).mean().item()
+
+    def evaluate(m):
+        video = videos(m)  # (E, F, 3, H, W)
+        return dict(eval_reward=reward_fn(video, eval_prompts).mean().item(),
+                    change=(video - base).abs().mean().item())
+
+    methods = [f"VADER K={a.grad_steps}", f"VADER K={a.large_k}", "DDPO"]
+    methods = list(dict.fromkeys(methods))  # one VADER run when --large-k equals --grad-steps
+    print(f"model {a.model}: {a.frames} frames of {a.height}x{a.width}, {a.num_steps} DDIM steps, "
+          f"guidance {a.guidance} | reward {a.reward} on {a.decode_frames} frame(s) | {len(prompts)} prompts "
+          f"| LoRA rank {a.lora_rank}")
+    print(f"budget {a.budget} reward queries per run | VADER: {a.batch_size} videos per step, lr {a.vader_lr} "
+          f"| DDPO: {a.ddpo_batch} videos per epoch, {ddpo_cfg.updates_per_epoch} PPO steps, lr {a.ddpo_lr}, "
+          f"ε {a.clip_range}, η {a.eta} "
+          f"| eval: {a.eval_videos} fixed videos, base reward {base_reward:.4f}")
+    rows = []
+    for seed in a.seeds:
+        for m in methods:
+            rows += train_run(m, seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg)
+    summary = summarise(rows, methods, a.seeds, base_reward)
+    out = Path(a.output_dir)
+    write_csv(out / "efficiency_curves.csv", rows)
+    write_csv(out / "efficiency_summary.csv", summary)
+    table = markdown_table(summary, methods, a, base_reward)
+    atomic_write_text(out / "efficiency.md", table)
+    plot_efficiency(out / "efficiency.png", rows, methods, base_reward, a.reward)
+    print("\n" + table)
+    print(f"wrote {out}/efficiency_curves.csv, efficiency_summary.csv, efficiency.md, efficiency.png")
