@@ -4,10 +4,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never touch the network: the hub is unreachable here and in CI.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# One thread per test process (and per script it starts): pytest.ini runs two workers on two cores.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
