@@ -6,6 +6,7 @@ status 2, with no traceback. Genuine bugs still raise normally and show their tr
 """
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -52,3 +53,16 @@ def run_cli(main, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Catch SIGINT and SIGTERM into a list (checked after each step); restore the old handlers after."""
+    stop = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -10,12 +10,11 @@ DDIM with gradients through the last K steps, decode f frames, score them, backp
 config.json, metrics.csv, reward_curve.png, lora.safetensors, checkpoints/ and videos/.
 """
 import argparse
-import contextlib
+import importlib.util
 import json
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_write_text, run_cli
+from common import UserError, atomic_write_text, run_cli, stop_signals
 
 
 def opt(default, help):
@@ -141,7 +140,7 @@ def validate(cfg, model=None):
     if cfg.report_to not in ("", "wandb", "tensorboard"):
         raise UserError(f"--report-to takes wandb or tensorboard, got {cfg.report_to!r}")
     needs = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(cfg.report_to)
-    if needs and importlib_find(needs) is None:
+    if needs and importlib.util.find_spec(needs) is None:
         raise UserError(f"--report-to {cfg.report_to} needs the {needs} package: pip install {needs}")
     out = Path(cfg.output_dir)
     if out.is_dir() and any((out / n).exists() for n in RUN_FILES) and not (cfg.resume or cfg.overwrite):
@@ -150,12 +149,6 @@ def validate(cfg, model=None):
     if model is not None and (cfg.height % model.vae_factor or cfg.width % model.vae_factor):
         raise UserError(f"--height and --width must be multiples of {model.vae_factor} (the VAE's downsampling), "
                         f"got {cfg.height}x{cfg.width}")
-
-
-def importlib_find(name):
-    import importlib.util
-
-    return importlib.util.find_spec(name)
 
 
 #### Multi-GPU: DistributedDataParallel semantics for the LoRA parameters
@@ -223,25 +216,11 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, reward_fn=None):
             return reward_fn(video, prompts[:n]).float().mean().item()
 
 
-@contextlib.contextmanager
-def stop_signals():
-    """Catch SIGINT and SIGTERM into a list (checked after each step); restore the old handlers after."""
-    stop = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 #### Main
 
 def main(argv=None):
     cfg, given = parse_config(argv)
-    import runlog
-    from runlog import load_checkpoint, metrics_text, open_tracker, plot_rewards, read_metrics, save_checkpoint
+    from runlog import METRICS, load_checkpoint, metrics_text, open_tracker, plot_rewards, read_metrics, save_checkpoint
     from lora import inject_lora, save_lora
     from rewards import load_reward, parse_options
     from sampler import pick_grad_steps
@@ -323,7 +302,7 @@ def main(argv=None):
                             cfg.keep_checkpoints)
 
     if not rows and held_out and cfg.eval_every and main_process:
-        rows.append({**dict.fromkeys(runlog.METRICS, ""), "step": 0, "eval_reward": evaluate(0)})
+        rows.append({**dict.fromkeys(METRICS, ""), "step": 0, "eval_reward": evaluate(0)})
 
     #### Training loop
     # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the step in flight, then saves and exits.
