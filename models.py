@@ -61,12 +61,6 @@ MODELS = {
     # Its recipe: a larger learning rate, because a random model's LoRA starts far from any
     # useful direction, and no gradient accumulation, so the demo finishes in a minute or two.
     "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
-    # The toy world (toy.py): coloured shapes moving over a plain background, pretrained on a CPU
-    # by pretrain_toy.py and committed in toy_model/ (fp16, diffusers layout). Its recipe: a
-    # large learning rate and no accumulation, so `--reward redness` visibly recolours the
-    # shapes within two minutes on a laptop CPU.
-    "toy": ModelSpec(str(Path(__file__).parent / "toy_model"), 32, 32, 8, 10, 3.0,
-                     recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
     # VADER's ModelScope setting (Table 6 of 2407.08737 and its configs): 25 DDIM steps,
     # guidance 9; the pipeline's default resolution is 256x256 with 16 frames (VADER: 384x384).
     # Also reachable by its old id damo-vilab/text-to-video-ms-1.7b, which the hub redirects.
