@@ -33,6 +33,8 @@ from common import UserError
 from lora import TARGETS
 from sampler import Schedule
 
+# Where pretrain_toy.py writes the toy world's model: next to this file, committed with it.
+TOY_FOLDER = Path(__file__).resolve().parent / "toy_model"
 # AnimateDiff's scheduler, as its diffusers docs load it: DDIM on the linear β schedule its motion
 # modules were trained with (SD 1.5's own config says scaled_linear), "linspace" timesteps.
 # clip_sample is listed for fidelity to those docs; our sampler never clips x0 anyway.
@@ -61,6 +63,15 @@ MODELS = {
     # Its recipe: a larger learning rate, because a random model's LoRA starts far from any
     # useful direction, and no gradient accumulation, so the demo finishes in a minute or two.
     "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
+    # The toy world (toy.py): a tiny UNet3D pretrained on captioned clips of one coloured shape
+    # moving over a plain background ("a big green square moving left"). Its weights are in the
+    # repository (toy_model/, written by pretrain_toy.py), so it draws real content offline, and
+    # alignment changes something one can name: `--reward redness` turns the shapes red. Its
+    # recipe is gentler than the random model's: at lr 1e-2, 3e-3 or 1e-3, 40 steps were enough
+    # for redness to be won by painting red over the frame; at 5e-4 with gradients through the
+    # last two DDIM steps, green shapes turn yellow-orange in 40 steps and stay shapes.
+    "toy": ModelSpec(str(TOY_FOLDER), 32, 32, 8, 10, 3.0,
+                     recipe={"lr": 5e-4, "grad_steps": 2, "grad_accum": 1, "batch_size": 2}),
     # VADER's ModelScope setting (Table 6 of 2407.08737 and its configs): 25 DDIM steps,
     # guidance 9; the pipeline's default resolution is 256x256 with 16 frames (VADER: 384x384).
     # Also reachable by its old id damo-vilab/text-to-video-ms-1.7b, which the hub redirects.
@@ -280,6 +291,9 @@ def load_video_model(name, device="cpu", dtype=torch.float32):
         with tempfile.TemporaryDirectory() as tmp:
             build_tiny_model(tmp)
             return _load_components(tmp, MODELS["tiny"], device, dtype)
+    if name == "toy" and not (TOY_FOLDER / "unet").is_dir():
+        raise UserError(f"the toy model's weights are missing from {TOY_FOLDER}; restore them with "
+                        "`git checkout -- toy_model` or rebuild them with `python pretrain_toy.py`")
     spec = MODELS.get(name) or next((s for s in MODELS.values() if s.source == name), None)
     if spec is None and not (os.path.isdir(name) or "/" in name):
         raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}, a local folder, or a hub id")

@@ -241,19 +241,42 @@ def smoothness(device="cpu", dtype=torch.float32):
 # statistic of its pixels is something a person can name: its colour, its size, how much it
 # stands out, how far it moves. On other videos they measure whatever is not dark grey.
 
+MIN_AREA = 20.0  # pixels; the smallest toy shape, a small triangle, covers about 50
+MAX_AREA = 300.0  # pixels; the biggest, a big square, covers 16 x 16 = 256
+
+
 def _masked_mean(values, mask):
     """Mean of `values` (N, H, W) over the pixels of `mask` (N, H, W), weighted -> (N,)."""
     return (values * mask).sum(dim=(-2, -1)) / mask.sum(dim=(-2, -1)).clamp_min(1e-6)
 
 
-@register("redness", "toy world: how red the shape is, R - max(G, B) over its pixels, -1..1")
+@register("redness", "toy world: how red the shape's colour is, as a direction from the background, -1..1")
 def redness(device="cpu", dtype=torch.float32):
-    """The toy palette scores red 0.75, yellow 0.10, green -0.60, blue -0.75; an empty frame 0."""
-    from toy import foreground
+    """Cosine between (pixel - background) and (red - background), over the shape's pixels.
+
+    The toy palette scores red 0.99, yellow 0.78, green 0.21, blue 0.19; an empty frame -0.87.
+    Three ways to game a colour reward are closed. Fading: a shape's edge pixels, and a shape
+    fading out, are blends α·colour + (1 - α)·background, and the cosine does not depend on α,
+    so growing dim earns nothing (with R - max(G, B), fading a green shape to the grey
+    background raised its score, and alignment found that within 40 steps). Vanishing: the
+    score falls towards -1 as the shape shrinks below MIN_AREA pixels (an empty frame stops at
+    -0.87 because the soft mask leaks 0.25% of every background pixel). Flooding, only in part:
+    red blobs anywhere raise a mean over the foreground, and 60 steps at lr 6e-4 painted the
+    whole frame red; a foreground larger than MAX_AREA (the biggest toy shape) now costs 2 per
+    frame covered, but red squiggles within that area still pay (seen at lr 1e-3 after 40 steps).
+    """
+    from toy import BACKGROUND, COLOURS, foreground
 
     def score(img):  # (N, 3, H, W)
-        r, g, b = img.unbind(dim=1)  # each (N, H, W)
-        return _masked_mean(r - torch.maximum(g, b), foreground(img))  # (N,)
+        bg = torch.tensor(BACKGROUND, device=img.device, dtype=img.dtype).view(3, 1, 1)
+        red = torch.tensor(COLOURS["red"], device=img.device, dtype=img.dtype).view(3, 1, 1) - bg  # (3, 1, 1)
+        d = img - bg  # (N, 3, H, W): each pixel's colour as seen from the background
+        cosine = (d * red).sum(dim=1) / (d.norm(dim=1) * red.norm() + 1e-4)  # (N, H, W)
+        mask = foreground(img)  # (N, H, W)
+        area = mask.sum(dim=(-2, -1))  # (N,) pixels
+        presence = (area / MIN_AREA).clamp(max=1)  # (N,): 1 for any toy shape
+        flood = (area - MAX_AREA).clamp(min=0) / mask[0].numel()  # (N,): 0 for any toy shape
+        return presence * _masked_mean(cosine, mask) - (1 - presence) - 2 * flood  # (N,)
 
     return per_frame(score)
 

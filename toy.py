@@ -2,7 +2,7 @@
 
 A randomly initialised model proves the code runs, but it only makes noise, so alignment has
 nothing to change that a person could name. This world is small enough to pretrain a video
-diffusion model on a laptop CPU in about twenty minutes (pretrain_toy.py), and every clip is
+diffusion model on a laptop CPU in about half an hour (pretrain_toy.py), and every clip is
 described exactly by its caption: "a big green square moving left". After alignment one can say
 what changed ("the square turned red") and check what did not (it is still a square, still
 moving left) with the detector below, which needs no learned weights.
@@ -211,7 +211,7 @@ def sample_model(model, captions, seed=0, batch=16, num_steps=None, guidance=Non
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Detector accuracy of a toy-world model's samples, per attribute.")
-    p.add_argument("--model", default="toy_model", help="the folder pretrain_toy.py wrote (diffusers layout)")
+    p.add_argument("--model", default="toy", help="'toy' (the committed toy_model/) or a folder pretrain_toy.py wrote")
     p.add_argument("--repeats", type=int, default=2, help="videos per caption, each with its own seed")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -220,7 +220,8 @@ def main(argv=None):
 
     torch.set_num_threads(1)
     model = load_video_model(args.model)
-    # The toy world's clip size, and a cheap sampler: 10 DDIM steps, guidance 3.
+    # The toy world's clip size and sampler (the registry's "toy" entry); a bare folder would
+    # otherwise get ModelScope's defaults (16 frames, 25 steps, guidance 9).
     model.spec = replace(model.spec, height=SIZE, width=SIZE, frames=FRAMES, num_steps=10, guidance=3.0)
     print("chance   " + "  ".join(f"{k} {v:.2f}" for k, v in CHANCE.items()))
     for split in ("train", "heldout"):
