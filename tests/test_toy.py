@@ -108,14 +108,14 @@ def test_pretraining_script_writes_a_loadable_model(tmp_path):
 
 
 def test_short_alignment_raises_redness(tmp_path):
-    """train.py on the toy model as the README's demo runs it, at twice the recipe's learning rate
-    so that 40 steps move the held-out reward (fixed prompts and seeds) far: from about 0.2
-    (green, blue and yellow shapes) towards 1 (red)."""
+    """train.py on the toy model as the README's demo runs it, at three times the recipe's
+    learning rate so that 25 steps move the held-out reward (fixed prompts and seeds) far: from
+    about 0.2 (green, blue and yellow shapes) towards 1 (red; 0.83 and 0.93 for seeds 0 and 1)."""
     out = tmp_path / "red"
-    proc = run_script("train.py", "--model", "toy", "--reward", "redness", "--prompts", "toy.txt", "--lr", "1e-3",
-                      "--max-steps", "40", "--eval-prompts", "toy_heldout.txt", "--eval-every", "40",
+    proc = run_script("train.py", "--model", "toy", "--reward", "redness", "--prompts", "toy.txt", "--lr", "1.5e-3",
+                      "--max-steps", "25", "--eval-prompts", "toy_heldout.txt", "--eval-every", "25",
                       "--eval-videos", "2", "--num-videos", "1", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     held_out = {int(r["step"]): float(r["eval_reward"]) for r in read_metrics(out) if r["eval_reward"]}
-    assert sorted(held_out) == [0, 40] and held_out[40] > held_out[0] + 0.2, held_out
+    assert sorted(held_out) == [0, 25] and held_out[25] > held_out[0] + 0.3, held_out
     assert (out / "videos" / "after.gif").stat().st_size > 0
