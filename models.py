@@ -66,7 +66,7 @@ MODELS = {
     # The toy world (toy.py): a tiny UNet3D pretrained on captioned clips of one coloured shape
     # moving over a plain background ("a big green square moving left"). Its weights are in the
     # repository (toy_model/, written by pretrain_toy.py), so it draws real content offline, and
-    # alignment changes something one can name: `--reward redness` turns the shapes red. Its
+    # alignment changes something one can name: `--reward redness` moves the shapes towards red. Its
     # recipe is gentler than the random model's: at lr 1e-2, 3e-3 or 1e-3, 40 steps were enough
     # for redness to be won by painting red over the frame; at 5e-4 with gradients through the
     # last two DDIM steps, green shapes turn yellow-orange in 40 steps and stay shapes.

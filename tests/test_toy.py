@@ -17,6 +17,7 @@ from vader import load_video_model, read_prompts
 # accuracies measured on more samples.
 FLOORS = {"colour": 0.8, "shape": 0.66, "size": 0.9, "direction": 0.7}
 
+
 def clip_video(caption, seed=0):
     clip = toy.Clip.parse(caption)
     return toy.render(clip, toy.random_start(clip, torch.Generator().manual_seed(seed)))  # (F, 3, H, W)
@@ -48,17 +49,18 @@ def test_toy_rewards_measure_what_they_name():
     small = clip_video("a small red circle moving left")
     frames = torch.stack([red, green, small]).requires_grad_(True)  # (3, F, 3, H, W)
     r = {name: load_reward(name)(frames, [""] * 3) for name in ("redness", "size", "contrast", "motion")}
+    redness = load_reward("redness")
     assert r["redness"][0] > 0.95 and r["redness"][1] < 0.3
     faded = toy.BACKGROUND[0] + 0.5 * (green - toy.BACKGROUND[0])  # half way to the background
-    assert load_reward("redness")(faded[None], [""]).item() == pytest.approx(r["redness"][1].item(), abs=0.01)
+    assert redness(faded[None], [""]).item() == pytest.approx(r["redness"][1].item(), abs=0.01)
     assert r["size"][0] > 2 * r["size"][2] and r["size"][0].item() == pytest.approx(r["size"][1].item(), rel=0.05)
     assert r["motion"].tolist() == pytest.approx([toy.SPEED * (toy.FRAMES - 1) / toy.SIZE] * 3, abs=0.02)
     still = red[:1].expand(toy.FRAMES, -1, -1, -1)[None]  # (1, F, 3, H, W): the first frame repeated
     assert load_reward("motion")(still, [""]).item() == pytest.approx(0.0, abs=1e-4)
     blank = torch.full_like(red, toy.BACKGROUND[0])[None]  # (1, F, 3, H, W): nothing drawn
-    assert load_reward("redness")(blank, [""]).item() < -0.85 < r["redness"][1]  # vanishing never pays
+    assert redness(blank, [""]).item() < -0.85 < r["redness"][1]  # vanishing never pays
     blue = clip_video("a small blue triangle moving up")[None]  # the toy's least red shape
-    assert load_reward("redness")(blank, [""]).item() < load_reward("redness")(blue, [""]).item()
+    assert redness(blank, [""]).item() < redness(blue, [""]).item()
     for name, value in r.items():
         assert value.shape == (3,)
         (grad,) = torch.autograd.grad(value.sum(), frames)
