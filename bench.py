@@ -1,220 +1,23 @@
 """Measurements: what VADER costs, and what it buys.
 
-    python bench.py speed ...        memory and time of a training step vs plain generation
+    python bench.py speed ...        memory and time of a training step vs plain generation (benchmarks/speed.py)
     python bench.py efficiency ...   VADER against a gradient-free baseline (DDPO), per reward query
+                                     (baselines/efficiency.py)
 
-Results are printed and written as tables under --output-dir; BENCHMARKS.md collects them with
-the command, date and device.
+Both run vader.train_step, the step train.py runs. Results are printed and written as tables
+under --output-dir; BENCHMARKS.md collects them with the command, date and device.
 """
 import argparse
-import time
-from pathlib import Path
 
-import torch
-
-import efficiency
-from common import UserError, atomic_write_text, run_cli
-from train import Config
-
-GRAD_CLIP, WEIGHT_DECAY = Config.grad_clip, Config.weight_decay  # train.py's defaults, named once there
-
-#### speed: memory and time at real model sizes (GPU), or the tiny model (CPU)
-#
-# A configuration is a model family at one resolution with VADER's settings: 25 DDIM steps,
-# guidance, gradients through the last K steps, f = 1 decoded frame, the aesthetic reward, one
-# video per micro-batch, LoRA r = 16. One run measures (a) the peak GPU memory and the time of one
-# optimizer step on one micro-batch (DDIM, decode, reward, backward, clip, AdamW) and (b), in the
-# same process, plain no-grad generation of the same video with the same DDIM steps, all F frames
-# decoded. Absolute seconds belong to one GPU; the ratio (a) / (b) travels between machines.
-# The weights are random, built from the real configs (models.build_architecture): nothing is
-# downloaded, and random weights cost exactly the memory and time trained ones do.
-
-SPEED_CONFIGS = {  # name -> (family, height, width, frames, K); the tiny one runs anywhere
-    "modelscope-256": ("unet3d", 256, 256, 16, 1),  # ModelScope's own resolution
-    "modelscope-384": ("unet3d", 384, 384, 16, 1),  # VADER's ModelScope setting
-    "modelscope-256-k5": ("unet3d", 256, 256, 16, 5),
-    "zeroscope-576": ("unet3d", 320, 576, 24, 1),
-    "animatediff-512": ("animatediff", 512, 512, 16, 1),
-    "tiny": ("tiny", 32, 32, 8, 1),
-}
-SPEED_STEPS = 25  # VADER's DDIM steps, for the training step and for generation alike
-SPEED_TARGETS_GB = {"modelscope-256": 12, "modelscope-384": 24}  # issue 4: peak memory limits
-STEP_TARGET = 1.3  # issue 4: a training step may take at most 1.3x the time of generating the video
-# CLIP ViT-L/14, the aesthetic head's backbone (~428 M parameters), and a tiny stand-in for the CPU.
-CLIP_L14_CONFIG = dict(projection_dim=768, text_config=dict(hidden_size=768, intermediate_size=3072,
-                       num_hidden_layers=12, num_attention_heads=12),
-                       vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                          num_attention_heads=16, patch_size=14, image_size=224))
-CLIP_TINY_CONFIG = dict(projection_dim=32, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4), vision_config=dict(hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=1, num_attention_heads=4, patch_size=8, image_size=32))
-
-
-def add_speed_parser(sub):
-    s = sub.add_parser("speed", help="peak memory and step time of training vs generation at real sizes",
-                       description="Measure one VADER optimizer step (peak GPU memory, seconds) against plain "
-                                   "generation of the same video. Without a GPU, the tiny model on the CPU.")
-    s.add_argument("--config", default="modelscope-256",
-                   help=f"comma-separated names, or 'all': {', '.join(SPEED_CONFIGS)}")
-    s.add_argument("--low-memory", action="store_true", help="train.py's --low-memory (slower, less memory)")
-    s.add_argument("--repeats", type=int, default=2, help="timed repetitions of each, after one warm-up")
-    s.add_argument("--device", default="auto", help="auto, cuda, cuda:1, cpu")
-    s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="frozen weights: auto (bf16 on GPU, fp16 where it lacks bf16)")
-    s.add_argument("--output-dir", default="runs/bench", help="where speed-<config>.json goes")
-    s.set_defaults(run=run_speed)
-
-
-def random_aesthetic(config, device, dtype):
-    """The aesthetic reward (image_rewards.aesthetic) at a CLIP size, with random weights: same cost."""
-    import torch.nn.functional as F
-    from transformers import CLIPConfig, CLIPModel
-
-    from image_rewards import AestheticHead, clip_pixels, pooled
-    from reward_models import freeze
-    from rewards import per_frame
-
-    with torch.device(device):
-        clip = freeze(CLIPModel(CLIPConfig(**config)), device, dtype)
-        head = freeze(AestheticHead(clip.config.projection_dim), device, dtype)
-    size = clip.config.vision_config.image_size
-
-    def score(images):  # (N, 3, H, W) -> (N,)
-        embeds = pooled(clip.get_image_features(pixel_values=clip_pixels(images, size).to(dtype)))
-        return head(F.normalize(embeds, dim=-1)).float()
-
-    return per_frame(score), sum(p.numel() for p in clip.parameters())
-
-
-def speed_model(family, device, dtype):
-    """A VideoModel: the tiny one, or a family's real architecture with random weights on `device`."""
-    from models import (MODELS, MODELSCOPE_SCHEDULER, VideoModel, build_architecture, checkpoint_blocks,
-                        load_video_model)
-    from sampler import Schedule
-
-    if family == "tiny":
-        return load_video_model("tiny", device, dtype)
-    spec = MODELS["modelscope" if family == "unet3d" else "animatediff"]
-    unet, vae, text = build_architecture(family, device, dtype)
-    checkpoint_blocks(unet)
-    return VideoModel(unet, vae, text, None, Schedule.from_config({**MODELSCOPE_SCHEDULER, **spec.scheduler}), spec)
-
-
-def timed(fn, repeats, cuda):
-    """Seconds per call of fn(), the mean of `repeats` calls after one warm-up call."""
-    fn()  # warm-up: kernel selection, the allocator's pools, AdamW's state
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
-def real_sizes(family):
-    """Parameter counts of a family's real architecture, built on the meta device (nothing allocated)."""
-    from lora import inject_lora, lora_layers
-    from models import build_architecture
-
-    unet, vae, text = build_architecture(family, "meta")
-    _, clip = random_aesthetic(CLIP_L14_CONFIG, "meta", torch.float32)
-    lora = sum(p.numel() for p in inject_lora(unet, rank=16))
-    sizes = [sum(p.numel() for p in m.parameters() if not p.requires_grad) for m in (unet, vae, text)]
-    return dict(zip(("unet", "vae", "text_encoder"), sizes), reward_clip=clip, lora=lora,
-                lora_layers=len(lora_layers(unet)))
-
-
-def measure_speed(name, a, device, dtype):
-    """One configuration's figures: seconds and peak GB of a training step and of generation."""
-    from types import SimpleNamespace
-
-    from lora import inject_lora
-    from vader import generate, loss_scaler, vader_loss
-
-    family, height, width, frames, k = SPEED_CONFIGS[name]
-    cuda = device.startswith("cuda")
-    model = speed_model(family, device, dtype)
-    gen = SimpleNamespace(frames=frames, height=height, width=width, num_steps=SPEED_STEPS,
-                          guidance=model.spec.guidance, decode_frames=1)
-    reward_fn, _ = random_aesthetic(CLIP_TINY_CONFIG if family == "tiny" else CLIP_L14_CONFIG, device, dtype)
-    # As train.py: the text encoder runs once (random tokens: its cost does not depend on them), then leaves.
-    with torch.no_grad():
-        tokens = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0)).to(device)
-        cond, uncond = model.text_encoder(tokens)[0].chunk(2)  # (1, 77, D) each
-    model.text_encoder.to("cpu")
-    params = inject_lora(model.unet, rank=16, targets=model.spec.lora_targets)
-    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=WEIGHT_DECAY)
-    scaler = loss_scaler(dtype, device)
-
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        loss, _, _ = vader_loss(model, reward_fn, ["a prompt"], cond, uncond, gen, torch.Generator().manual_seed(0),
-                                k, low_memory=a.low_memory)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        scaler.step(optimizer)
-        scaler.update()
-
-    def generation():
-        generate(model, cond, uncond, frames, height, width, gen.num_steps, gen.guidance, seed=0)  # (1, F, 3, H, W)
-
-    r = dict(config=name, device=torch.cuda.get_device_name(device) if cuda else "cpu",
-             dtype=str(dtype).removeprefix("torch."), low_memory=a.low_memory, frames=frames, height=height,
-             width=width, num_steps=gen.num_steps, grad_steps=k, decode_frames=1)
-    for what, fn in (("step", train_step), ("generation", generation)):
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        r[f"{what}_s"] = timed(fn, a.repeats, cuda)
-        r[f"{what}_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    r["ratio"] = r["step_s"] / r["generation_s"]
-    return r
-
-
-def run_speed(a):
-    import json
-
-    from vader import resolve_device, resolve_dtype
-
-    names = [n for n in SPEED_CONFIGS if n != "tiny"] if a.config == "all" else a.config.split(",")
-    unknown = [n for n in names if n not in SPEED_CONFIGS]
-    if unknown or a.repeats < 1:
-        raise UserError(f"unknown --config {', '.join(unknown)}; known: {', '.join(SPEED_CONFIGS)}, all"
-                        if unknown else f"--repeats must be at least 1, got {a.repeats}")
-    for family in dict.fromkeys(SPEED_CONFIGS[n][0] for n in names if n != "tiny"):
-        c = real_sizes(family)
-        print(f"{family} at real size (random weights, counted on the meta device): UNet {c['unet'] / 1e6:,.1f} M, "
-              f"VAE {c['vae'] / 1e6:,.1f} M, text encoder {c['text_encoder'] / 1e6:,.1f} M, reward CLIP ViT-L/14 "
-              f"{c['reward_clip'] / 1e6:,.1f} M; LoRA r=16 on {c['lora_layers']} linears: {c['lora'] / 1e6:,.2f} M")
-    device = resolve_device(a.device)
-    if not device.startswith("cuda") and names != ["tiny"]:
-        print(f"no CUDA GPU: the time and memory of {', '.join(names)} need one (run the same command on a "
-              "GPU); measuring the tiny model on the CPU instead")
-        names = ["tiny"]
-    dtype = resolve_dtype(a.dtype, device)
-    print("\n| config | device | dtype | low-memory | F x H x W | K | step s | generation s | step / generation "
-          "| peak GB, step | peak GB, generation |\n|" + " --- |" * 11)
-    for name in names:
-        r = measure_speed(name, a, device, dtype)
-        gb = [f"{x:.2f}" if x is not None else "n/a (CPU)" for x in (r["step_peak_gb"], r["generation_peak_gb"])]
-        print(f"| {name} | {r['device']} | {r['dtype']} | {'yes' if a.low_memory else 'no'} | {r['frames']}x"
-              f"{r['height']}x{r['width']} | {r['grad_steps']} | {r['step_s']:.2f} | {r['generation_s']:.2f} | "
-              f"{r['ratio']:.2f} | {gb[0]} | {gb[1]} |")
-        stem = f"speed-{name}" + ("-low-memory" if a.low_memory else "")
-        atomic_write_text(Path(a.output_dir) / f"{stem}.json", json.dumps(r, indent=2) + "\n")
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    print(f"\ntargets (issue 4): step / generation <= {STEP_TARGET}; peak GB of a step <= "
-          + ", ".join(f"{gb} for {n}" for n, gb in SPEED_TARGETS_GB.items()) + f"; wrote {a.output_dir}/speed-*.json")
+from baselines import efficiency
+from benchmarks import speed
+from infra.cli import run_cli
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    add_speed_parser(sub)
+    speed.add_parser(sub)
     efficiency.add_parser(sub)
     args = p.parse_args(argv)
     args.run(args)

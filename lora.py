@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from common import UserError, atomic_path
+from infra.cli import UserError
+from infra.files import atomic_path
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, spatial and temporal
 

@@ -13,11 +13,8 @@ Two families of latent video diffusion models, both called as ε_θ(x_t, t, text
   but the code is what counts, and tests/test_models.py checks it. Unlike UNet3D it does not
   repeat the text embeddings per frame (AnimateDiff's pipeline does); `per_frame_text` does.
 
-What makes alignment fit one GPU is spread over the files, each explained where it happens:
-frozen weights in bf16 (`resolve_dtype`) with float32 LoRA (lora.py); per-block activation
-checkpointing inside the UNet (`checkpoint_blocks`, below); truncated backprop through the last
-K steps (sampler.py); the text encoder run once per prompt and sent off the GPU (train.py);
-decoding only f frames (vader.py); `--low-memory` (vader.vader_loss).
+Everything that makes training fit one GPU (precision, three kinds of checkpointing) is stated
+once, in vader.py's "Precision and memory" section; per-block checkpointing lives here.
 """
 import functools
 import json
@@ -29,12 +26,12 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common import UserError
+from infra.cli import UserError
 from lora import TARGETS
 from sampler import Schedule
 
-# Where pretrain_toy.py writes the toy world's model: next to this file, committed with it.
-TOY_FOLDER = Path(__file__).resolve().parent / "toy_model"
+# The toy world's pretrained model (toy/pretrain.py writes it; committed with the code).
+TOY_FOLDER = Path(__file__).resolve().parent / "toy" / "model"
 # AnimateDiff's scheduler, as its diffusers docs load it: DDIM on the linear β schedule its motion
 # modules were trained with (SD 1.5's own config says scaled_linear), "linspace" timesteps.
 # clip_sample is listed for fidelity to those docs; our sampler never clips x0 anyway.
@@ -63,13 +60,11 @@ MODELS = {
     # Its recipe: a larger learning rate, because a random model's LoRA starts far from any
     # useful direction, and no gradient accumulation, so the demo finishes in a minute or two.
     "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
-    # The toy world (toy.py): a tiny UNet3D pretrained on captioned clips of one coloured shape
-    # moving over a plain background ("a big green square moving left"). Its weights are in the
-    # repository (toy_model/, written by pretrain_toy.py), so it draws real content offline, and
-    # alignment changes something one can name: `--reward redness` moves the shapes towards red. Its
-    # recipe is gentler than the random model's: at lr 1e-2, 3e-3 or 1e-3, 40 steps were enough
-    # for redness to be won by painting red over the frame; at 5e-4 with gradients through the
-    # last two DDIM steps, green shapes turn yellow-orange in 40 steps and stay shapes.
+    # The toy world (toy/world.py): a tiny UNet3D pretrained on captioned clips of one coloured
+    # shape moving over a plain background ("a big green square moving left"). Its weights are in
+    # the repository, so it draws real content offline. Its recipe is gentler than the random
+    # model's: a pretrained model's LoRA needs small steps to change what it draws without
+    # breaking it, and two grad steps give the gradient more of the chain to act on.
     "toy": ModelSpec(str(TOY_FOLDER), 32, 32, 8, 10, 3.0,
                      recipe={"lr": 5e-4, "grad_steps": 2, "grad_accum": 1, "batch_size": 2}),
     # VADER's ModelScope setting (Table 6 of 2407.08737 and its configs): 25 DDIM steps,
@@ -136,7 +131,8 @@ TINY_TEXT = dict(
     vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     max_position_embeddings=77, projection_dim=32,
 )
-# ModelScope's scheduler settings (REAL_MODELS.md), so the tiny model samples like the real one.
+# ModelScope's scheduler settings (its hub folder's scheduler/scheduler_config.json), so the tiny
+# model samples like the real one.
 MODELSCOPE_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
@@ -198,46 +194,6 @@ def build_tiny_model(folder, seed=0):
     write_clip_tokenizer(folder)
 
 
-#### Real-size architectures with random weights (bench.py measures them; tests count them)
-
-# Stable Diffusion's VAE, shared by both families (~84 M parameters).
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, scaling_factor=0.18215)
-# ModelScope's text encoder: OpenCLIP-H's text tower without its last layer (~340 M). Vocabulary
-# (49,408) and length (77) are CLIPTextConfig's defaults.
-OPENCLIP_H_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                       hidden_act="gelu", projection_dim=1024)
-# SD 1.5's text encoder: OpenAI CLIP ViT-L/14's text tower (~123 M), quick_gelu as CLIPTextConfig's default.
-CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   projection_dim=768)
-# SD 1.5's UNet: UNet2DConditionModel's defaults are SD 1.x's, but for the 768-d text and 64x64 latents.
-SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
-
-
-def build_architecture(family, device="meta", dtype=torch.float32):
-    """(unet, vae, text_encoder) of a family at real size with random weights: nothing downloaded.
-
-    On the meta device nothing is allocated, so counting 1.4 B parameters takes a second; on a
-    GPU they cost the same memory and time as trained weights. The MotionAdapter's constructor
-    defaults (blocks 320-1280, 2 motion layers a block, 8 heads, 32 positions, a mid block) are
-    taken to be the v1-5-2 checkpoint's config.
-    """
-    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    quiet_libraries()
-    with torch.device(device):
-        if family == "unet3d":
-            unet = UNet3DConditionModel()  # its constructor defaults are ModelScope's config
-            text = CLIPTextModel(CLIPTextConfig(**OPENCLIP_H_TEXT))
-        else:
-            unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**SD15_UNET), MotionAdapter(), load_weights=False)
-            per_frame_text(unet)
-            text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
-        vae = AutoencoderKL(**SD_VAE)
-    return [m.to(dtype).eval().requires_grad_(False) for m in (unet, vae, text)]
-
-
 #### Loading
 
 def _repeat_text(unet, args, kwargs):
@@ -293,7 +249,7 @@ def load_video_model(name, device="cpu", dtype=torch.float32):
             return _load_components(tmp, MODELS["tiny"], device, dtype)
     if name == "toy" and not (TOY_FOLDER / "unet").is_dir():
         raise UserError(f"the toy model's weights are missing from {TOY_FOLDER}; restore them with "
-                        "`git checkout -- toy_model` or rebuild them with `python pretrain_toy.py`")
+                        "`git checkout -- toy/model` or rebuild them with `python -m toy.pretrain`")
     spec = MODELS.get(name) or next((s for s in MODELS.values() if s.source == name), None)
     if spec is None and not (os.path.isdir(name) or "/" in name):
         raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}, a local folder, or a hub id")

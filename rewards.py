@@ -15,19 +15,48 @@ A reward function may carry `min_frames` (how many decoded frames it needs at le
 `train.py` checks `--decode-frames` against it before any work starts.
 
 The rewards in this file need no weights, so the built-in tiny model has something real to
-optimise on a laptop CPU. The model-backed rewards live in `image_rewards.py` (aesthetic, hps,
-pickscore, clip, aesthetic_hps) and `video_rewards.py` (actpred, object, video_text, temporal);
-they register themselves when this module is imported and load their libraries and weights only
-when a reward is built; `reward_models.py` holds what they share (loading, preprocessing).
+optimise on a laptop CPU. The others are named in `_ELSEWHERE` by module path: the model-backed
+rewards in reward_models/ (aesthetic, hps, pickscore, clip, aesthetic_hps in image.py; actpred,
+object, video_text, temporal in video.py) and the toy world's in toy/rewards.py. Their module is
+imported only when one of their rewards is built, and their libraries and weights are loaded
+only then too.
 """
+import importlib
 import inspect
 
 import torch
 
-from common import UserError
+from infra.cli import UserError
 
 REWARDS: dict[str, str] = {}  # name -> one-line description, shown by --help and in errors
-_FACTORIES = {}  # name -> factory(device, dtype, **options) -> reward function
+_FACTORIES = {}  # name -> factory(device, dtype, **options) -> reward function, or "module:function"
+
+# Rewards defined in other modules: name -> ("module:function", description).
+_ELSEWHERE = {
+    "aesthetic": ("reward_models.image:aesthetic",
+                  "LAION aesthetic predictor v2 on CLIP ViT-L/14 frames, ~1..10 (trl-lib/ddpo-aesthetic-predictor)"),
+    "hps": ("reward_models.image:hps",
+            "HPSv2.1 human preference: cosine of OpenCLIP ViT-H-14 frame and prompt, ~0.2..0.35 (xswu/HPSv2)"),
+    "pickscore": ("reward_models.image:pickscore",
+                  "PickScore v1: logit scale x cosine of CLIP-H frame and prompt, ~20 (yuvalkirstain/PickScore_v1)"),
+    "clip": ("reward_models.image:clip",
+             "CLIP ViT-L/14 cosine of frame and prompt embeddings, ~0.2..0.35 (openai/clip-vit-large-patch14)"),
+    "aesthetic_hps": ("reward_models.image:aesthetic_hps",
+                      "VADER's mix aesthetic:0.075,hps:0.5 (their aesthetic_hps loss, negated)"),
+    "actpred": ("reward_models.video:actpred",
+                "VideoMAE Kinetics-400 probability of the prompt's action, 0..1 (MCG-NJU/videomae-base-finetuned-kinetics)"),
+    "object": ("reward_models.video:object_presence",
+               "OWLv2 presence of the object query=, 0..1; remove=True: 1 - presence (google/owlv2-base-patch16-ensemble)"),
+    "video_text": ("reward_models.video:video_text",
+                   "X-CLIP video-prompt similarity, logit scale x cosine (microsoft/xclip-base-patch32)"),
+    "temporal": ("reward_models.video:temporal",
+                 "V-JEPA 2 predictability of the clip's second half from its first, ~-1..0 (facebook/vjepa2-vitl-fpc64-256)"),
+    "redness": ("toy.rewards:redness", "toy world: how red the shape's colour is, as a direction from the background, -1..1"),
+    "size": ("toy.rewards:size", "toy world: the shape's area as a fraction of the frame, 0..1"),
+    "contrast": ("toy.rewards:contrast", "toy world: the shape's mean RGB distance from the background, 0..1"),
+    "motion": ("toy.rewards:motion",
+               "toy world: centroid travel from first to last decoded frame / frame width, 0..1.4 (2+ frames)"),
+}
 
 
 def register(name, description):
@@ -41,6 +70,19 @@ def register(name, description):
     return add
 
 
+REWARDS.update({name: description for name, (_, description) in _ELSEWHERE.items()})
+_FACTORIES.update({name: path for name, (path, _) in _ELSEWHERE.items()})
+
+
+def _factory(name):
+    """The factory of a registered reward, importing its module the first time it is asked for."""
+    factory = _FACTORIES[name]
+    if isinstance(factory, str):
+        module, _, function = factory.partition(":")
+        factory = _FACTORIES[name] = getattr(importlib.import_module(module), function)
+    return factory
+
+
 def known_rewards():
     """The registered names, for error messages."""
     return ", ".join(sorted(REWARDS))
@@ -48,7 +90,7 @@ def known_rewards():
 
 def _options_of(name):
     """The option names a reward's factory takes, or None when it passes **options through."""
-    params = inspect.signature(_FACTORIES[name]).parameters
+    params = inspect.signature(_factory(name)).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
     return set(params) - {"device", "dtype"}
@@ -63,7 +105,7 @@ def _build(name, device, dtype, options):
             f"reward {name!r} takes no option {', '.join(sorted(unknown))}; "
             f"its options: {', '.join(sorted(accepted)) or 'none'}"
         )
-    fn = _FACTORIES[name](device=device, dtype=dtype, **options)
+    fn = _factory(name)(device=device, dtype=dtype, **options)
     fn.min_frames = getattr(fn, "min_frames", 1)
     return fn
 
@@ -232,96 +274,3 @@ def smoothness(device="cpu", dtype=torch.float32):
 
     reward.min_frames = 2
     return reward
-
-
-#### Toy-world rewards: what the one shape of a toy.py clip looks like
-#
-# A toy clip is one coloured shape on a plain dark-grey background, so toy.foreground (a soft,
-# differentiable mask of the pixels that differ from that background) finds the shape, and a
-# statistic of its pixels is something a person can name: its colour, its size, how much it
-# stands out, how far it moves. On other videos they measure whatever is not dark grey.
-
-MIN_AREA = 20.0  # pixels; the smallest toy shape, a small triangle, covers about 50
-MAX_AREA = 300.0  # pixels; the biggest, a big square, covers 16 x 16 = 256
-
-
-def _masked_mean(values, mask):
-    """Mean of `values` (N, H, W) over the pixels of `mask` (N, H, W), weighted -> (N,)."""
-    return (values * mask).sum(dim=(-2, -1)) / mask.sum(dim=(-2, -1)).clamp_min(1e-6)
-
-
-@register("redness", "toy world: how red the shape's colour is, as a direction from the background, -1..1")
-def redness(device="cpu", dtype=torch.float32):
-    """Cosine between (pixel - background) and (red - background), over the shape's pixels.
-
-    The toy palette scores red 0.99, yellow 0.78, green 0.21, blue 0.19; an empty frame -0.87.
-    Three ways to game a colour reward are closed. Fading: a shape's edge pixels, and a shape
-    fading out, are blends α·colour + (1 - α)·background, and the cosine does not depend on α,
-    so growing dim earns nothing (with R - max(G, B), fading a green shape to the grey
-    background raised its score, and alignment found that within 40 steps). Vanishing: the
-    score falls towards -1 as the shape shrinks below MIN_AREA pixels (an empty frame stops at
-    -0.87 because the soft mask leaks 0.25% of every background pixel). Flooding, only in part:
-    red blobs anywhere raise a mean over the foreground, and 60 steps at lr 6e-4 painted the
-    whole frame red; a foreground larger than MAX_AREA (the biggest toy shape) now costs 2 per
-    frame covered, but red squiggles within that area still pay (seen at lr 1e-3 after 40 steps).
-    """
-    from toy import BACKGROUND, COLOURS, foreground
-
-    def score(img):  # (N, 3, H, W)
-        bg = torch.tensor(BACKGROUND, device=img.device, dtype=img.dtype).view(3, 1, 1)
-        red = torch.tensor(COLOURS["red"], device=img.device, dtype=img.dtype).view(3, 1, 1) - bg  # (3, 1, 1)
-        d = img - bg  # (N, 3, H, W): each pixel's colour as seen from the background
-        cosine = (d * red).sum(dim=1) / (d.norm(dim=1) * red.norm() + 1e-4)  # (N, H, W)
-        mask = foreground(img)  # (N, H, W)
-        area = mask.sum(dim=(-2, -1))  # (N,) pixels
-        presence = (area / MIN_AREA).clamp(max=1)  # (N,): 1 for any toy shape
-        flood = (area - MAX_AREA).clamp(min=0) / mask[0].numel()  # (N,): 0 for any toy shape
-        return presence * _masked_mean(cosine, mask) - (1 - presence) - 2 * flood  # (N,)
-
-    return per_frame(score)
-
-
-@register("size", "toy world: the shape's area as a fraction of the frame, 0..1")
-def size(device="cpu", dtype=torch.float32):
-    """A small toy shape covers about 0.03-0.05 of the frame, a big one 0.1-0.15."""
-    from toy import foreground
-
-    return per_frame(lambda img: foreground(img).mean(dim=(-2, -1)))
-
-
-@register("contrast", "toy world: the shape's mean RGB distance from the background, 0..1")
-def contrast(device="cpu", dtype=torch.float32):
-    """Euclidean distance in RGB over sqrt(3) (white on black is 1), averaged over the shape."""
-    from toy import BACKGROUND, foreground
-
-    def score(img):  # (N, 3, H, W)
-        bg = torch.tensor(BACKGROUND, device=img.device, dtype=img.dtype).view(3, 1, 1)
-        distance = ((img - bg).pow(2).sum(dim=1) + 1e-8).sqrt() / 3**0.5  # (N, H, W)
-        return _masked_mean(distance, foreground(img))  # (N,)
-
-    return per_frame(score)
-
-
-@register("motion", "toy world: centroid travel from first to last decoded frame / frame width, 0..1.4 (2+ frames)")
-def motion(device="cpu", dtype=torch.float32):
-    """How far the shape's centre of mass moves; a toy clip's full travel is 10.5/32 = 0.33.
-
-    With frame subsampling the first and last decoded frames are random, so the reward is noisy
-    from step to step but still points the gradient towards faster motion.
-    """
-    from toy import centroids, foreground
-
-    def reward(frames, prompts):  # frames (B, f, 3, H, W)
-        if frames.shape[1] < 2:
-            raise UserError("the motion reward compares frames: use --decode-frames 2 or more")
-        c = centroids(foreground(frames[:, [0, -1]]))  # (B, 2, 2): (first, last) x (x, y) in pixels
-        return (c[:, 1] - c[:, 0]).norm(dim=-1) / frames.shape[-1]  # (B,)
-
-    reward.min_frames = 2
-    return reward
-
-
-# The model-backed rewards register themselves on import. They come last because they import
-# `register` and the helpers above from this module (a cycle Python resolves in this order).
-import image_rewards  # noqa: E402,F401
-import video_rewards  # noqa: E402,F401

@@ -10,53 +10,15 @@ With --export-merged nothing is sampled: the UNet, with the LoRA folded into its
 written with save_pretrained, for use in diffusers' own pipelines (see `export_merged`).
 """
 import argparse
-import re
 import shutil
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from common import UserError, atomic_path, run_cli
-
-FPS = 8  # ModelScope's clips are 16 frames of a ~2 s scene; 8 frames a second shows them well
-MIN_SIDE = 128  # tiny videos are upscaled (nearest neighbour) to at least this height to be seen
-
-
-def tile(videos):
-    """Place B videos side by side: (B, F, 3, H, W) -> (F, 3, H, B*W)."""
-    return torch.cat(list(videos), dim=-1)  # (F, 3, H, B*W)
-
-
-def to_uint8(video):
-    """(F, 3, H, W) in [0, 1] -> (F, H', W', 3) uint8, upscaled by a whole factor if small."""
-    scale = max(1, -(-MIN_SIDE // video.shape[-2]))  # ceil(MIN_SIDE / H)
-    if scale > 1:
-        video = torch.nn.functional.interpolate(video, scale_factor=scale, mode="nearest")  # (F, 3, sH, sW)
-    return (video.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (F, H', W', 3)
-
-
-def write_video(video, stem):
-    """Write (F, 3, H, W) in [0, 1] to `stem`.mp4 and `stem`.gif (each atomically); returns the paths."""
-    import imageio
-
-    frames = to_uint8(video)
-    stem = Path(stem)
-    mp4, gif = stem.with_suffix(".mp4"), stem.with_suffix(".gif")
-    with atomic_path(mp4) as tmp:
-        # libx264 wants sides divisible by 16; to_uint8's upscaling keeps small videos so.
-        imageio.mimwrite(tmp, list(frames), fps=FPS, macro_block_size=16)
-    with atomic_path(gif) as tmp:
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=1000 // FPS, loop=0)
-    return mp4, gif
-
-
-def slug(text, n=40):
-    """A file-name-safe short form of a prompt."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "prompt"
-
+from infra.cli import UserError, run_cli
+from infra.files import read_prompts
+from infra.video import slug, tile, write_video
 
 def export_merged(model, lora_path, folder):
     """Fold the LoRA into the UNet's weights and write the UNet to `folder` with save_pretrained.
@@ -111,7 +73,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     from lora import load_lora, read_lora_file
-    from vader import encode_prompts, generate, load_video_model, read_prompts, resolve_device, resolve_dtype
+    from models import load_video_model, resolve_device, resolve_dtype
+    from vader import encode_prompts, generate
 
     prompts = read_prompts(args.prompts)
     prompts = prompts[: args.num_prompts] if args.num_prompts > 0 else prompts

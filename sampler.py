@@ -10,8 +10,12 @@ Symbols (Song et al., "Denoising Diffusion Implicit Models", arXiv 2010.02502):
 VADER (arXiv 2407.08737) backpropagates a reward through the sampling chain. Keeping the graph
 for all N steps costs N UNet activations; VADER, like AlignProp (2310.03739) and DRaFT
 (2309.17400), keeps gradients only for the last K steps ("truncated backpropagation"): the first
-N - K steps run under `torch.no_grad()`, and each of the last K is wrapped in activation
-checkpointing, so its activations are recomputed during backward instead of stored.
+N - K steps run under `torch.no_grad()`, and only the last K build an autograd graph.
+
+What a grad step keeps for backward is set outside this file: by default the UNet's blocks are
+checkpointed (models.checkpoint_blocks), so a grad step keeps only each block's inputs; with
+`checkpoint_steps=True` (train.py --low-memory) each grad step is also checkpointed whole and
+keeps only its input latent. vader.py's "Precision and memory" section compares the two.
 """
 from dataclasses import dataclass
 
@@ -156,15 +160,15 @@ def pick_grad_steps(num_steps, grad_steps, random_k=False, generator=None):
 
 
 def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_steps=0, eta=0.0,
-           generator=None, use_checkpoint=True, progress=None):
+           generator=None, checkpoint_steps=False, progress=None):
     """Run N DDIM steps from z_T; gradients flow only through the last `grad_steps` (K) of them.
 
     z_T: (B, C, F, h, w) initial noise. cond/uncond: (B, L, D) text embeddings (uncond may be
     None when guidance is 1). Returns z_0, (B, C, F, h, w).
     The first N - K steps run without a graph: their output is a constant to the optimiser, the
-    "truncation" of truncated backprop. Each of the last K steps is checkpointed: only its
-    input x_t is stored, and its UNet activations are recomputed during backward, so memory no
-    longer grows with the UNet's depth times K.
+    "truncation" of truncated backprop. The last K record a graph. With `checkpoint_steps`, each
+    of them is checkpointed whole: only its input x_t is stored, and the step (UNet included) is
+    run again during backward, so memory stays flat in K at one more UNet forward per grad step.
     """
     x = z_T
     pairs = schedule.alpha_pairs(num_steps)
@@ -174,6 +178,9 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
         if eta > 0:  # drawn outside the checkpoint so the recomputation sees the same noise
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
+        # The default arguments bind this step's t, ᾱ and noise now. A closure would read them
+        # when called, and a checkpoint calls it again during backward, after the loop has moved
+        # on: every recomputation would then use the last step's t.
         def step(x_t, t=t, a_t=a_t, a_prev=a_prev, noise=noise):
             eps = guided_eps(unet, x_t, t, cond, uncond, guidance)
             return ddim_step(x_t, eps, a_t, a_prev, eta, noise, schedule.prediction_type)
@@ -181,7 +188,7 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
         if not keep_grad:
             with torch.no_grad():
                 x = step(x)
-        elif use_checkpoint:
+        elif checkpoint_steps:
             x = checkpoint(step, x, use_reentrant=False)
         else:
             x = step(x)

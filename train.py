@@ -12,17 +12,26 @@ config.json, metrics.csv, reward_curve.png, lora.safetensors, checkpoints/ and v
 import argparse
 import importlib.util
 import json
-import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_write_text, run_cli, stop_signals
+from infra.cli import UserError, run_cli, stop_signals
+from infra.distributed import all_average, all_gather, distributed_env, join_process_group
+from infra.files import atomic_write_text, read_prompts
+from infra.runlog import (METRICS, find_resume_point, load_checkpoint, metrics_text, open_tracker, plot_rewards,
+                          read_metrics, save_checkpoint)
+from infra.video import tile, write_video
+from lora import inject_lora, save_lora
+from models import MODELS, describe, load_video_model, resolve_device, resolve_dtype
+from rewards import load_reward, parse_options
+from sampler import pick_grad_steps
+from vader import encode_prompts, generate, loss_scaler, train_step
 
 
 def opt(default, help):
@@ -34,12 +43,12 @@ def opt(default, help):
 class Config:
     """Every setting of a run. Defaults are VADER's ModelScope settings (2407.08737, its configs).
 
-    Fields left at None take the model's value (vader.MODELS): resolution, frames, DDIM steps
+    Fields left at None take the model's value (models.MODELS): resolution, frames, DDIM steps
     and guidance from its spec, and training values from its recipe (the tiny model's are
     tuned for a CPU). A flag given on the command line always wins.
     """
 
-    model: str = opt("modelscope", "Video model: a name in vader.MODELS, a local diffusers folder, or a hub id.")
+    model: str = opt("modelscope", "Video model: a name in models.MODELS, a local diffusers folder, or a hub id.")
     reward: str = opt("aesthetic", "Reward name from rewards.REWARDS, or a weighted sum like aesthetic:1,hps:2.")
     reward_options: str = opt("", "Options for the reward as key=value pairs separated by commas.")
     prompts: str = opt("animals.txt", "Training prompts: a file path or a file name under prompts/.")
@@ -73,7 +82,7 @@ class Config:
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: each process its own GPU).")
     dtype: str = opt("auto", "Frozen model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
     low_memory: bool = opt(False, "Trade speed for memory: checkpoint whole grad steps, decode frame by frame, "
-                                  "offload saved activations to CPU (see vader.vader_loss).")
+                                  "offload saved activations to CPU (vader.py: Precision and memory).")
     resume: str = opt("", "Continue a run: --resume alone uses --output-dir; or give a run folder or a checkpoint.")
     overwrite: bool = opt(False, "Replace the run already in --output-dir.")
 
@@ -97,8 +106,6 @@ def parse_config(argv=None):
         else:
             p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=help)
     given = vars(p.parse_args(argv))  # only the flags actually typed
-    from vader import MODELS
-
     cfg = Config(**given)
     if cfg.model in MODELS:
         spec = MODELS[cfg.model]
@@ -110,8 +117,6 @@ def parse_config(argv=None):
                 setattr(cfg, k, v)
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
     if cfg.resume:
-        from runlog import find_resume_point
-
         run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume)
         old = json.loads((ckpt / "config.json").read_text())
         for k in LOCKED:
@@ -151,62 +156,68 @@ def validate(cfg, model=None):
                         f"got {cfg.height}x{cfg.width}")
 
 
-#### Multi-GPU: DistributedDataParallel semantics for the LoRA parameters
+#### Helpers of main
 
-def distributed_env(device):
-    """(rank, world size, device) from the variables torchrun sets; plain `python` sets none.
-
-    Every process draws the same global batch from the same seed and keeps its own share, so
-    N processes with batch B compute exactly what one process with batch N*B would.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    return int(os.environ["RANK"]), world, device
+def split_prompts(cfg):
+    """(training prompts, held-out prompts): --eval-prompts, or the last tenth of --prompts under --eval-every."""
+    prompts = read_prompts(cfg.prompts)
+    held_out = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+    if cfg.eval_every and not held_out:
+        if len(prompts) < 2:
+            raise UserError("--eval-every needs held-out prompts: pass --eval-prompts or at least 2 --prompts")
+        cut = len(prompts) - max(1, len(prompts) // 10)  # hold out the last tenth
+        prompts, held_out = prompts[:cut], prompts[cut:]
+    return prompts, held_out
 
 
-def join_process_group(world, device):
-    """Start the process group (NCCL on GPUs, gloo on CPUs). Called after the models are loaded:
-    once a group exists, transformers' save_pretrained writes only on rank 0, and every rank
-    writes the tiny model to its own temporary folder."""
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-
-
-def all_average(tensors, world):
-    """Average tensors over processes in one all-reduce (what DDP does to gradients)."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(v.view_as(t))
+def load_models(cfg, device, dtype):
+    """The reward and the video model. A local folder or hub id's generation defaults (height,
+    frames, ...) are known only once it is loaded, so they fill `cfg` here and are checked."""
+    reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
+    if cfg.decode_frames < reward_fn.min_frames:
+        raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
+    model = load_video_model(cfg.model, device, dtype)
+    for k in GENERATION:
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, getattr(model.spec, k))
+    validate(cfg, model)
+    return reward_fn, model
 
 
-def all_gather(tensor, world):
-    """Concatenate a (B,) tensor from every process (B must be the same on each)."""
-    if world == 1:
-        return tensor
-    import torch.distributed as dist
+def clear_run(out):
+    """--overwrite: remove only what a run writes, never other files kept in the folder."""
+    for name in RUN_FILES:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts)
+
+def restore(cfg, model, optimizer, generator):
+    """(step, metrics rows) to continue from: the checkpoint's under --resume, else (0, [])."""
+    if not cfg.resume:
+        return 0, []
+    step = load_checkpoint(Path(cfg.resume), model.unet, optimizer, generator)
+    for group in optimizer.param_groups:  # a resumed run may change the learning rate
+        group["lr"] = cfg.lr
+    return step, read_metrics(Path(cfg.resume) / "metrics.csv")
+
+
+def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
+    """The derived numbers of the run, printed once at start-up."""
+    print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} DDIM steps, "
+          f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}"
+          + (f" x {world} processes" if world > 1 else ""))
+    print(f"registry entry {describe(model.spec)}" + (" | --low-memory" if cfg.low_memory else ""))
+    print(f"reward {cfg.reward} | {len(prompts)} prompts ({len(held_out)} held out) | "
+          f"{cfg.batch_size * cfg.grad_accum * world} videos per optimizer step ({cfg.batch_size} x "
+          f"{cfg.grad_accum} accumulated x {world} processes) | grad through the last "
+          f"{'1..' if cfg.random_grad_steps else ''}{cfg.grad_steps} of {cfg.num_steps} steps | "
+          f"{cfg.decode_frames} of {cfg.frames} frames decoded")
+    print(f"LoRA rank {cfg.lora_rank}: {sum(p.numel() for p in params):,} trainable parameters | lr {cfg.lr} | "
+          f"output {cfg.output_dir}")
 
 
 def make_videos(model, cfg, prompts, cond, uncond, path_stem, reward_fn=None):
     """Generate the first prompts with seeds 0..n-1, tiled side by side; returns their mean reward."""
-    from sample import tile, write_video
-    from vader import generate
-
     n = min(cfg.num_videos if reward_fn is None else cfg.eval_videos, len(prompts))
     video = generate(model, cond[:n], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
                      cfg.guidance, seed=0)  # (n, F, 3, H, W)
@@ -216,42 +227,29 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, reward_fn=None):
             return reward_fn(video, prompts[:n]).float().mean().item()
 
 
+def progress(bar, row, device):
+    """The progress bar's reward, loss and (on a GPU) peak memory after a step."""
+    post = dict(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.4f}")
+    if device.startswith("cuda"):
+        post["peak_GB"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
+    bar.set_postfix(post)
+    bar.update(1)
+
+
 #### Main
 
 def main(argv=None):
     cfg, given = parse_config(argv)
-    from runlog import METRICS, load_checkpoint, metrics_text, open_tracker, plot_rewards, read_metrics, save_checkpoint
-    from lora import inject_lora, save_lora
-    from rewards import load_reward, parse_options
-    from sampler import pick_grad_steps
-    from vader import (describe, encode_prompts, load_video_model, loss_scaler, read_prompts, resolve_device,
-                       resolve_dtype, vader_loss)
-
-    prompts = read_prompts(cfg.prompts)
-    held_out = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
-    if cfg.eval_every and not held_out:
-        if len(prompts) < 2:
-            raise UserError("--eval-every needs held-out prompts: pass --eval-prompts or at least 2 --prompts")
-        cut = len(prompts) - max(1, len(prompts) // 10)  # hold out the last tenth
-        prompts, held_out = prompts[:cut], prompts[cut:]
+    prompts, held_out = split_prompts(cfg)
     validate(cfg)
     rank, world, device = distributed_env(resolve_device(cfg.device))
     main_process = rank == 0
     dtype = resolve_dtype(cfg.dtype, device)
-    reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
-    if cfg.decode_frames < reward_fn.min_frames:
-        raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
-    model = load_video_model(cfg.model, device, dtype)
-    for k in GENERATION:  # a local folder or hub id: its spec is known only now
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, getattr(model.spec, k))
-    validate(cfg, model)
+    reward_fn, model = load_models(cfg, device, dtype)
     join_process_group(world, device)
     out = Path(cfg.output_dir)
-    if cfg.overwrite and main_process:  # remove only what a run writes, never other files kept there
-        for name in RUN_FILES:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if cfg.overwrite and main_process:
+        clear_run(out)
 
     # Text embeddings once per prompt; the text encoder is not needed again.
     cond = encode_prompts(model, prompts)  # (P, 77, D)
@@ -263,30 +261,15 @@ def main(argv=None):
                          dropout=cfg.lora_dropout)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = loss_scaler(dtype, device)  # dynamic loss scaling for an fp16 base; does nothing for bf16/fp32
-    generator = torch.Generator().manual_seed(cfg.seed)
-    rows, step = [], 0
-    if cfg.resume:
-        step = load_checkpoint(Path(cfg.resume), model.unet, optimizer, generator)
-        for group in optimizer.param_groups:  # a resumed run may change the learning rate
-            group["lr"] = cfg.lr
-        rows = read_metrics(Path(cfg.resume) / "metrics.csv")
+    generator = torch.Generator().manual_seed(cfg.seed)  # noise, prompt order, K and decoded frames
+    step, rows = restore(cfg, model, optimizer, generator)
     config_text = json.dumps(asdict(cfg), indent=2) + "\n"
     tracker = None
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", config_text)
         tracker = open_tracker(cfg, out)
-        n_params = sum(p.numel() for p in params)
-        print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} DDIM steps, "
-              f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}"
-              + (f" x {world} processes" if world > 1 else ""))
-        print(f"registry entry {describe(model.spec)}" + (" | --low-memory" if cfg.low_memory else ""))
-        print(f"reward {cfg.reward} | {len(prompts)} prompts ({len(held_out)} held out) | "
-              f"{cfg.batch_size * cfg.grad_accum * world} videos per optimizer step ({cfg.batch_size} x "
-              f"{cfg.grad_accum} accumulated x {world} processes) | grad through the last "
-              f"{'1..' if cfg.random_grad_steps else ''}{cfg.grad_steps} of {cfg.num_steps} steps | "
-              f"{cfg.decode_frames} of {cfg.frames} frames decoded")
-        print(f"LoRA rank {cfg.lora_rank}: {n_params:,} trainable parameters | lr {cfg.lr} | output {out}")
+        print_banner(cfg, model, dtype, device, world, prompts, held_out, params)
         if not (out / "videos" / "before.mp4").exists():
             make_videos(model, cfg, prompts, cond, uncond, out / "videos" / "before")
 
@@ -301,6 +284,12 @@ def main(argv=None):
             save_checkpoint(out, step, model.unet, optimizer, generator, config_text, metrics_text(rows),
                             cfg.keep_checkpoints)
 
+    def draw_batch():
+        """This process's share of one global micro-batch of prompts, drawn from the run's generator."""
+        idx = torch.randint(len(prompts), (cfg.batch_size * world,), generator=generator)
+        idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+        return [prompts[i] for i in idx], cond[idx.to(cond.device)]  # B strings, (B, 77, D)
+
     if not rows and held_out and cfg.eval_every and main_process:
         rows.append({**dict.fromkeys(METRICS, ""), "step": 0, "eval_reward": evaluate(0)})
 
@@ -311,48 +300,24 @@ def main(argv=None):
         bad_in_a_row = 0
         while step < cfg.max_steps:
             t0 = time.time()
-            optimizer.zero_grad(set_to_none=True)
-            rewards, loss_sum = [], 0.0
             k = pick_grad_steps(cfg.num_steps, cfg.grad_steps, cfg.random_grad_steps, generator)
             try:
-                for _ in range(cfg.grad_accum):
-                    idx = torch.randint(len(prompts), (cfg.batch_size * world,), generator=generator)
-                    idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]  # this process's share
-                    loss, r, _ = vader_loss(model, reward_fn, [prompts[i] for i in idx], cond[idx.to(cond.device)],
-                                            uncond, cfg, generator, k, shard=(rank, world), low_memory=cfg.low_memory)
-                    scaler.scale(loss / cfg.grad_accum).backward()  # average over micro-batches
-                    rewards.append(r)
-                    loss_sum += loss.item() / cfg.grad_accum
+                loss, r, grad_norm, finite = train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond,
+                                                        cfg, generator, k, (rank, world), partial(all_average, world=world))
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"out of GPU memory at {cfg.frames}x{cfg.height}x{cfg.width}; lower it with "
                                 f"{LOWER_MEMORY}") from None
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            loss_t = torch.tensor([loss_sum], device=grads[0].device)
-            all_average(grads + [loss_t], world)
-            loss_sum = loss_t.item()
-            for p, g in zip(params, grads):
-                p.grad = g
-            scaler.unscale_(optimizer)  # fp16: divide the gradients by the loss scale before clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            finite = math.isfinite(loss_sum) and torch.isfinite(grad_norm).item()
-            if finite:  # a NaN or inf would poison AdamW's moments for good: skip such a step
-                scaler.step(optimizer)
-            scaler.update()  # fp16: halve the loss scale after an overflow, grow it after many clean steps
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
             step += 1
-            r = all_gather(torch.cat(rewards).to(device), world)
+            r = all_gather(r.to(device), world)
             rows.append(dict(step=step, reward_mean=r.mean().item(), reward_std=r.std(unbiased=False).item(),
-                             loss=loss_sum, lr=cfg.lr, grad_norm=grad_norm.item(), grad_steps=k, skipped=int(not finite),
+                             loss=loss, lr=cfg.lr, grad_norm=grad_norm, grad_steps=k, skipped=int(not finite),
                              eval_reward=evaluate(step), seconds=round(time.time() - t0, 3)))
             if main_process:
                 atomic_write_text(out / "metrics.csv", metrics_text(rows))
                 if tracker:
                     tracker(rows[-1])
-                post = dict(reward=f"{rows[-1]['reward_mean']:.4f}", loss=f"{loss_sum:.4f}")
-                if device.startswith("cuda"):
-                    post["peak_GB"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
-                bar.set_postfix(post)
-                bar.update(1)
+                progress(bar, rows[-1], device)
             if bad_in_a_row >= cfg.max_bad_steps:
                 checkpoint()
                 raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}); "
@@ -366,8 +331,13 @@ def main(argv=None):
                 break
         bar.close()
 
-    if not main_process:
-        return
+    if main_process:
+        finish(cfg, out, model, rows, step, stop, checkpoint,
+               lambda: make_videos(model, cfg, prompts, cond, uncond, out / "videos" / "after"))
+
+
+def finish(cfg, out, model, rows, step, stop, checkpoint, after_videos):
+    """The end of a run on the main process: last checkpoint, LoRA, reward curve, after-videos."""
     if not stop and not (cfg.save_every and step % cfg.save_every == 0):
         checkpoint()
     save_lora(model.unet, out / "lora.safetensors")
@@ -376,7 +346,7 @@ def main(argv=None):
         print(f"stopped by {stop[0]} after step {step}; checkpoint saved. Continue with: "
               f"python train.py --resume {out}")
         return
-    make_videos(model, cfg, prompts, cond, uncond, out / "videos" / "after")
+    after_videos()
     trained = [r for r in rows if r["reward_mean"] != ""]
     print(f"done: reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "
           f"{trained[-1]['reward_mean']:.4f} (step {step}); wrote {out}/lora.safetensors, metrics.csv, "

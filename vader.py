@@ -1,4 +1,4 @@
-"""The VADER glue: prompts in, a few decoded frames out, the loss; plus plain generation.
+"""The VADER glue: prompts in, a few decoded frames out, the loss, and the one training step.
 
 VADER (Prabhudesai et al., arXiv 2407.08737) aligns a video diffusion model to a reward by
 plain gradient ascent on   J(θ) = E_{prompt, z_T} [ r( decode( DDIM_θ(z_T, prompt) ), prompt ) ]
@@ -7,51 +7,50 @@ decoder, and through a frozen reward model (rewards.py), into LoRA weights θ (l
 
 Two tricks keep that affordable, both here:
 - Frame subsampling: decoding all F frames through the VAE with gradients is the largest
-  memory cost, so only f of them are decoded (random ones each step); the reward sees those.
+  memory cost after the UNet, so only f of them are decoded (random ones each step).
 - Cached prompt embeddings: the text encoder runs once per prompt, then leaves the GPU.
-`--low-memory` trades more speed for memory (`vader_loss`), and `loss_scaler` makes an fp16
-base train safely. The model registry and loading live in models.py.
+`train_step` is the one optimizer step that train.py, bench.py and the efficiency benchmark
+all run, so what is measured is what is trained.
+
+#### Precision and memory
+
+Every tensor of a training step, its dtype, and why ("base" is the frozen model's dtype: bf16 on
+a GPU that has it, fp16 on one that lacks it, float32 on a CPU; models.resolve_dtype):
+
+| tensor | dtype | where | why |
+| --- | --- | --- | --- |
+| frozen weights: UNet, VAE, reward model | base | GPU | half the memory; never updated, so rounding cannot accumulate and no float32 master copy is needed. No autocast: the modules are cast whole, so each op runs in its weights' dtype |
+| text encoder | base | GPU to encode the prompts once, then CPU | not needed after that |
+| text embeddings (P, 77, D) | base | GPU | cached for the whole run |
+| LoRA A, B | float32 | GPU | an lr-2e-4 update of a weight of size ~1e-2 is below bf16's 8-bit mantissa: it would round away |
+| LoRA gradients, AdamW's two moments | float32 | GPU | the same reason; 3x the LoRA's size in all (6.65 M parameters for ModelScope) |
+| latents x_t between DDIM steps | float32 | GPU | DDIM subtracts nearly equal numbers when ᾱ is near 1 (sampler.guided_eps) |
+| UNet activations | base | GPU | the UNet is called on x_t cast to base; inside a LoRA layer the low-rank branch runs in float32 and its output is cast back (lora.LoRALinear) |
+| decoded frames (B, f, 3, H, W) | float32 in [0, 1] | GPU | the reward's preprocessing works in float32 |
+| reward activations | base | GPU | the reward model's weights |
+| loss, rewards | float32 | GPU | with fp16, the loss is multiplied by a dynamic scale before backward (`loss_scaler`) |
+
+What autograd keeps for backward is cut three ways, each where it happens:
+1. Per-block checkpointing of the UNet (models.checkpoint_blocks), always on: during a grad step
+   each UNet block keeps only its input, and backward recomputes one block at a time, so the
+   peak holds one block's activations. Cost: one more UNet forward per grad step (about 4
+   forward-equivalents instead of 3, counting backward as 2). No-grad steps are unaffected.
+2. Whole-step checkpointing (sampler.sample's `checkpoint_steps`), only with --low-memory: a grad
+   step keeps only its input latent, so memory stays flat in K. Cost: one more UNet forward per
+   grad step on top of (1), as the step is re-run before its blocks are.
+3. Checkpointed decoding (`decode_frames`), always on: the VAE decoder's activations are
+   recomputed in backward, at one more decoder forward per step; with --low-memory each of the
+   B*f frames is its own checkpoint. --low-memory also moves what autograd still saves (the
+   reward model's activations, DDIM's arithmetic) to CPU memory and back, at the cost of copies.
 """
 import contextlib
-from pathlib import Path
+import math
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common import UserError
-from models import (  # noqa: F401  (the registry and loading live in models.py; re-exported here)
-    MODELS,
-    MODELSCOPE_SCHEDULER,
-    TINY_TEXT,
-    TINY_UNET,
-    TINY_VAE,
-    ModelSpec,
-    VideoModel,
-    build_tiny_model,
-    describe,
-    load_video_model,
-    resolve_device,
-    resolve_dtype,
-    write_clip_tokenizer,
-)
+from infra.cli import UserError
 from sampler import sample
-
-PROMPTS_DIR = Path(__file__).parent / "prompts"
-
-
-def read_prompts(arg):
-    """Prompts from a file: a path, or a file name under prompts/. One a line; '#' starts a comment."""
-    path = Path(arg)
-    if not path.exists() and (PROMPTS_DIR / arg).exists():
-        path = PROMPTS_DIR / arg
-    if not path.is_file():
-        known = ", ".join(sorted(p.name for p in PROMPTS_DIR.glob("*.txt")))
-        raise UserError(f"prompts file {arg!r} not found; pass a path or one of prompts/: {known}")
-    prompts = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise UserError(f"prompts file {path} has no prompts; write one prompt a line")
-    return prompts
 
 
 @torch.no_grad()
@@ -125,13 +124,7 @@ def vader_loss(model, reward_fn, prompts, cond, uncond, cfg, generator, grad_ste
     batch (world * B videos) from the same generator and keeps its own B, so N processes compute
     exactly what one process with N * B videos would, and every generator stays in step.
 
-    Memory. By default the UNet's blocks are checkpointed (models.checkpoint_blocks), so each of
-    the K grad steps keeps its block boundaries until backward. `low_memory` trades speed for
-    memory three ways: (1) each grad step is also checkpointed whole (sampler.sample), so only
-    its input latent is kept and memory stays flat in K, at one more UNet forward per grad step;
-    (2) the VAE decodes and recomputes one frame at a time (`decode_frames`); (3) what autograd
-    still saves outside those checkpoints (the reward model's activations, DDIM's arithmetic)
-    goes to CPU memory (pinned, on a GPU) and comes back during backward, at the cost of the copies.
+    `low_memory`: checkpointing mechanisms (2) and (3) of the module docstring, and the CPU offload.
     """
     rank, world = shard
     device = cond.device
@@ -141,7 +134,7 @@ def vader_loss(model, reward_fn, prompts, cond, uncond, cfg, generator, grad_ste
     offload = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
     with offload if low_memory else contextlib.nullcontext():
         z0 = sample(model.unet, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, grad_steps,
-                    use_checkpoint=low_memory)  # (B, C, F, h, w)
+                    checkpoint_steps=low_memory)  # (B, C, F, h, w)
         idx = choose_frames(cfg.frames, cfg.decode_frames, generator).to(device)
         frames = decode_frames(model, z0, idx, one_at_a_time=low_memory)  # (B, f, 3, H, W)
         rewards = reward_fn(frames, prompts).float()  # (B,)
@@ -161,6 +154,45 @@ def loss_scaler(dtype, device):
     range and needs none of this.
     """
     return torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**10, enabled=dtype == torch.float16)
+
+
+def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, cfg, generator, grad_steps,
+               shard=(0, 1), average=None):
+    """One optimizer step of VADER, the same for training and for every benchmark.
+
+    For each of `cfg.grad_accum` micro-batches: `draw_batch()` gives (prompts, cond (B, 77, D)),
+    `vader_loss` samples with gradients through the last `grad_steps` DDIM steps, decodes
+    `cfg.decode_frames` frames and scores them, and the loss, scaled for fp16 and divided by the
+    number of micro-batches, is backpropagated into the LoRA `params`. Then: average the
+    gradients over processes (`average`, under torchrun; None for one process), unscale them,
+    clip their global norm to `cfg.grad_clip`, and step AdamW, unless the loss or the gradient
+    is not finite: such an update would poison AdamW's moments for good, so it is skipped.
+    `cfg` also supplies frames, height, width, num_steps, guidance and low_memory.
+
+    Returns (loss, rewards (grad_accum * B,) detached, gradient norm before clipping, finite).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    rewards, loss_sum = [], 0.0
+    for _ in range(cfg.grad_accum):
+        prompts, cond = draw_batch()
+        loss, r, _ = vader_loss(model, reward_fn, prompts, cond, uncond, cfg, generator, grad_steps, shard,
+                                cfg.low_memory)
+        scaler.scale(loss / cfg.grad_accum).backward()  # the mean over micro-batches
+        rewards.append(r)
+        loss_sum += loss.item() / cfg.grad_accum
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    loss_t = torch.tensor([loss_sum], device=grads[0].device)
+    if average is not None:
+        average(grads + [loss_t])  # DDP's all-reduce: every process ends with the same gradients
+    for p, g in zip(params, grads):
+        p.grad = g
+    scaler.unscale_(optimizer)  # fp16: divide the gradients by the loss scale before clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    finite = math.isfinite(loss_t.item()) and torch.isfinite(grad_norm).item()
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()  # fp16: halve the loss scale after an overflow, grow it after many clean steps
+    return loss_t.item(), torch.cat(rewards), grad_norm.item(), finite
 
 
 @torch.no_grad()

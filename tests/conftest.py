@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """The tiny model written once in the diffusers layout, as a user's local folder would be."""
-    from vader import build_tiny_model
+    from models import build_tiny_model
 
     folder = tmp_path_factory.mktemp("tiny_model")
     build_tiny_model(folder)
@@ -29,6 +29,6 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture()
 def tiny_model(tiny_folder):
     """A fresh copy of the tiny model (tests inject LoRA into it), loaded from the folder."""
-    from vader import load_video_model
+    from models import load_video_model
 
     return load_video_model(str(tiny_folder))

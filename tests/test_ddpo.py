@@ -9,8 +9,8 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 import bench
-from common import run_cli
-from ddpo import (DDPOConfig, PromptStats, ddim_logprob, ddim_sigma, ddpo_epoch, policy_logprob, ppo_loss,
+from infra.cli import run_cli
+from baselines.ddpo import (DDPOConfig, PromptStats, ddim_logprob, ddim_sigma, ddpo_epoch, policy_logprob, ppo_loss,
                   sample_with_logprobs)
 from lora import inject_lora
 from rewards import load_reward
@@ -83,8 +83,7 @@ def test_policy_gradient_is_unbiased_for_the_reward_gradient():
     pathwise, score = [], []
     for _ in range(8):
         z_T = torch.randn(50_000, 1, 1, 2, 2, generator=generator)  # (B, C, F, h, w)
-        x0 = sample(unet, z_T, cond, None, schedule, N, grad_steps=N, eta=1.0, generator=generator,
-                    use_checkpoint=False)
+        x0 = sample(unet, z_T, cond, None, schedule, N, grad_steps=N, eta=1.0, generator=generator)
         pathwise.append(torch.autograd.grad(reward(x0).mean(), unet.theta)[0])
         xs, _ = sample_with_logprobs(unet, z_T, cond, None, schedule, N, 1.0, 1.0, generator)
         r = reward(xs[:, -1])

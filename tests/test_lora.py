@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from common import UserError
+from infra.cli import UserError
 from lora import LoRALinear, inject_lora, load_lora, lora_layers, lora_state_dict, merge_lora, save_lora
 
 
@@ -76,7 +76,7 @@ def test_matches_the_lora_equation():
 
 
 def test_save_load_round_trip_with_peft_keys(tiny_model, tiny_folder, tmp_path):
-    from vader import load_video_model
+    from models import load_video_model
 
     params = inject_lora(tiny_model.unet, rank=4, alpha=2)
     randomise(params)

@@ -21,10 +21,10 @@ from transformers import (
     VJEPA2Config, VJEPA2Model, VJEPA2VideoProcessor, XCLIPConfig, XCLIPModel, XCLIPProcessor,
 )  # fmt: skip
 
-import image_rewards
-import video_rewards
-from common import UserError
-from reward_models import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from infra.cli import UserError
+from reward_models import image as image_rewards
+from reward_models import video as video_rewards
+from reward_models.common import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from rewards import load_reward
 
 

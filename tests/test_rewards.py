@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from common import UserError
+from infra.cli import UserError
 from rewards import REWARDS, load_reward
 
 WEIGHT_FREE = ["brightness", "darkness", "colorfulness", "compressibility", "smoothness"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import runlog
+from infra import runlog
 import train
-from common import UserError, run_cli
+from infra.cli import UserError, run_cli
 from conftest import ROOT
 from rewards import register
 from test_scripts import FAST, read_metrics

@@ -92,7 +92,7 @@ def test_only_last_k_steps_build_a_graph(k):
     unet = CountingUNet()
     z = torch.randn(1, 4, 2, 4, 4)
     cond = torch.zeros(1, 3, 5)
-    out = sample(unet, z, cond, None, ours("modelscope"), 8, guidance=1.0, grad_steps=k, use_checkpoint=False)
+    out = sample(unet, z, cond, None, ours("modelscope"), 8, guidance=1.0, grad_steps=k)
     assert unet.calls == [False] * (8 - k) + [True] * k
     assert out.requires_grad == (k > 0)
 

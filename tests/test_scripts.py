@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import runlog
+from infra import runlog
 import sample
 import train
-from common import run_cli
+from infra.cli import run_cli
 from conftest import ROOT
 
 FAST = ["--model", "tiny", "--prompts", "animals.txt", "--num-steps", "4", "--frames", "4", "--num-videos", "2"]

@@ -5,12 +5,14 @@ import torch
 from safetensors.torch import load_file
 
 import models
-import pretrain_toy
-import toy
-from common import UserError
+from infra.cli import UserError
+from toy import pretrain as pretrain_toy
+from toy import world as toy
+from toy.evaluate import sample_model
 from rewards import load_reward
 from test_scripts import read_metrics, run_script
-from vader import load_video_model, read_prompts
+from infra.files import PROMPTS_DIR, read_prompts
+from models import load_video_model
 
 # What the base model's samples must reach on the detector, per attribute, well above chance
 # (toy.CHANCE: colour 0.25, shape 0.33, size 0.5, direction 0.25). BENCHMARKS.md has the
@@ -80,13 +82,13 @@ def test_committed_weights_are_small_half_precision_safetensors(toy_model):
     for f in weights:
         assert f.suffix == ".safetensors" and {t.dtype for t in load_file(f).values()} == {torch.float16}, f
     assert toy_model.spec == models.MODELS["toy"] and toy_model.vae_factor == 4
-    assert toy_model.schedule.prediction_type == "v_prediction"  # see pretrain_toy.TOY_SCHEDULER
+    assert toy_model.schedule.prediction_type == "v_prediction"  # see toy/pretrain.py: TOY_SCHEDULER
 
 
 def test_base_model_draws_what_its_captions_ask_for(toy_model):
     """Every third training caption (27: all colours, shapes, sizes and directions), one video each."""
     captions = [c.caption for c in toy.all_clips("train")][::3]
-    videos = toy.sample_model(toy_model, captions, seed=0)
+    videos = sample_model(toy_model, captions, seed=0)
     assert videos.shape == (len(captions), toy.FRAMES, 3, toy.SIZE, toy.SIZE)
     accuracy = toy.accuracy(videos, captions)
     assert all(accuracy[k] >= floor for k, floor in FLOORS.items()), accuracy
@@ -94,7 +96,7 @@ def test_base_model_draws_what_its_captions_ask_for(toy_model):
 
 def test_missing_weights_say_how_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "TOY_FOLDER", tmp_path / "toy_model")
-    with pytest.raises(UserError, match="pretrain_toy.py"):
+    with pytest.raises(UserError, match="toy.pretrain"):
         load_video_model("toy")
 
 
@@ -106,7 +108,7 @@ def test_pretraining_script_writes_a_loadable_model(tmp_path):
     assert not out.with_name("toy_model.partial").exists()
     model = load_video_model(str(out))
     assert model.unet.config.sample_size == 8 and model.tokenizer.model_max_length == pretrain_toy.TOKENS
-    assert (tmp_path / "toy.txt").read_text() == (models.TOY_FOLDER.parent / "prompts" / "toy.txt").read_text()
+    assert (tmp_path / "toy.txt").read_text() == (PROMPTS_DIR / "toy.txt").read_text()
 
 
 def test_short_alignment_raises_redness(tmp_path):

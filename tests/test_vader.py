@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from common import UserError
+from infra.cli import UserError
 from rewards import load_reward
-from vader import choose_frames, decode_frames, load_video_model, read_prompts
+from infra.files import read_prompts
+from models import load_video_model
+from vader import choose_frames, decode_frames
 
 
 def test_decodes_only_the_chosen_frames_and_grads_reach_only_them(tiny_model):

@@ -5,7 +5,7 @@ returns reward(frames (B, f, 3, H, W) in [0, 1], prompts) -> (B,), differentiabl
 Every frame is scored on its own and the scores are averaged over f, as VADER does for image
 rewards. Text-image rewards pair row-wise: frame j of video i meets prompt i, never another.
 
-The preprocessing is the official processor's, rebuilt from tensor ops (see reward_models.py).
+The preprocessing is the official processor's, rebuilt from tensor ops (see reward_models/common.py).
 Where it deviates: the official processors round the resized image to uint8 and clamp it to
 [0, 255]; we keep floats, so the bicubic filter's small overshoot at sharp edges survives
 (clamping would zero the gradient of those pixels). The tests bound the difference.
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import UserError
-from reward_models import (
+from infra.cli import UserError
+from reward_models.common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     center_crop,
@@ -29,7 +29,7 @@ from reward_models import (
     resize_short_side,
     weights_file,
 )
-from rewards import load_reward, per_frame, register
+from rewards import load_reward, per_frame
 
 CLIP_L14 = "openai/clip-vit-large-patch14"  # the backbone of the aesthetic head and of `clip`
 AESTHETIC_REPO, AESTHETIC_FILE = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"
@@ -127,8 +127,6 @@ class AestheticHead(nn.Module):
         return self.layers(embeds).squeeze(-1)
 
 
-@register("aesthetic", "LAION aesthetic predictor v2 on CLIP ViT-L/14 frames, ~1..10 "
-                      "(trl-lib/ddpo-aesthetic-predictor)")
 def aesthetic(device="cpu", dtype=torch.float32, weights=None, clip_model=CLIP_L14):
     """The aesthetic score VADER (and DDPO, AlignProp) maximise, per frame, range about 1..10.
 
@@ -151,8 +149,6 @@ def aesthetic(device="cpu", dtype=torch.float32, weights=None, clip_model=CLIP_L
     return per_frame(score)
 
 
-@register("hps", "HPSv2.1 human preference: cosine of OpenCLIP ViT-H-14 frame and prompt, "
-                "~0.2..0.35 (xswu/HPSv2)")
 def hps(device="cpu", dtype=torch.float32, version="v2.1", weights=None, arch="ViT-H-14"):
     """Human Preference Score v2 (Wu et al. 2306.09341): an OpenCLIP ViT-H-14 fine-tuned on human
     choices; the score is the plain cosine of image and text embeddings (no logit scale).
@@ -180,8 +176,6 @@ def hps(device="cpu", dtype=torch.float32, version="v2.1", weights=None, arch="V
     )
 
 
-@register("pickscore", "PickScore v1: logit scale x cosine of CLIP-H frame and prompt, ~20 "
-                      "(yuvalkirstain/PickScore_v1)")
 def pickscore(device="cpu", dtype=torch.float32, model=PICKSCORE, tokenizer=PICKSCORE_TOKENIZER):
     """PickScore (Kirstain et al. 2305.01569): a CLIP-H fine-tuned on Pick-a-Pic preferences;
     score = logit_scale.exp() * cosine(image, text), about 20 for a good match.
@@ -195,8 +189,6 @@ def pickscore(device="cpu", dtype=torch.float32, model=PICKSCORE, tokenizer=PICK
     return frame_text_reward(embed_images, embed_texts, scale=net.logit_scale.exp().item())
 
 
-@register("clip", "CLIP ViT-L/14 cosine of frame and prompt embeddings, ~0.2..0.35 "
-                 "(openai/clip-vit-large-patch14)")
 def clip(device="cpu", dtype=torch.float32, model=CLIP_L14):
     """A cheap text-alignment reward: the cosine of OpenAI CLIP ViT-L/14 frame and prompt
     embeddings (the backbone the aesthetic head already loads). model: hub id or local folder."""
@@ -211,7 +203,6 @@ def clip(device="cpu", dtype=torch.float32, model=CLIP_L14):
 AESTHETIC_HPS = "aesthetic:0.075,hps:0.5"
 
 
-@register("aesthetic_hps", f"VADER's mix {AESTHETIC_HPS} (their aesthetic_hps loss, negated)")
 def aesthetic_hps(device="cpu", dtype=torch.float32, **options):
     """VADER's combined reward. Options reach the terms as in `load_reward`: "hps.version",
     "aesthetic.weights", "hps.weights"; a plain option goes to every term that takes it."""

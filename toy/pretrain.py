@@ -1,12 +1,12 @@
-"""Pretrain the toy-world video model (toy.py) on a CPU and save it in the diffusers layout.
+"""Pretrain the toy-world video model (toy/world.py) on a CPU and save it in the diffusers layout.
 
 Pretraining is not what this project teaches, so this script is short and plain: it exists so
-that the committed weights in toy_model/ can be reproduced and changed. Three parts:
+that the committed weights in toy/model/ can be reproduced and changed. Three parts:
 
 1. A tiny `AutoencoderKL` (32x32 frames <-> 4x8x8 latents) trained on single frames with an L1
    reconstruction loss and a small KL term, as Stable Diffusion's VAE is, minus its perceptual
    and adversarial losses (Rombach et al. 2112.10752, Sec. 3.1 and Appendix G).
-2. A fixed random CLIP text encoder (vader.TINY_TEXT, seed 0) whose token embeddings are
+2. A fixed random CLIP text encoder (models.TINY_TEXT, seed 0) whose token embeddings are
    re-drawn with standard deviation 1 instead of CLIP's 0.02 (`random_text_encoder`). Untrained
    weights are fine: cross-attention only needs each caption word to be readable.
 3. A tiny `UNet3DConditionModel` trained to predict v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0 (Salimans &
@@ -18,9 +18,9 @@ The weights are stored in float16 to keep the folder small. The text encoder and
 rounded to float16 *before* the UNet trains on their outputs, so the UNet learns exactly the
 embeddings and latents that the saved (and reloaded) model produces.
 
-The committed toy_model/ was written by `python pretrain_toy.py` (all defaults); BENCHMARKS.md
+The committed toy/model/ was written by `python -m toy.pretrain` (all defaults); BENCHMARKS.md
 says how long that took and how often the samples show what their captions ask for
-(`python toy.py`).
+(`python -m toy.evaluate`).
 """
 import argparse
 import math
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import toy
-from common import atomic_write_text
+from infra.files import atomic_write_text
 from models import MODELSCOPE_SCHEDULER, TINY_TEXT, TINY_UNET, TINY_VAE, TOY_FOLDER, write_clip_tokenizer
 from sampler import Schedule
+from toy import world
 
 # Three VAE levels: 32x32 frames -> 8x8 latents, so a UNet step costs a sixteenth of 32x32 (a
 # 16x16 latent made each step five times slower here). 32 channels at the top, not 16: small
@@ -100,14 +100,14 @@ def train_vae(steps, batch, lr, seed, t0):
     vae = AutoencoderKL(**TOY_VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     sched = cosine_lr(opt, steps)
-    data, g = toy.batches(batch, seed=seed), torch.Generator().manual_seed(seed)
+    data, g = world.batches(batch, seed=seed), torch.Generator().manual_seed(seed)
     for step in range(steps):
         videos, _ = next(data)  # (B, F, 3, H, W) in [0, 1]
-        frames = videos[torch.arange(batch), torch.randint(toy.FRAMES, (batch,), generator=g)]  # (B, 3, H, W)
+        frames = videos[torch.arange(batch), torch.randint(world.FRAMES, (batch,), generator=g)]  # (B, 3, H, W)
         x = frames * 2 - 1  # the VAE's range, [-1, 1]
         # The shape covers 5-25% of a frame; weighting its pixels keeps the VAE from settling
         # for a perfect background around a blurred shape.
-        weight = 1 + SHAPE_WEIGHT * toy.foreground(frames).unsqueeze(1)  # (B, 1, H, W)
+        weight = 1 + SHAPE_WEIGHT * world.foreground(frames).unsqueeze(1)  # (B, 1, H, W)
         posterior = vae.encode(x).latent_dist
         # Decode the posterior mean: the UNet trains on mean latents, and at this size the noise
         # of sampling them slows training; the KL term only keeps the latents near N(0, I).
@@ -136,7 +136,7 @@ def fit_scaling_factor(vae, seed):
 
     Stable Diffusion's 0.18215 was measured the same way on its own VAE (2112.10752, Sec. 4.3.2).
     """
-    videos, _ = next(toy.batches(64, seed=seed + 1))  # (64, F, 3, H, W)
+    videos, _ = next(world.batches(64, seed=seed + 1))  # (64, F, 3, H, W)
     vae.register_to_config(scaling_factor=1.0)
     std = encode(vae, videos).std().item()
     vae.register_to_config(scaling_factor=round(1 / std, 5))
@@ -159,7 +159,7 @@ def train_unet(vae, table, steps, batch, lr, seed, t0):
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     sched = cosine_lr(opt, steps)
     alpha_bar = Schedule.from_config(TOY_SCHEDULER).alphas_cumprod()  # ᾱ_t, (T,)
-    data = toy.batches(batch, seed=seed)
+    data = world.batches(batch, seed=seed)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         videos, captions = next(data)  # (B, F, 3, H, W)
@@ -185,13 +185,13 @@ def train_unet(vae, table, steps, batch, lr, seed, t0):
 def write_prompts(folder):
     """prompts/toy.txt: one training caption per non-red colour/shape pair (so `--reward redness`
     has something to change); prompts/toy_heldout.txt: every caption of the held-out pairs."""
-    pairs = [(c, s) for c in toy.COLOURS if c != "red" for s in toy.SHAPES if (c, s) not in toy.HELDOUT]
-    sizes, dirs = list(toy.SIZES), list(toy.DIRECTIONS)
-    demo = [toy.Clip(c, s, sizes[i % 2], dirs[i % 4]).caption for i, (c, s) in enumerate(pairs)]
-    atomic_write_text(folder / "toy.txt", "# Toy-world training captions (toy.py), none of them red.\n" + "\n".join(demo) + "\n")
-    held = [c.caption for c in toy.all_clips("heldout")]
+    pairs = [(c, s) for c in world.COLOURS if c != "red" for s in world.SHAPES if (c, s) not in world.HELDOUT]
+    sizes, dirs = list(world.SIZES), list(world.DIRECTIONS)
+    demo = [world.Clip(c, s, sizes[i % 2], dirs[i % 4]).caption for i, (c, s) in enumerate(pairs)]
+    atomic_write_text(folder / "toy.txt", "# Toy-world training captions (toy/world.py), none of them red.\n" + "\n".join(demo) + "\n")
+    held = [c.caption for c in world.all_clips("heldout")]
     atomic_write_text(folder / "toy_heldout.txt",
-                      f"# Toy-world captions never seen in pretraining: the pairs {toy.HELDOUT}.\n" + "\n".join(held) + "\n")
+                      f"# Toy-world captions never seen in pretraining: the pairs {world.HELDOUT}.\n" + "\n".join(held) + "\n")
 
 
 def main(argv=None):
@@ -211,7 +211,7 @@ def main(argv=None):
 
     torch.set_num_threads(1)  # the laptop CPU is shared; one thread is also the most reproducible
     # Everything goes to a side folder that replaces --out only once complete, so an interrupted
-    # run never leaves the committed toy_model/ half overwritten.
+    # run never leaves the committed toy/model/ half overwritten.
     t0, final = time.time(), Path(args.out)
     out = final.with_name(final.name + ".partial")
     shutil.rmtree(out, ignore_errors=True)
@@ -219,9 +219,9 @@ def main(argv=None):
     DDIMScheduler(**TOY_SCHEDULER).save_pretrained(out / "scheduler")
     text_encoder = random_text_encoder(args.seed)
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer", model_max_length=TOKENS)
-    assert max(len(tokenizer(c.caption).input_ids) for c in toy.all_clips("all")) <= TOKENS
+    assert max(len(tokenizer(c.caption).input_ids) for c in world.all_clips("all")) <= TOKENS
     tokenizer.save_pretrained(out / "tokenizer")
-    table = caption_table(tokenizer, text_encoder, [c.caption for c in toy.all_clips("train")] + [""])
+    table = caption_table(tokenizer, text_encoder, [c.caption for c in world.all_clips("train")] + [""])
 
     vae = train_vae(args.vae_steps, 2 * args.batch, args.vae_lr, args.seed, t0)
     fit_scaling_factor(vae, args.seed)

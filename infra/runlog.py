@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError, atomic_path
+from infra.cli import UserError
+from infra.files import atomic_path
 
 PREFIX = "step-"
 METRICS = ("step", "reward_mean", "reward_std", "loss", "lr", "grad_norm", "grad_steps", "skipped", "eval_reward",

@@ -4,7 +4,7 @@ Same contract as every reward (see rewards.py): reward(frames (B, f, 3, H, W) in
 -> (B,), differentiable in `frames`, models frozen. The video models (VideoMAE, X-CLIP, V-JEPA 2)
 see the decoded frames together as one clip; the detector (OWLv2) scores frame by frame.
 
-The preprocessing is the official processor's, rebuilt from tensor ops (see reward_models.py).
+The preprocessing is the official processor's, rebuilt from tensor ops (see reward_models/common.py).
 Where it deviates: the official processors round the resized frames to uint8 and we keep floats;
 for OWLv2 see `owl_pixels`. The tests bound the differences.
 
@@ -17,8 +17,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from common import UserError
-from reward_models import (
+from infra.cli import UserError
+from reward_models.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     OPENAI_CLIP_MEAN,
@@ -31,7 +31,7 @@ from reward_models import (
     resize,
     resize_short_side,
 )
-from rewards import per_frame, register
+from rewards import per_frame
 
 VIDEOMAE_K400 = "MCG-NJU/videomae-base-finetuned-kinetics"
 OWLV2 = "google/owlv2-base-patch16-ensemble"
@@ -88,8 +88,6 @@ def find_action(prompt, labels):
     return max(hits)[1] if hits else None
 
 
-@register("actpred", "VideoMAE Kinetics-400 probability of the prompt's action, 0..1 "
-                    "(MCG-NJU/videomae-base-finetuned-kinetics)")
 def actpred(device="cpu", dtype=torch.float32, model=VIDEOMAE_K400, label=None, log_prob=False,
             num_frames=None):
     """Action recognition as a reward (VADER's "actpred"): the probability that VideoMAE
@@ -141,8 +139,6 @@ def actpred(device="cpu", dtype=torch.float32, model=VIDEOMAE_K400, label=None, 
 #### Open-vocabulary detection
 
 
-@register("object", "OWLv2 presence of the object query=, 0..1; remove=True: 1 - presence "
-                   "(google/owlv2-base-patch16-ensemble)")
 def object_presence(device="cpu", dtype=torch.float32, query=None, remove=False, model=OWLV2):
     """How surely OWLv2 (Minderer et al. 2306.09683) finds `query` ("a cat") in each frame:
     sigmoid of the query's class logit, max over the predicted boxes (one per patch), averaged
@@ -174,8 +170,6 @@ def object_presence(device="cpu", dtype=torch.float32, query=None, remove=False,
 #### Video-text alignment
 
 
-@register("video_text", "X-CLIP video-prompt similarity, logit scale x cosine "
-                       "(microsoft/xclip-base-patch32)")
 def video_text(device="cpu", dtype=torch.float32, model=XCLIP):
     """X-CLIP (Ni et al. 2208.02816) scores the whole clip against its prompt: logits_per_video,
     i.e. logit_scale * cosine of the video embedding and the video-conditioned text embedding.
@@ -203,8 +197,6 @@ def video_text(device="cpu", dtype=torch.float32, model=XCLIP):
 #### Temporal consistency
 
 
-@register("temporal", "V-JEPA 2 predictability of the clip's second half from its first, ~-1..0 "
-                     "(facebook/vjepa2-vitl-fpc64-256)")
 def temporal(device="cpu", dtype=torch.float32, model=VJEPA2):
     """Temporal consistency as V-JEPA 2 sees it. Project-defined: VADER advertised a V-JEPA
     reward but published no code.

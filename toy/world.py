@@ -2,7 +2,7 @@
 
 A randomly initialised model proves the code runs, but it only makes noise, so alignment has
 nothing to change that a person could name. This world is small enough to pretrain a video
-diffusion model on a laptop CPU in about half an hour (pretrain_toy.py), and every clip is
+diffusion model on a laptop CPU in about half an hour (toy/pretrain.py), and every clip is
 described exactly by its caption: "a big green square moving left". After alignment one can say
 what changed ("the square turned red") and check what did not (it is still a square, still
 moving left) with the detector below, which needs no learned weights.
@@ -10,10 +10,9 @@ moving left) with the detector below, which needs no learned weights.
 Clips are rendered on the fly from a seed: nothing is stored. Some shape/colour pairs are held
 out of training (HELDOUT) to probe whether the model composes attributes it saw separately.
 
-Run `python toy.py` to measure how often the pretrained model draws what its prompts ask for.
+`python -m toy.evaluate` measures how often the pretrained model draws what its prompts ask for.
 """
-import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -130,7 +129,7 @@ def foreground(frames, threshold=0.3, softness=0.05):
     """Soft foreground mask (..., H, W) in [0, 1] of frames (..., 3, H, W) in [0, 1].
 
     A pixel belongs to the shape when some channel differs from BACKGROUND by more than
-    `threshold`; the sigmoid makes the mask differentiable (the rewards in rewards.py use it).
+    `threshold`; the sigmoid makes the mask differentiable (toy/rewards.py uses it).
     """
     bg = torch.tensor(BACKGROUND, device=frames.device, dtype=frames.dtype).view(3, 1, 1)
     distance = (frames - bg).abs().amax(dim=-3)  # (..., H, W)
@@ -190,45 +189,3 @@ def accuracy(videos, captions):
         for k in hits:
             hits[k] += found is not None and getattr(found, k) == getattr(want, k)
     return {k: v / len(captions) for k, v in hits.items()}
-
-
-#### Measuring the pretrained model
-
-@torch.no_grad()
-def sample_model(model, captions, seed=0, batch=16, num_steps=None, guidance=None):
-    """Generate one video per caption with the model's defaults: (N, F, 3, H, W) in [0, 1]."""
-    from vader import encode_prompts, generate
-
-    spec = model.spec
-    uncond = encode_prompts(model, [""])  # (1, 77, D)
-    out = []
-    for i in range(0, len(captions), batch):
-        cond = encode_prompts(model, captions[i:i + batch])  # (b, 77, D)
-        out.append(generate(model, cond, uncond.expand_as(cond), spec.frames, spec.height, spec.width,
-                            num_steps or spec.num_steps, guidance or spec.guidance, seed + i))  # (b, F, 3, H, W)
-    return torch.cat(out)  # (N, F, 3, H, W)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Detector accuracy of a toy-world model's samples, per attribute.")
-    p.add_argument("--model", default="toy", help="'toy' (the committed toy_model/) or a folder pretrain_toy.py wrote")
-    p.add_argument("--repeats", type=int, default=2, help="videos per caption, each with its own seed")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    from vader import load_video_model
-
-    torch.set_num_threads(1)
-    model = load_video_model(args.model)
-    # The toy world's clip size and sampler (the registry's "toy" entry); a bare folder would
-    # otherwise get ModelScope's defaults (16 frames, 25 steps, guidance 9).
-    model.spec = replace(model.spec, height=SIZE, width=SIZE, frames=FRAMES, num_steps=10, guidance=3.0)
-    print("chance   " + "  ".join(f"{k} {v:.2f}" for k, v in CHANCE.items()))
-    for split in ("train", "heldout"):
-        captions = [c.caption for c in all_clips(split)] * args.repeats
-        acc = accuracy(sample_model(model, captions, args.seed, guidance=args.guidance), captions)
-        print(f"{split:8s} " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()) + f"   ({len(captions)} videos)")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@
 
 The paper's central claim (VADER, arXiv 2407.08737; AlignProp, 2310.03739): backpropagating the
 reward's gradient learns with far fewer reward queries than a gradient-free policy-gradient
-method (DDPO, 2305.13301, in ddpo.py). BENCHMARKS.md holds the measured numbers.
+method (DDPO, 2305.13301, in baselines/ddpo.py). BENCHMARKS.md holds the measured numbers.
 """
 import copy
 import csv
@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_path, atomic_write_text
+from infra.cli import UserError
+from infra.files import atomic_path, atomic_write_text
 from train import Config
-
-GRAD_CLIP, WEIGHT_DECAY = Config.grad_clip, Config.weight_decay  # train.py's defaults, named once there
 
 #### efficiency: reward gradients against DDPO on the tiny model
 #
@@ -37,7 +36,7 @@ def add_parser(sub):
     e = sub.add_parser("efficiency", help="VADER vs DDPO: reward against reward queries and seconds",
                        description="Train VADER (K = 1 and a larger K) and DDPO with the same budget of reward "
                                    "queries; write a table, a CSV and a plot.")
-    e.add_argument("--model", default="tiny", help="a name in vader.MODELS (tiny; toy once built) or a folder")
+    e.add_argument("--model", default="tiny", help="a name in models.MODELS (tiny, toy) or a folder")
     e.add_argument("--reward", default="brightness", help="a reward in rewards.REWARDS (weight-free: offline)")
     e.add_argument("--prompts", default="animals.txt", help="prompts file: a path or a name under prompts/")
     e.add_argument("--num-prompts", type=int, default=4, help="use the first P prompts, so DDPO sees each one often")
@@ -65,7 +64,7 @@ def add_parser(sub):
 
 def check_efficiency_args(a):
     """Bad values are the user's to fix: one line naming the flag."""
-    from ddpo import DDPOConfig
+    from baselines.ddpo import DDPOConfig
 
     for name in ("num_prompts", "budget", "lora_rank", "num_steps", "frames", "batch_size", "ddpo_batch",
                  "eval_videos", "eval_points"):
@@ -89,21 +88,18 @@ def check_efficiency_args(a):
         raise UserError("--eta, --clip-range, --ddpo-lr and --vader-lr must be positive")
 
 
-def vader_update(model, reward_fn, params, optimizer, prompts, cond, uncond, gen, generator, k):
-    """One optimizer step of train.py's loop (one micro-batch): sample, score, backprop, clip, step.
+def vader_update(model, reward_fn, params, optimizer, scaler, prompts, cond, uncond, a, generator, k):
+    """One optimizer step of train.py (vader.train_step) on one micro-batch of `a.batch_size` prompts.
 
-    Returns the rewards (B,) of the `gen.batch_size` videos it queried.
+    Returns the rewards (B,) of the videos it queried.
     """
-    from vader import vader_loss
+    from vader import train_step
 
-    optimizer.zero_grad(set_to_none=True)
-    idx = torch.randint(len(prompts), (gen.batch_size,), generator=generator)
-    loss, rewards, _ = vader_loss(model, reward_fn, [prompts[i] for i in idx], cond[idx.to(cond.device)],
-                                  uncond, gen, generator, k)
-    loss.backward()  # the reward's gradient, through the decoder and the last K DDIM steps
-    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-    optimizer.step()
-    return rewards
+    def draw_batch():
+        idx = torch.randint(len(prompts), (a.batch_size,), generator=generator)
+        return [prompts[i] for i in idx], cond[idx.to(cond.device)]
+
+    return train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, a, generator, k)[1]
 
 
 def train_run(method, seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg):
@@ -113,14 +109,15 @@ def train_run(method, seed, model, reward_fn, prompts, cond, uncond, evaluate, a
     Returns one row per evaluation point: queries, training seconds so far (evaluation excluded),
     the evaluation reward and change, and the mean reward of the last training batch.
     """
-    from ddpo import PromptStats, ddpo_epoch
+    from baselines.ddpo import PromptStats, ddpo_epoch
     from lora import inject_lora
+    from vader import loss_scaler
 
     torch.manual_seed(seed)  # the LoRA's initial A: the same for every method of this seed
     run_model = replace(model, unet=copy.deepcopy(model.unet))  # the base stays clean for the next run
     params = inject_lora(run_model.unet, a.lora_rank)
     lr = a.ddpo_lr if method == "DDPO" else a.vader_lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=Config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     if method == "DDPO":
         stats = PromptStats(ddpo_cfg.buffer_size, ddpo_cfg.min_count)
@@ -130,9 +127,10 @@ def train_run(method, seed, model, reward_fn, prompts, cond, uncond, evaluate, a
                               generator)[0]
     else:
         k = int(method.split("K=")[1])
+        scaler = loss_scaler(run_model.unet.dtype, a.device)
 
         def update():
-            return vader_update(run_model, reward_fn, params, optimizer, prompts, cond, uncond, a, generator, k)
+            return vader_update(run_model, reward_fn, params, optimizer, scaler, prompts, cond, uncond, a, generator, k)
 
     points = eval_schedule(min(a.batch_size, a.ddpo_batch), a.budget, a.eval_points)
     rows = [dict(method=method, seed=seed, queries=0, seconds=0.0, train_reward=float("nan"), **evaluate(run_model))]
@@ -264,10 +262,11 @@ def write_csv(path, rows):
 
 
 def run_efficiency(a):
-    from ddpo import DDPOConfig
+    from baselines.ddpo import DDPOConfig
+    from infra.files import read_prompts
+    from models import load_video_model
     from rewards import load_reward
-    from train import Config
-    from vader import encode_prompts, generate, load_video_model, read_prompts
+    from vader import encode_prompts, generate
 
     a.large_k = a.num_steps if a.large_k is None else a.large_k
     check_efficiency_args(a)
@@ -277,9 +276,10 @@ def run_efficiency(a):
         raise UserError(f"the {a.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
     model = load_video_model(a.model, a.device)
     a.height, a.width = model.spec.height, model.spec.width
+    a.grad_accum, a.grad_clip, a.low_memory = 1, Config.grad_clip, False  # train.py's step, one micro-batch
     a.vader_lr = a.vader_lr or model.spec.recipe.get("lr", Config.lr)  # as train.py picks it
     ddpo_cfg = DDPOConfig(eta=a.eta, samples_per_epoch=a.ddpo_batch, clip_range=a.clip_range,
-                          grad_clip=GRAD_CLIP)
+                          grad_clip=Config.grad_clip)
     cond, uncond = encode_prompts(model, prompts), encode_prompts(model, [""])  # (P, 77, D), (1, 77, D)
     eval_idx = torch.arange(a.eval_videos) % len(prompts)
     eval_prompts = [prompts[i] for i in eval_idx]  # E strings

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import UserError
+from infra.cli import UserError
 
 #### Differentiable preprocessing
 

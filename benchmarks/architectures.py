@@ -1,0 +1,45 @@
+"""Real-size architectures with random weights, built from their public configs: nothing downloaded.
+
+bench.py measures them (random weights cost exactly the memory and time trained ones do) and
+the tests count their parameters on the meta device, where nothing is allocated.
+"""
+import torch
+
+from models import per_frame_text, quiet_libraries
+
+# Stable Diffusion's VAE, shared by both families (~84 M parameters).
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, scaling_factor=0.18215)
+# ModelScope's text encoder: OpenCLIP-H's text tower without its last layer (~340 M). Vocabulary
+# (49,408) and length (77) are CLIPTextConfig's defaults.
+OPENCLIP_H_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                       hidden_act="gelu", projection_dim=1024)
+# SD 1.5's text encoder: OpenAI CLIP ViT-L/14's text tower (~123 M), quick_gelu as CLIPTextConfig's default.
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   projection_dim=768)
+# SD 1.5's UNet: UNet2DConditionModel's defaults are SD 1.x's, but for the 768-d text and 64x64 latents.
+SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
+
+
+def build_architecture(family, device="meta", dtype=torch.float32):
+    """(unet, vae, text_encoder) of a family at real size with random weights: nothing downloaded.
+
+    On the meta device nothing is allocated, so counting 1.4 B parameters takes a second; on a
+    GPU they cost the same memory and time as trained weights. The MotionAdapter's constructor
+    defaults (blocks 320-1280, 2 motion layers a block, 8 heads, 32 positions, a mid block) are
+    taken to be the v1-5-2 checkpoint's config.
+    """
+    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    quiet_libraries()
+    with torch.device(device):
+        if family == "unet3d":
+            unet = UNet3DConditionModel()  # its constructor defaults are ModelScope's config
+            text = CLIPTextModel(CLIPTextConfig(**OPENCLIP_H_TEXT))
+        else:
+            unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**SD15_UNET), MotionAdapter(), load_weights=False)
+            per_frame_text(unet)
+            text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+        vae = AutoencoderKL(**SD_VAE)
+    return [m.to(dtype).eval().requires_grad_(False) for m in (unet, vae, text)]

@@ -1,0 +1,55 @@
+"""Several GPUs under torchrun, with DistributedDataParallel's semantics for the LoRA gradients.
+
+`python train.py` sets none of torchrun's variables and runs as one process; nothing here does
+anything then. Under `torchrun --nproc_per_node=N`, every process draws the same global batch
+from the same seed and keeps its own share, and the LoRA gradients are averaged over processes
+before the optimizer step, so N processes with batch B compute exactly what one with N*B would.
+"""
+import os
+
+import torch
+
+
+def distributed_env(device):
+    """(rank, world size, device) from the variables torchrun sets; plain `python` sets none."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return int(os.environ["RANK"]), world, device
+
+
+def join_process_group(world, device):
+    """Start the process group (NCCL on GPUs, gloo on CPUs). Called after the models are loaded:
+    once a group exists, transformers' save_pretrained writes only on rank 0, and every rank
+    writes the tiny model to its own temporary folder."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+
+def all_average(tensors, world):
+    """Average tensors over processes in one all-reduce (what DDP does to gradients)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(v.view_as(t))
+
+
+def all_gather(tensor, world):
+    """Concatenate a (B,) tensor from every process (B must be the same on each)."""
+    if world == 1:
+        return tensor
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
