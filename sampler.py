@@ -160,7 +160,7 @@ def pick_grad_steps(num_steps, grad_steps, random_k=False, generator=None):
 
 
 def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_steps=0, eta=0.0,
-           generator=None, checkpoint_steps=False, progress=None):
+           generator=None, checkpoint_steps=False):
     """Run N DDIM steps from z_T; gradients flow only through the last `grad_steps` (K) of them.
 
     z_T: (B, C, F, h, w) initial noise. cond/uncond: (B, L, D) text embeddings (uncond may be
@@ -192,6 +192,4 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
             x = checkpoint(step, x, use_reentrant=False)
         else:
             x = step(x)
-        if progress is not None:
-            progress.update(1)
     return x

@@ -12,7 +12,6 @@ config.json, metrics.csv, reward_curve.png, lora.safetensors, checkpoints/ and v
 import argparse
 import importlib.util
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -24,8 +23,8 @@ from tqdm import tqdm
 from infra.cli import UserError, run_cli, stop_signals
 from infra.distributed import all_average, all_gather, distributed_env, join_process_group
 from infra.files import atomic_write_text, read_prompts
-from infra.runlog import (METRICS, find_resume_point, load_checkpoint, metrics_text, open_tracker, plot_rewards,
-                          read_metrics, save_checkpoint)
+from infra.runlog import (METRICS, clear_run, find_resume_point, metrics_text, open_tracker, plot_rewards, restore,
+                          save_checkpoint)
 from infra.video import tile, write_video
 from lora import inject_lora, save_lora
 from models import MODELS, describe, load_video_model, resolve_device, resolve_dtype
@@ -184,23 +183,6 @@ def load_models(cfg, device, dtype):
     return reward_fn, model
 
 
-def clear_run(out):
-    """--overwrite: remove only what a run writes, never other files kept in the folder."""
-    for name in RUN_FILES:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def restore(cfg, model, optimizer, generator):
-    """(step, metrics rows) to continue from: the checkpoint's under --resume, else (0, [])."""
-    if not cfg.resume:
-        return 0, []
-    step = load_checkpoint(Path(cfg.resume), model.unet, optimizer, generator)
-    for group in optimizer.param_groups:  # a resumed run may change the learning rate
-        group["lr"] = cfg.lr
-    return step, read_metrics(Path(cfg.resume) / "metrics.csv")
-
-
 def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
     """The derived numbers of the run, printed once at start-up."""
     print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} DDIM steps, "
@@ -249,7 +231,7 @@ def main(argv=None):
     join_process_group(world, device)
     out = Path(cfg.output_dir)
     if cfg.overwrite and main_process:
-        clear_run(out)
+        clear_run(out, RUN_FILES)
 
     # Text embeddings once per prompt; the text encoder is not needed again.
     cond = encode_prompts(model, prompts)  # (P, 77, D)
@@ -262,7 +244,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = loss_scaler(dtype, device)  # dynamic loss scaling for an fp16 base; does nothing for bf16/fp32
     generator = torch.Generator().manual_seed(cfg.seed)  # noise, prompt order, K and decoded frames
-    step, rows = restore(cfg, model, optimizer, generator)
+    step, rows = restore(cfg.resume, cfg.lr, model.unet, optimizer, generator)
     config_text = json.dumps(asdict(cfg), indent=2) + "\n"
     tracker = None
     if main_process:

@@ -71,11 +71,9 @@ def encode_prompts(model, prompts, batch=32):
 
 #### Frame-subsampled decoding and the loss
 
-def choose_frames(num_frames, f, generator=None, random_frames=True):
-    """Indices of the f frames to decode: random and sorted (training), or evenly spaced."""
-    if random_frames:
-        return torch.randperm(num_frames, generator=generator)[:f].sort().values
-    return torch.linspace(0, num_frames - 1, f).round().long()
+def choose_frames(num_frames, f, generator=None):
+    """Indices of the f frames to decode this step: random, drawn from the run's generator, sorted."""
+    return torch.randperm(num_frames, generator=generator)[:f].sort().values
 
 
 def decode_frames(model, z0, frame_idx, use_checkpoint=True, one_at_a_time=False):
@@ -196,7 +194,7 @@ def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, 
 
 
 @torch.no_grad()
-def generate(model, cond, uncond, frames, height, width, num_steps, guidance, seed, progress=None):
+def generate(model, cond, uncond, frames, height, width, num_steps, guidance, seed):
     """Plain generation (no gradients, all frames decoded): (B, F, 3, H, W) in [0, 1].
 
     Video i of the batch uses seed `seed + i`, so a video depends only on its own seed and
@@ -207,5 +205,5 @@ def generate(model, cond, uncond, frames, height, width, num_steps, guidance, se
         initial_noise(model, 1, frames, height, width, torch.Generator().manual_seed(seed + i), device)
         for i in range(len(cond))
     ])  # (B, C, F, h, w)
-    z0 = sample(model.unet, z_T, cond, uncond, model.schedule, num_steps, guidance, progress=progress)
+    z0 = sample(model.unet, z_T, cond, uncond, model.schedule, num_steps, guidance)
     return decode_frames(model, z0, torch.arange(frames, device=device))  # (B, F, 3, H, W)

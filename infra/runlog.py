@@ -121,6 +121,26 @@ def load_checkpoint(folder, unet, optimizer, generator):
     return state["step"]
 
 
+def restore(resume, lr, unet, optimizer, generator):
+    """(step, metrics rows) to continue from: checkpoint `resume`'s, or (0, []) when it is ''.
+
+    A resumed run may change the learning rate, so `lr` replaces the one saved with the optimizer.
+    """
+    if not resume:
+        return 0, []
+    step = load_checkpoint(Path(resume), unet, optimizer, generator)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return step, read_metrics(Path(resume) / "metrics.csv")
+
+
+def clear_run(out, names):
+    """--overwrite: remove only the files and folders a run writes (`names`), never others kept in `out`."""
+    for name in names:
+        path = Path(out) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 #### Logs: metrics.csv, the reward curve, optional trackers
 
 def metrics_text(rows):

@@ -44,3 +44,19 @@ def test_registry_errors():
     assert smooth.min_frames == 2 and load_reward("brightness").min_frames == 1
     with pytest.raises(UserError, match="--decode-frames 2"):
         smooth(torch.rand(1, 1, 3, 8, 8), [""])
+
+
+def test_registry_imports_a_reward_module_only_when_asked_for():
+    """`import rewards` knows every name but imports no reward model or toy module; building one
+    imports just its module. Run in a fresh interpreter, where nothing else has imported them."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, rewards; loaded = lambda: sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('reward_models', 'toy', 'transformers', 'open_clip')); before = loaded(); "
+            "rewards.load_reward('redness'); print(len(rewards.REWARDS), before, loaded())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split(" ", 1)[1].strip() == "[] ['toy', 'toy.rewards', 'toy.world']"
+    assert int(out.split()[0]) == len(REWARDS) >= 17
