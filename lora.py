@@ -19,14 +19,14 @@ Saved files use PEFT's key layout (`unet.<module path>.lora_A.weight`, `...lora_
 other tools can read them; rank and alpha travel in the safetensors metadata.
 """
 import math
+from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from infra.cli import UserError
-from infra.files import atomic_path
+from infra.files import atomic_path, read_safetensors
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, spatial and temporal
 
@@ -103,20 +103,14 @@ def save_lora(model, path, prefix="unet."):
     first = next(iter(layers.values()))
     meta = {"rank": str(first.rank), "alpha": str(first.alpha), "format": "peft", "prefix": prefix}
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, prefix).items()}
+    data = save(tensors, metadata=meta)  # serialised in memory, so a full disk is an OSError of the write below
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        Path(tmp).write_bytes(data)
 
 
 def read_lora_file(path):
-    """(tensors, metadata) of a LoRA file; `UserError` if it is missing or not a LoRA file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise UserError(f"LoRA file {path} does not exist; pass the lora.safetensors of a training run") from None
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
-        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    """(tensors, metadata) of a LoRA file; `UserError` if it is missing, damaged or not a LoRA file."""
+    tensors, meta = read_safetensors(path, "LoRA file", "pass the lora.safetensors of a training run")
     if "rank" not in meta or "alpha" not in meta:
         raise UserError(f"{path} has no LoRA rank/alpha metadata; was it written by save_lora?")
     return tensors, meta
@@ -126,7 +120,7 @@ def load_lora(model, path):
     """Load adapters saved by `save_lora` into `model`, injecting them first if it has none.
 
     Every key must match: a file for another model or another set of targets is refused rather
-    than half loaded.
+    than half loaded, and the message names the first key or shape that does not fit.
     """
     tensors, meta = read_lora_file(path)
     prefix = meta.get("prefix", "unet.")
@@ -135,15 +129,18 @@ def load_lora(model, path):
         inject_lora(model, int(meta["rank"]), float(meta["alpha"]), targets=tuple(paths))
     expected = lora_state_dict(model, prefix)
     if set(expected) != set(tensors):
-        missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        first = f"the model has {missing[0]} but the file does not" if missing else f"the file has {extra[0]}, the model does not"
         raise UserError(
-            f"{path} does not fit this model ({len(missing)} adapters missing, {len(extra)} unexpected); "
+            f"{path} does not fit this model ({len(missing)} adapters missing, {len(extra)} unexpected: {first}); "
             "load it into the model it was trained on"
         )
     with torch.no_grad():
+        for k in sorted(tensors):
+            if expected[k].shape != tensors[k].shape:
+                raise UserError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, the model needs "
+                                f"{tuple(expected[k].shape)}; load it into the model it was trained on")
         for k, v in tensors.items():
-            if expected[k].shape != v.shape:
-                raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
             expected[k].copy_(v)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from infra.cli import UserError
+from infra.files import first_line
 from lora import TARGETS
 from sampler import Schedule
 
@@ -244,8 +245,14 @@ def load_video_model(name, device="cpu", dtype=torch.float32):
     """
     quiet_libraries()
     if name == "tiny":
+        from safetensors import SafetensorError
+
         with tempfile.TemporaryDirectory() as tmp:
-            build_tiny_model(tmp)
+            try:
+                build_tiny_model(tmp)
+            except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+                raise UserError(f"could not write the tiny model to {tmp} ({first_line(e)}); free some space "
+                                "in the temporary folder (or point TMPDIR elsewhere)") from None
             return _load_components(tmp, MODELS["tiny"], device, dtype)
     if name == "toy" and not (TOY_FOLDER / "unet").is_dir():
         raise UserError(f"the toy model's weights are missing from {TOY_FOLDER}; restore them with "
@@ -281,6 +288,7 @@ def _load_unet(source, spec, dtype):
 def _load_components(source, spec, device, dtype):
     """Load the five components from `source`; `spec` None means: read the defaults off the configs."""
     from diffusers import AutoencoderKL, DDIMScheduler
+    from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTokenizer
 
     try:
@@ -289,10 +297,9 @@ def _load_components(source, spec, device, dtype):
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
         scheduler = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (OSError, ValueError, SafetensorError) as e:  # missing or damaged files, bad configs, no network
         raise UserError(
-            f"could not load the video model from {source!r} ({first}); check the hub id or folder (it needs "
+            f"could not load the video model from {source!r} ({first_line(e)}); check the hub id or folder (it needs "
             "unet/, vae/, text_encoder/, tokenizer/, scheduler/, and a motion adapter for an SD 1.5 UNet) "
             "and your connection"
         ) from None

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from infra.cli import UserError, run_cli, stop_signals
 from infra.distributed import all_average, all_gather, distributed_env, join_process_group
-from infra.files import atomic_write_text, read_prompts
-from infra.runlog import (METRICS, clear_run, find_resume_point, metrics_text, open_tracker, plot_rewards, restore,
-                          save_checkpoint)
+from infra.files import atomic_write_text, read_json, read_prompts
+from infra.runlog import (METRICS, find_resume_point, metrics_text, open_tracker, plot_rewards, restore,
+                          save_checkpoint, tidy_run_folder)
 from infra.video import tile, write_video
 from lora import inject_lora, save_lora
 from models import MODELS, describe, load_video_model, resolve_device, resolve_dtype
@@ -116,8 +116,9 @@ def parse_config(argv=None):
                 setattr(cfg, k, v)
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
     if cfg.resume:
-        run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume)
-        old = json.loads((ckpt / "config.json").read_text())
+        run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume, LOCKED)
+        known = {f.name for f in fields(Config)}  # a newer or older version's extra fields are dropped
+        old = {k: v for k, v in read_json(ckpt / "config.json", "checkpoint config", LOCKED).items() if k in known}
         for k in LOCKED:
             if k in given and given[k] != old[k]:
                 raise UserError(f"--resume cannot change --{k.replace('_', '-')} (the run has {old[k]}); "
@@ -230,8 +231,8 @@ def main(argv=None):
     reward_fn, model = load_models(cfg, device, dtype)
     join_process_group(world, device)
     out = Path(cfg.output_dir)
-    if cfg.overwrite and main_process:
-        clear_run(out, RUN_FILES)
+    if main_process:
+        tidy_run_folder(out, RUN_FILES, cfg.overwrite)
 
     # Text embeddings once per prompt; the text encoder is not needed again.
     cond = encode_prompts(model, prompts)  # (P, 77, D)
@@ -277,8 +278,8 @@ def main(argv=None):
 
     #### Training loop
     # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the step in flight, then saves and exits.
-    with stop_signals() as stop:
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not main_process)
+    with stop_signals() as stop, tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step",
+                                      disable=not main_process) as bar:  # closed before an error's line is printed
         bad_in_a_row = 0
         while step < cfg.max_steps:
             t0 = time.time()
@@ -311,7 +312,6 @@ def main(argv=None):
                 checkpoint()
             if interrupted:
                 break
-        bar.close()
 
     if main_process:
         finish(cfg, out, model, rows, step, stop, checkpoint,

@@ -8,7 +8,11 @@ A checkpoint is a folder `checkpoints/step-000100/` holding
 It is written under a temporary name and renamed into place in one step, so a kill or a full
 disk at any instant leaves either the complete new checkpoint or none, and the previous ones
 are untouched. `state.pt` holds only tensors, numbers and lists, so it loads with
-`torch.load(weights_only=True)`: no code in the file ever runs.
+`torch.load(weights_only=True)`: no code in the file ever runs. A run killed mid-save leaves a
+`step-N.tmp` folder (and maybe `.NAME.tmp-*` files) behind; the next resume clears them away.
+Before a resume uses a checkpoint it reads every file of it; a damaged newest checkpoint (a copy
+cut short, a disk that filled up under another tool) is skipped with a warning for the newest
+intact one.
 
 Exact resume needs every source of randomness restored: the run's own torch.Generator (noise,
 prompt order, K, decoded frames), and, for anything else that draws (LoRA dropout, a reward
@@ -18,6 +22,7 @@ import csv
 import io
 import random
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 
 from infra.cli import UserError
-from infra.files import atomic_path
+from infra.files import TMP_MARK, WriteError, atomic_path, read_csv, read_json, read_tensor_state, write_error
 
 PREFIX = "step-"
 METRICS = ("step", "reward_mean", "reward_std", "loss", "lr", "grad_norm", "grad_steps", "skipped", "eval_reward",
@@ -66,58 +71,108 @@ def set_rng_state(state, generator):
 def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_text, keep=0):
     """Write checkpoints/step-N atomically, then keep only the newest `keep` (0: keep all).
 
-    An OSError (disk full, no permission) becomes a UserError that says the previous
-    checkpoint is intact, which it is: nothing is renamed until every file is written.
+    An OSError (a full disk, no permission) becomes a UserError that says the previous
+    checkpoint is intact, which it is: nothing is renamed until every file is written. A step
+    saved twice (a resumed run) is replaced by renames only, so a kill at any instant leaves
+    step-N or step-N.old whole.
     """
     from lora import save_lora
 
     final = Path(out) / "checkpoints" / f"{PREFIX}{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_lora(unet, tmp / "lora.safetensors")
         state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(generator)}
-        torch.save(state, tmp / "state.pt")
+        buffer = io.BytesIO()  # torch.save's own file writer turns a full disk into a RuntimeError
+        torch.save(state, buffer)
+        (tmp / "state.pt").write_bytes(buffer.getvalue())
         (tmp / "config.json").write_text(config_text)
         (tmp / "metrics.csv").write_text(metrics_text)
-        if final.exists():  # the same step saved twice (a resumed run): replace it
-            shutil.rmtree(final)
+        if final.exists():
+            final.rename(old)
         tmp.rename(final)
-    except OSError as e:
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, WriteError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(out)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); {kept}; "
-                        "free disk space or choose another --output-dir, then --resume") from None
+        reason = (write_error(final, e) if isinstance(e, OSError) else e).reason
+        raise UserError(f"{reason}; {kept}; free some space or choose another --output-dir, then --resume") from None
     if keep > 0:
-        for old in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
+        for stale in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(stale)
     return final
 
 
-def find_resume_point(target):
-    """--resume TARGET -> (run folder, checkpoint folder).
+def remove_temporaries(out):
+    """Clear what a killed run left half-written in `out`: `step-N.tmp` folders and `.NAME.tmp-*`
+    files; a `step-N.old` (killed while replacing step-N) becomes step-N again if that is gone."""
+    folder = Path(out) / "checkpoints"
+    for old in folder.glob(f"{PREFIX}*.old"):
+        final = old.with_suffix("")
+        shutil.rmtree(old) if final.exists() else old.rename(final)
+    for tmp in folder.glob(f"{PREFIX}*.tmp"):
+        shutil.rmtree(tmp)
+    for f in Path(out).rglob(f".*{TMP_MARK}*"):
+        f.unlink()
 
-    TARGET is a run folder (its newest checkpoint is used) or one checkpoint folder in it.
+
+def check_checkpoint(folder, config_fields=()):
+    """Read every file of a checkpoint as a resume would; a damaged one raises a UserError."""
+    from lora import read_lora_file
+
+    fix = "resume from another checkpoint, or start again without --resume"
+    read_lora_file(folder / "lora.safetensors")
+    state = read_tensor_state(folder / "state.pt", "checkpoint state", fix)
+    if not (isinstance(state, dict) and {"step", "optimizer", "rng"} <= set(state)):
+        raise UserError(f"checkpoint state {folder / 'state.pt'} lacks its step, optimizer or RNG states; {fix}")
+    if state["step"] != int(folder.name[len(PREFIX):]):
+        raise UserError(f"checkpoint state {folder / 'state.pt'} is of step {state['step']}, not of {folder.name}; {fix}")
+    read_json(folder / "config.json", "checkpoint config", config_fields, fix)
+    read_metrics(folder / "metrics.csv")
+
+
+def find_resume_point(target, config_fields=()):
+    """--resume TARGET -> (run folder, checkpoint folder), the checkpoint read whole first.
+
+    TARGET is a run folder, whose newest intact checkpoint is used (damaged newer ones are named
+    in a warning), or one checkpoint folder, which must be intact.
     """
     target = Path(target)
-    if target.name.startswith(PREFIX) and (target / "state.pt").exists():
+    if target.name.startswith(PREFIX) and target.parent.name == "checkpoints":
+        check_checkpoint(target, config_fields)
         return target.parent.parent, target
     found = list_checkpoints(target)
     if not found:
         raise UserError(f"--resume: no checkpoint in {target / 'checkpoints'}; start the run without --resume")
-    return target, found[-1]
+    damaged = []
+    for ckpt in reversed(found):
+        try:
+            check_checkpoint(ckpt, config_fields)
+        except UserError as e:
+            damaged.append(f"{ckpt.name}: {e}")
+            continue
+        if damaged:
+            print(f"warning: resuming from {ckpt.name}, the newest intact checkpoint; skipped "
+                  + " | ".join(damaged), file=sys.stderr)
+        return target, ckpt
+    raise UserError(f"--resume: no intact checkpoint in {target / 'checkpoints'}; tried " + " | ".join(damaged))
 
 
 def load_checkpoint(folder, unet, optimizer, generator):
     """Restore the adapters, the optimizer and every RNG from a checkpoint; returns its step."""
     from lora import load_lora
 
+    fix = "resume from another checkpoint, or start again without --resume"
     load_lora(unet, folder / "lora.safetensors")
-    state = torch.load(folder / "state.pt", weights_only=True)  # tensors and numbers only, no code
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"], generator)
+    state = read_tensor_state(folder / "state.pt", "checkpoint state", fix)  # tensors and numbers only, no code
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generator)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint state {folder / 'state.pt'} does not fit this run ({e}); {fix}") from None
     return state["step"]
 
 
@@ -134,11 +189,15 @@ def restore(resume, lr, unet, optimizer, generator):
     return step, read_metrics(Path(resume) / "metrics.csv")
 
 
-def clear_run(out, names):
-    """--overwrite: remove only the files and folders a run writes (`names`), never others kept in `out`."""
-    for name in names:
-        path = Path(out) / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+def tidy_run_folder(out, names, overwrite):
+    """Before a run writes into `out`: under --overwrite remove the files and folders a run writes
+    (`names`), never others kept there; always clear what a killed run left half-written."""
+    if overwrite:
+        for name in names:
+            path = Path(out) / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if Path(out).is_dir():
+        remove_temporaries(out)
 
 
 #### Logs: metrics.csv, the reward curve, optional trackers
@@ -154,9 +213,12 @@ def metrics_text(rows):
 
 def read_metrics(path):
     """Rows of a metrics.csv, numbers parsed, empty cells kept as ''."""
-    with open(path) as f:
-        return [{k: v if v == "" else (int(v) if k in ("step", "grad_steps", "skipped") else float(v))
-                 for k, v in row.items()} for row in csv.DictReader(f)]
+    ints = ("step", "grad_steps", "skipped")
+    rows = read_csv(path, "metrics log", METRICS)
+    try:
+        return [{k: v if v == "" else (int(v) if k in ints else float(v)) for k, v in row.items()} for row in rows]
+    except ValueError as e:
+        raise UserError(f"metrics log {path} holds a cell that is not a number ({e}); restore it from a copy") from None
 
 
 def plot_rewards(out, rows, reward_name):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from infra.cli import UserError
+from infra.files import read_tensor_state
 
 #### Differentiable preprocessing
 
@@ -107,10 +108,7 @@ def weights_file(path, repo_id, filename, option):
 def load_checkpoint(module, path, option, what, key=None):
     """Load a .pt/.pth state dict into `module` with weights_only=True (tensors only: no code in
     the pickle runs); a file, key or shape that does not fit becomes a one-line UserError."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one that pickles objects besides tensors
-        raise UserError(f"{option}={str(path)!r} is not a loadable {what} file ({type(e).__name__})") from e
+    state = read_tensor_state(path, f"{what} file ({option}=)", f"point {option}= at the downloaded {what} file")
     if key is not None:
         if not (isinstance(state, dict) and key in state):
             found = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__

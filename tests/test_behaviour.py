@@ -13,10 +13,10 @@ import csv
 import json
 
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
 import train
-from conftest import ROOT
 from infra.cli import run_cli
 
 REFERENCE = ROOT / "tests" / "fixtures" / "tiny_reference"

@@ -266,8 +266,11 @@ def test_checkpoint_layouts(paths, tmp_path):
     with pytest.raises(UserError, match="key layout"):
         load_reward("hps", **(hps | {"weights": str(tmp_path / "wrong.pt")}))
     torch.save({"state_dict": object()}, tmp_path / "code.pt")  # weights_only refuses objects
-    with pytest.raises(UserError, match="not a loadable"):
+    with pytest.raises(UserError, match="holds something other than tensors and numbers; it was not loaded"):
         load_reward("hps", **(hps | {"weights": str(tmp_path / "code.pt")}))
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "wrong.pt").read_bytes()[:100])  # a download cut short
+    with pytest.raises(UserError, match="is not a readable torch file"):
+        load_reward("hps", **(hps | {"weights": str(tmp_path / "cut.pt")}))
 
 
 #### Bad input: one line that names the problem and the fix

@@ -9,14 +9,14 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from infra import runlog
-import train
-from infra.cli import UserError, run_cli
 from conftest import ROOT
-from rewards import register
+from safetensors.torch import load_file
 from test_scripts import FAST, read_metrics
+
+import train
+from infra import runlog
+from infra.cli import UserError, run_cli
+from rewards import register
 
 TINY = [*FAST, "--reward", "brightness"]
 
@@ -45,7 +45,7 @@ def test_a_failed_or_interrupted_save_leaves_the_previous_checkpoint(tiny_model,
     params = inject_lora(tiny_model.unet, rank=2)
     opt = torch.optim.AdamW(params)
     gen = torch.Generator().manual_seed(0)
-    runlog.save_checkpoint(tmp_path, 1, tiny_model.unet, opt, gen, "{}", "step\n1\n")
+    runlog.save_checkpoint(tmp_path, 1, tiny_model.unet, opt, gen, "{}", runlog.metrics_text([]))
     good = load_file(tmp_path / "checkpoints/step-000001/lora.safetensors")
 
     def disk_full(*args, **kwargs):

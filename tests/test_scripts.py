@@ -7,9 +7,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from infra import runlog
 import sample
@@ -69,20 +67,6 @@ def test_reward_rises(run):
     rewards = [float(r["reward_mean"]) for r in read_metrics(run) if r["reward_mean"]]
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
     assert last > first + 0.01, rewards
-
-
-def test_resume_is_exact(run, tmp_path):
-    """5 steps + resume for 5 = 10 steps, bit for bit: same LoRA weights, same metrics.csv
-    (all but the `seconds` column, which is wall-clock time)."""
-    copy = tmp_path / "resumed"
-    shutil.copytree(run, copy)
-    shutil.rmtree(copy / "checkpoints" / "step-000010")  # as if the run had died after step 5
-    (copy / "metrics.csv").write_text("garbage the checkpoint's own metrics replace\n")
-    run_cli(train.main, ["--resume", str(copy)])  # in-process: the same code, without a second start-up
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert drop(read_metrics(copy)) == drop(read_metrics(run))
-    a, b = load_file(run / "lora.safetensors"), load_file(copy / "lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sample_side_by_side(run, tmp_path):
