@@ -58,24 +58,30 @@ def add_parser(sub):
 
 
 def random_aesthetic(config, device, dtype):
-    """The aesthetic reward (reward_models.image.aesthetic) at a CLIP size, with random weights: same cost."""
+    """The aesthetic reward (reward_models.image.aesthetic) at a CLIP size, with random weights: same cost.
+
+    Returns (reward, its frozen modules). As the real reward, only CLIP's vision tower and
+    projection are built: the aesthetic head never reads the text tower.
+    """
     import torch.nn.functional as F
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from reward_models.common import freeze
-    from reward_models.image import AestheticHead, clip_pixels, pooled
-    from rewards import per_frame
+    from reward_models.image import AestheticHead, clip_pixels
 
     with torch.device(device):
-        clip = freeze(CLIPModel(CLIPConfig(**config)), device, dtype)
-        head = freeze(AestheticHead(clip.config.projection_dim), device, dtype)
-    size = clip.config.vision_config.image_size
+        vision_config = CLIPVisionConfig(**config["vision_config"], projection_dim=config["projection_dim"])
+        clip = freeze(CLIPVisionModelWithProjection(vision_config), device, dtype)
+        head = freeze(AestheticHead(config["projection_dim"]), device, dtype)
+    size = vision_config.image_size
 
     def score(images):  # (N, 3, H, W) -> (N,)
-        embeds = pooled(clip.get_image_features(pixel_values=clip_pixels(images, size).to(dtype)))
+        embeds = clip(pixel_values=clip_pixels(images, size).to(dtype)).image_embeds  # (N, 768)
         return head(F.normalize(embeds, dim=-1)).float()
 
-    return per_frame(score), sum(p.numel() for p in clip.parameters())
+    from rewards import per_frame
+
+    return per_frame(score), [clip, head]
 
 
 def speed_model(family, device, dtype):
@@ -85,11 +91,55 @@ def speed_model(family, device, dtype):
     from sampler import Schedule
 
     if family == "tiny":
-        return load_video_model("tiny", device, dtype)
+        return load_video_model("tiny", "cpu" if device == "meta" else device, dtype)
     spec = MODELS["modelscope" if family == "unet3d" else "animatediff"]
     unet, vae, text = build_architecture(family, device, dtype)
     checkpoint_blocks(unet)
     return VideoModel(unet, vae, text, None, Schedule.from_config({**MODELSCOPE_SCHEDULER, **spec.scheduler}), spec)
+
+
+def prepare(name, device, dtype, low_memory, materialize=None, foreach=None):
+    """What one configuration's measurements need: (train_step(), generation(), parts).
+
+    `train_step()` is one optimizer step exactly as train.py takes it (vader.train_step on one
+    micro-batch) and `generation()` the plain generation of the same video. The memory simulator
+    builds on the meta device and passes `materialize(module)` to give every frozen module its
+    (fake) weights, and `foreach=True`, AdamW's choice on a GPU.
+    """
+    from lora import inject_lora
+    from vader import generate, loss_scaler, train_step
+
+    family, height, width, frames, k = SPEED_CONFIGS[name]
+    build_on = "meta" if materialize is not None else device
+    model = speed_model(family, build_on, dtype)
+    reward_fn, reward_modules = random_aesthetic(CLIP_TINY_CONFIG if family == "tiny" else CLIP_L14_CONFIG,
+                                                 build_on, dtype)
+    if materialize is not None:
+        for module in (model.unet, model.vae, model.text_encoder, *reward_modules):
+            materialize(module)
+    # train.py's defaults for everything the step reads but the configuration does not set.
+    cfg = SimpleNamespace(frames=frames, height=height, width=width, num_steps=SPEED_STEPS,
+                          guidance=model.spec.guidance, decode_frames=1, grad_accum=1, grad_clip=Config.grad_clip,
+                          low_memory=low_memory)
+    # As train.py: the text encoder runs once (random tokens: its cost does not depend on them), then leaves.
+    with torch.no_grad():
+        tokens = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0)).to(device)
+        cond, uncond = model.text_encoder(tokens)[0].chunk(2)  # (1, 77, D) each
+    model.text_encoder.to("cpu")
+    params = inject_lora(model.unet, rank=Config.lora_rank, targets=model.spec.lora_targets)
+    optimizer = torch.optim.AdamW(params, lr=Config.lr, weight_decay=Config.weight_decay, foreach=foreach)
+    scaler = loss_scaler(dtype, device)
+
+    def step():
+        train_step(model, reward_fn, params, optimizer, scaler, lambda: (["a prompt"], cond), uncond, cfg,
+                   torch.Generator().manual_seed(0), k)
+
+    def generation():
+        generate(model, cond, uncond, frames, height, width, cfg.num_steps, cfg.guidance, seed=0)  # (1, F, 3, H, W)
+
+    parts = dict(model=model, reward_modules=reward_modules, params=params, optimizer=optimizer, cfg=cfg,
+                 grad_steps=k, cond=cond, uncond=uncond)
+    return step, generation, parts
 
 
 def timed(fn, repeats, cuda):
@@ -111,7 +161,7 @@ def real_sizes(family):
     from lora import inject_lora, lora_layers
 
     unet, vae, text = build_architecture(family, "meta")
-    _, clip = random_aesthetic(CLIP_L14_CONFIG, "meta", torch.float32)
+    clip = sum(p.numel() for m in random_aesthetic(CLIP_L14_CONFIG, "meta", torch.float32)[1] for p in m.parameters())
     lora = sum(p.numel() for p in inject_lora(unet, rank=16))
     sizes = [sum(p.numel() for p in m.parameters() if not p.requires_grad) for m in (unet, vae, text)]
     return dict(zip(("unet", "vae", "text_encoder"), sizes), reward_clip=clip, lora=lora,
@@ -120,36 +170,12 @@ def real_sizes(family):
 
 def measure_speed(name, a, device, dtype):
     """One configuration's figures: seconds and peak GB of a training step and of generation."""
-    from lora import inject_lora
-    from vader import generate, loss_scaler, train_step
-
     family, height, width, frames, k = SPEED_CONFIGS[name]
     cuda = device.startswith("cuda")
-    model = speed_model(family, device, dtype)
-    # train.py's defaults for everything the step reads but the configuration does not set.
-    cfg = SimpleNamespace(frames=frames, height=height, width=width, num_steps=SPEED_STEPS,
-                          guidance=model.spec.guidance, decode_frames=1, grad_accum=1, grad_clip=Config.grad_clip,
-                          low_memory=a.low_memory)
-    reward_fn, _ = random_aesthetic(CLIP_TINY_CONFIG if family == "tiny" else CLIP_L14_CONFIG, device, dtype)
-    # As train.py: the text encoder runs once (random tokens: its cost does not depend on them), then leaves.
-    with torch.no_grad():
-        tokens = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0)).to(device)
-        cond, uncond = model.text_encoder(tokens)[0].chunk(2)  # (1, 77, D) each
-    model.text_encoder.to("cpu")
-    params = inject_lora(model.unet, rank=Config.lora_rank, targets=model.spec.lora_targets)
-    optimizer = torch.optim.AdamW(params, lr=Config.lr, weight_decay=Config.weight_decay)
-    scaler = loss_scaler(dtype, device)
-
-    def step():
-        train_step(model, reward_fn, params, optimizer, scaler, lambda: (["a prompt"], cond), uncond, cfg,
-                   torch.Generator().manual_seed(0), k)
-
-    def generation():
-        generate(model, cond, uncond, frames, height, width, cfg.num_steps, cfg.guidance, seed=0)  # (1, F, 3, H, W)
-
+    step, generation, _ = prepare(name, device, dtype, a.low_memory)
     r = dict(config=name, device=torch.cuda.get_device_name(device) if cuda else "cpu",
              dtype=str(dtype).removeprefix("torch."), low_memory=a.low_memory, frames=frames, height=height,
-             width=width, num_steps=cfg.num_steps, grad_steps=k, decode_frames=1)
+             width=width, num_steps=SPEED_STEPS, grad_steps=k, decode_frames=1)
     for what, fn in (("step", step), ("generation", generation)):
         if cuda:
             torch.cuda.empty_cache()

@@ -214,6 +214,19 @@ def test_prompts_pair_row_wise(built, name):
         assert not torch.allclose(batch, built[name](video, PROMPTS), rtol=1e-4, atol=1e-5)
 
 
+def test_aesthetic_loads_only_the_vision_tower_and_scores_as_the_whole_clip(paths, built):
+    """The reward loads CLIP's vision tower and projection alone; its score equals the head on the
+    whole CLIPModel's `get_image_features`, the LAION predictor's recipe."""
+    clip = CLIPModel.from_pretrained(paths["aesthetic"]["clip_model"]).eval()
+    head = image_rewards.AestheticHead()
+    head.load_state_dict(torch.load(paths["aesthetic"]["weights"], weights_only=True))
+    frames = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # (B, f, 3, H, W)
+    with torch.no_grad():
+        embeds = image_rewards.pooled(clip.get_image_features(pixel_values=image_rewards.clip_pixels(frames.flatten(0, 1), 32)))
+        expected = head.eval()(F.normalize(embeds, dim=-1)).view(2, 3).mean(dim=1)
+        torch.testing.assert_close(built["aesthetic"](frames, PROMPTS[:2]), expected)
+
+
 def test_actpred_reads_labels_and_log_prob(paths, built):
     assert video_rewards.find_action("A man Playing Guitar!", LABELS) == 0  # longest match wins
     assert video_rewards.find_action("skiing fast", LABELS) == 2  # parentheses are dropped
