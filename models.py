@@ -14,7 +14,7 @@ Two families of latent video diffusion models, both called as ε_θ(x_t, t, text
   repeat the text embeddings per frame (AnimateDiff's pipeline does); `per_frame_text` does.
 
 Everything that makes training fit one GPU (precision, three kinds of checkpointing) is stated
-once, in vader.py's "Precision and memory" section; per-block checkpointing lives here.
+once, in vader.py's "Precision and memory" section; the checkpointing inside the UNet lives here.
 """
 import functools
 import json
@@ -306,6 +306,7 @@ def _load_components(source, spec, device, dtype):
     for m in (unet, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
     checkpoint_blocks(unet)
+    checkpoint_blocks(vae.decoder)
     if spec is None:  # a folder or hub id: its family's defaults, its size from its configs
         size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         spec = replace(MODELS["modelscope" if family == "unet3d" else "animatediff"], source=source,
@@ -317,30 +318,41 @@ def _load_components(source, spec, device, dtype):
 #### Activation checkpointing inside the UNet
 
 def _checkpointed(forward, *args, **kwargs):
-    """Run a block's forward under non-reentrant checkpointing whenever autograd is recording."""
+    """Run a module's forward under non-reentrant checkpointing whenever autograd is recording."""
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return forward(*args, **kwargs)
 
 
 def checkpoint_blocks(unet, enabled=True):
-    """Checkpoint each block of the UNet: keep only its inputs, recompute the inside in backward.
+    """Checkpoint every module inside the UNet's blocks: keep only its input, recompute it in backward.
 
     Without it, a grad step of ModelScope at 384x384x16 keeps every resnet, attention and
-    feed-forward output of the whole UNet, for a batch of 2 x 16 frames (guidance doubles the
-    batch), until backward: the largest memory cost of training. With each block (transformer_in,
-    every down, mid and up block) checkpointed, only the block boundaries stay; backward
-    recomputes one block at a time, so the peak holds one block's activations. Cost: one more
-    forward of the UNet per grad step (about 4 forward-equivalents instead of 3, counting
-    backward as 2). diffusers' UNet3DConditionModel has no gradient checkpointing of its own, and UNetMotionModel's
-    wraps only resnets and motion modules (spatial attention's activations stay), so the project
-    does it for both. It acts only while autograd records, i.e. in the K grad steps; no-grad
-    steps and generation run the blocks plainly. Module paths and state-dict keys are unchanged
-    (the block's `forward` attribute is wrapped, not the block), so LoRA files and
+    feed-forward output of the whole UNet, for a batch of 16 frames, until backward: the largest
+    memory cost of training. The units checkpointed are the modules of every block's lists (each
+    resnet, spatial attention, temporal conv, temporal attention or motion module, up- and
+    downsampler) and `transformer_in`: only their inputs stay, and backward recomputes one unit
+    at a time, so the peak holds one resnet's or one attention's activations. Whole blocks as
+    units would hold a whole block (at 384x384, 13.5 of a 17.6 GiB peak in the highest-resolution
+    up block). Cost: one more forward of the UNet per grad step (about 4 forward-equivalents
+    instead of 3, counting backward as 2), the same as for whole blocks: every unit is recomputed
+    once. diffusers' UNet3DConditionModel has no gradient checkpointing of its own, and
+    UNetMotionModel's wraps only resnets and motion modules (spatial attention's activations
+    stay), so the project does it for both. It acts only while autograd records, i.e. in the K
+    grad steps; no-grad steps and generation run plainly. Module paths and state-dict keys are
+    unchanged (each unit's `forward` attribute is wrapped, not the unit), so LoRA files and
     `save_pretrained` are unaffected. `enabled=False` restores the plain forwards.
+
+    The VAE's decoder (its mid block and up blocks, no down blocks) is passed here too: decoding
+    runs under a checkpoint of its own (vader.decode_frames), and inside it these units make
+    backward hold one decoder resnet's activations at a time instead of the whole decoder's
+    (at 512x512, 2 GiB of one frame's), for one more decoder forward.
     """
-    blocks = [getattr(unet, "transformer_in", None), *unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    for block in filter(None, blocks):
-        block.__dict__.pop("forward", None)  # back to the class's own forward
+    blocks = [*getattr(unet, "down_blocks", ()), unet.mid_block, *unet.up_blocks]
+    units = [getattr(unet, "transformer_in", None)]
+    units += [m for block in filter(None, blocks) for child in block.children()
+              if isinstance(child, torch.nn.ModuleList) for m in child]
+    for unit in filter(None, units):
+        unit.__dict__.pop("forward", None)  # back to the class's own forward
         if enabled:
-            block.forward = functools.partial(_checkpointed, block.forward)
+            unit.forward = functools.partial(_checkpointed, unit.forward)

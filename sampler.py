@@ -129,8 +129,11 @@ def guided_eps(unet, x, t, cond, uncond, guidance):
 
     x: latents (B, C, F, h, w); cond: text embeddings (B, L, D); uncond: (B, L, D) or the one
     empty-prompt embedding (1, L, D), broadcast to the batch. With guidance 1 the
-    unconditional pass is skipped (w = 1 gives eps_c exactly). Otherwise both passes run as one
-    batch of 2B, which is faster than two calls.
+    unconditional pass is skipped (w = 1 gives eps_c exactly). Without gradients both passes run
+    as one batch of 2B, which is faster than two calls. In a grad step they run as two calls of
+    B: backward then recomputes and holds one pass's activations at a time, not both (the
+    largest memory cost of a step), for about a fifth more kernel launches. The two forms are
+    the same arithmetic; a batched kernel may round differently in the last bit.
 
     Manual mixed precision: the latents stay float32 between steps, because the DDIM update
     subtracts nearly equal numbers when ᾱ is close to 1, which bf16's 8 mantissa bits would
@@ -139,9 +142,13 @@ def guided_eps(unet, x, t, cond, uncond, guidance):
     x_in = x.to(cond.dtype)
     if guidance == 1.0:
         return unet(x_in, t, encoder_hidden_states=cond).sample.to(x.dtype)
-    text = torch.cat([uncond.expand_as(cond), cond])  # (2B, L, D)
-    both = unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=text).sample  # (2B, C, F, h, w)
-    eps_u, eps_c = both.to(x.dtype).chunk(2)  # each (B, C, F, h, w)
+    uncond = uncond.expand_as(cond)  # (B, L, D)
+    if torch.is_grad_enabled():
+        eps_u = unet(x_in, t, encoder_hidden_states=uncond).sample.to(x.dtype)  # (B, C, F, h, w)
+        eps_c = unet(x_in, t, encoder_hidden_states=cond).sample.to(x.dtype)
+    else:
+        both = unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample  # (2B, ...)
+        eps_u, eps_c = both.to(x.dtype).chunk(2)  # each (B, C, F, h, w)
     return eps_u + guidance * (eps_c - eps_u)
 
 

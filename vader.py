@@ -25,21 +25,24 @@ a GPU that has it, fp16 on one that lacks it, float32 on a CPU; models.resolve_d
 | LoRA A, B | float32 | GPU | an lr-2e-4 update of a weight of size ~1e-2 is below bf16's 8-bit mantissa: it would round away |
 | LoRA gradients, AdamW's two moments | float32 | GPU | the same reason; 3x the LoRA's size in all (6.65 M parameters for ModelScope) |
 | latents x_t between DDIM steps | float32 | GPU | DDIM subtracts nearly equal numbers when ᾱ is near 1 (sampler.guided_eps) |
-| UNet activations | base | GPU | the UNet is called on x_t cast to base; inside a LoRA layer the low-rank branch runs in float32 and its output is cast back (lora.LoRALinear) |
+| UNet activations | base | GPU | the UNet is called on x_t cast to base; inside a LoRA layer the low-rank branch runs in float32 and its output is cast back, with no float32 copy of its input kept for backward (lora.LoRAUpdate) |
 | decoded frames (B, f, 3, H, W) | float32 in [0, 1] | GPU | the reward's preprocessing works in float32 |
 | reward activations | base | GPU | the reward model's weights |
 | loss, rewards | float32 | GPU | with fp16, the loss is multiplied by a dynamic scale before backward (`loss_scaler`) |
 
 What autograd keeps for backward is cut three ways, each where it happens:
-1. Per-block checkpointing of the UNet (models.checkpoint_blocks), always on: during a grad step
-   each UNet block keeps only its input, and backward recomputes one block at a time, so the
-   peak holds one block's activations. Cost: one more UNet forward per grad step (about 4
-   forward-equivalents instead of 3, counting backward as 2). No-grad steps are unaffected.
+1. Checkpointing inside the UNet (models.checkpoint_blocks), always on: during a grad step each
+   resnet, attention and temporal module of the UNet's blocks keeps only its input, and backward
+   recomputes one at a time, so the peak holds one module's activations. Cost: one more UNet
+   forward per grad step (about 4 forward-equivalents instead of 3, counting backward as 2).
+   No-grad steps are unaffected. Guidance's two passes run as two calls in a grad step
+   (sampler.guided_eps), so backward holds one pass's activations at a time.
 2. Whole-step checkpointing (sampler.sample's `checkpoint_steps`), only with --low-memory: a grad
    step keeps only its input latent, so memory stays flat in K. Cost: one more UNet forward per
    grad step on top of (1), as the step is re-run before its blocks are.
 3. Checkpointed decoding (`decode_frames`), always on: the VAE decoder's activations are
-   recomputed in backward, at one more decoder forward per step; with --low-memory each of the
+   recomputed in backward, one decoder resnet at a time (models.checkpoint_blocks), at two more
+   decoder forwards per step (of f frames: cheap); with --low-memory each of the
    B*f frames is its own checkpoint. --low-memory also moves what autograd still saves (the
    reward model's activations, DDIM's arithmetic) to CPU memory and back, at the cost of copies.
 """

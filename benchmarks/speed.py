@@ -10,6 +10,7 @@ travels between machines. The weights are random, built from the real configs
 (benchmarks/architectures.py): nothing is downloaded, and random weights cost exactly the memory
 and time trained ones do.
 """
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ SPEED_CONFIGS = {  # name -> (family, height, width, frames, K); the tiny one ru
     "zeroscope-576": ("unet3d", 320, 576, 24, 1),
     "animatediff-512": ("animatediff", 512, 512, 16, 1),
     "tiny": ("tiny", 32, 32, 8, 1),
+    "toy": ("toy", 32, 32, 8, 1),
 }
+SMALL = ("tiny", "toy")  # the CPU-sized models: loaded by name, scored by a tiny CLIP
 SPEED_STEPS = 25  # VADER's DDIM steps, for the training step and for generation alike
 SPEED_TARGETS_GB = {"modelscope-256": 12, "modelscope-384": 24}  # the peak memory a step may take
 STEP_TARGET = 1.3  # a training step may take at most 1.3x the time of generating the video
@@ -90,42 +93,54 @@ def speed_model(family, device, dtype):
     from models import MODELS, MODELSCOPE_SCHEDULER, VideoModel, checkpoint_blocks, load_video_model
     from sampler import Schedule
 
-    if family == "tiny":
-        return load_video_model("tiny", "cpu" if device == "meta" else device, dtype)
+    if family in SMALL:
+        return load_video_model(family, "cpu" if device == "meta" else device, dtype)
     spec = MODELS["modelscope" if family == "unet3d" else "animatediff"]
     unet, vae, text = build_architecture(family, device, dtype)
     checkpoint_blocks(unet)
+    checkpoint_blocks(vae.decoder)
     return VideoModel(unet, vae, text, None, Schedule.from_config({**MODELSCOPE_SCHEDULER, **spec.scheduler}), spec)
 
 
-def prepare(name, device, dtype, low_memory, materialize=None, foreach=None):
+def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_steps=SPEED_STEPS):
     """What one configuration's measurements need: (train_step(), generation(), parts).
 
     `train_step()` is one optimizer step exactly as train.py takes it (vader.train_step on one
     micro-batch) and `generation()` the plain generation of the same video. The memory simulator
-    builds on the meta device and passes `materialize(module)` to give every frozen module its
-    (fake) weights, and `foreach=True`, AdamW's choice on a GPU.
+    passes a FakeTensorMode: the models are then built on the meta device and given fake weights
+    (benchmarks.memory.materialize_fake), and `foreach=True`, AdamW's choice on a GPU.
     """
+    family = SPEED_CONFIGS[name][0]
+    build_on = device if fake_mode is None else "meta"
+    model = speed_model(family, build_on, dtype)
+    reward_fn, reward_modules = random_aesthetic(CLIP_TINY_CONFIG if family in SMALL else CLIP_L14_CONFIG,
+                                                 build_on, dtype)
+    with fake_mode or contextlib.nullcontext():
+        if fake_mode is not None:
+            from benchmarks.memory import materialize_fake
+
+            for module in (model.unet, model.vae, model.text_encoder, *reward_modules):
+                materialize_fake(module)
+        step, generation, parts = _step_and_generation(model, reward_fn, name, device, dtype, low_memory, foreach,
+                                                       num_steps)
+    return step, generation, dict(parts, reward_modules=reward_modules)
+
+
+def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, foreach, num_steps):
     from lora import inject_lora
     from vader import generate, loss_scaler, train_step
 
     family, height, width, frames, k = SPEED_CONFIGS[name]
-    build_on = "meta" if materialize is not None else device
-    model = speed_model(family, build_on, dtype)
-    reward_fn, reward_modules = random_aesthetic(CLIP_TINY_CONFIG if family == "tiny" else CLIP_L14_CONFIG,
-                                                 build_on, dtype)
-    if materialize is not None:
-        for module in (model.unet, model.vae, model.text_encoder, *reward_modules):
-            materialize(module)
     # train.py's defaults for everything the step reads but the configuration does not set.
-    cfg = SimpleNamespace(frames=frames, height=height, width=width, num_steps=SPEED_STEPS,
+    cfg = SimpleNamespace(frames=frames, height=height, width=width, num_steps=num_steps,
                           guidance=model.spec.guidance, decode_frames=1, grad_accum=1, grad_clip=Config.grad_clip,
                           low_memory=low_memory)
     # As train.py: the text encoder runs once (random tokens: its cost does not depend on them), then leaves.
     with torch.no_grad():
         tokens = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0)).to(device)
         cond, uncond = model.text_encoder(tokens)[0].chunk(2)  # (1, 77, D) each
-    model.text_encoder.to("cpu")
+    if device != "cpu":
+        model.text_encoder.to("cpu")
     params = inject_lora(model.unet, rank=Config.lora_rank, targets=model.spec.lora_targets)
     optimizer = torch.optim.AdamW(params, lr=Config.lr, weight_decay=Config.weight_decay, foreach=foreach)
     scaler = loss_scaler(dtype, device)
@@ -137,9 +152,7 @@ def prepare(name, device, dtype, low_memory, materialize=None, foreach=None):
     def generation():
         generate(model, cond, uncond, frames, height, width, cfg.num_steps, cfg.guidance, seed=0)  # (1, F, 3, H, W)
 
-    parts = dict(model=model, reward_modules=reward_modules, params=params, optimizer=optimizer, cfg=cfg,
-                 grad_steps=k, cond=cond, uncond=uncond)
-    return step, generation, parts
+    return step, generation, dict(model=model, params=params, optimizer=optimizer, cfg=cfg, cond=cond, uncond=uncond)
 
 
 def timed(fn, repeats, cuda):
@@ -189,18 +202,18 @@ def measure_speed(name, a, device, dtype):
 def run_speed(a):
     from models import resolve_device, resolve_dtype
 
-    names = [n for n in SPEED_CONFIGS if n != "tiny"] if a.config == "all" else a.config.split(",")
+    names = [n for n in SPEED_CONFIGS if n not in SMALL] if a.config == "all" else a.config.split(",")
     unknown = [n for n in names if n not in SPEED_CONFIGS]
     if unknown or a.repeats < 1:
         raise UserError(f"unknown --config {', '.join(unknown)}; known: {', '.join(SPEED_CONFIGS)}, all"
                         if unknown else f"--repeats must be at least 1, got {a.repeats}")
-    for family in dict.fromkeys(SPEED_CONFIGS[n][0] for n in names if n != "tiny"):
+    for family in dict.fromkeys(SPEED_CONFIGS[n][0] for n in names if n not in SMALL):
         c = real_sizes(family)
         print(f"{family} at real size (random weights, counted on the meta device): UNet {c['unet'] / 1e6:,.1f} M, "
               f"VAE {c['vae'] / 1e6:,.1f} M, text encoder {c['text_encoder'] / 1e6:,.1f} M, reward CLIP ViT-L/14 "
               f"{c['reward_clip'] / 1e6:,.1f} M; LoRA r=16 on {c['lora_layers']} linears: {c['lora'] / 1e6:,.2f} M")
     device = resolve_device(a.device)
-    if not device.startswith("cuda") and names != ["tiny"]:
+    if not device.startswith("cuda") and not set(names) <= set(SMALL):
         print(f"no CUDA GPU: the time and memory of {', '.join(names)} need one (run the same command on a "
               "GPU); measuring the tiny model on the CPU instead")
         names = ["tiny"]

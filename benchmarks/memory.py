@@ -1,0 +1,324 @@
+"""`python bench.py memory`: the GPU memory of every configuration, predicted on a CPU.
+
+No GPU is needed to know what a training step keeps alive. Every configuration of
+`bench.py speed` is built at real size on the meta device, its weights turned into fake tensors
+(`torch._subclasses.fake_tensor.FakeTensorMode`: shapes, dtypes and strides, no data), and then
+the step train.py takes (vader.train_step, through `benchmarks.speed.prepare`) and the plain
+generation of the same video run on them. Every operator still runs, as metadata, so autograd,
+checkpointing and the optimizer behave exactly as on a GPU; `LiveBytes` below counts the bytes of
+the tensor storages alive after every operator, and the peak is the prediction.
+
+What it cannot see: the CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces, and the caching
+allocator's fragmentation, which `torch.cuda.max_memory_allocated` (what `bench.py speed`
+reports) does not count either; and kernels that keep temporaries of their own. Attention runs
+through the fused kernel on both devices (flash attention on the CPU too), so no attention
+matrix is stored in either. Under --low-memory, what autograd moves to the host is counted off
+the device, as on a GPU.
+
+FLOPs are counted on the same run with `torch.utils.flop_counter`'s formulas (FlopCounterMode
+itself is not used: its module tracking keeps checkpointed activations alive); their ratio is the
+floor on "step / generation" time, and a roofline estimate divides them by a GPU's dense bf16
+peak at a stated utilisation (labelled an estimate: it is not a measurement).
+"""
+import contextlib
+import json
+import time
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from infra.cli import UserError
+from infra.files import atomic_write_text
+
+GIB = 2**30
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity).
+GPUS = {"RTX 4090": 165.2, "H100 SXM": 989.4}
+UTILISATION = 0.4  # the share of that peak a UNet step reaches, for the estimate only
+GOALS_GIB = {"modelscope-256": 5.5, "modelscope-384": 7.5, "zeroscope-576": 10.0, "animatediff-512": 9.0}
+
+
+def add_parser(sub):
+    from benchmarks.speed import SPEED_CONFIGS
+
+    m = sub.add_parser("memory", help="predicted peak GPU memory and FLOPs of every configuration, on a CPU",
+                       description="Run train.py's step and plain generation on fake tensors at real sizes; "
+                                   "print and write the predicted peak memory, its breakdown, and FLOPs.")
+    m.add_argument("--config", default="all", help=f"comma-separated names, or 'all': {', '.join(SPEED_CONFIGS)}")
+    m.add_argument("--low-memory", action="store_true", help="train.py's --low-memory")
+    m.add_argument("--num-steps", type=int, default=25, help="DDIM steps (25, as bench.py speed; the peak does not "
+                   "depend on the no-grad ones, FLOPs do)")
+    m.add_argument("--output-dir", default="runs/bench", help="where memory-<config>.json goes")
+    m.set_defaults(run=run_memory)
+
+
+#### Counting live bytes
+
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of tensor storages, op by op: each storage is added when an op first returns
+    it and subtracted when it is freed (a `weakref.finalize` on the storage), so views and
+    in-place ops cost nothing and a freed activation is gone at once, as in the caching
+    allocator's `memory_allocated`. `static` tensors (weights, LoRA, cached embeddings) are
+    counted from the start under their category.
+
+    At every new peak it notes where it is: the innermost module running (forward, or a
+    checkpoint's recomputation) and the phase (forward, backward, optimizer), and, when the peak
+    has grown by 1% since the last note, the bytes by category (so the breakdown is within 1%).
+    """
+
+    def __init__(self, static=(), labels=lambda: ()):
+        super().__init__()
+        self.labels = labels  # () -> [(category, tensors)] known only as the step goes (gradients, AdamW state)
+        self.live, self.peak = {}, 0
+        self.total, self.noted, self.flops = 0, 0, 0
+        self.host = False  # True while tensors are made in host memory (--low-memory's offload)
+        self.modules, self.phase, self.where, self.breakdown = [], "forward", "", {}
+        self.categories = {}  # storage key -> category, for the static tensors and later labels
+        for category, tensors in static:
+            for t in tensors:
+                self.add(t, category)
+        self.hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
+                      torch.nn.modules.module.register_module_forward_hook(self._leave)]
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+    def _enter(self, module, args):
+        self.modules.append(getattr(module, "_memory_name", type(module).__name__))
+
+    def _leave(self, module, args, output):
+        if self.modules:
+            self.modules.pop()
+
+    def add(self, t, category=None):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live or self.host:
+            return
+        self.live[key] = storage.nbytes()
+        if category:
+            self.categories[key] = category
+        self.total += self.live[key]
+        weakref.finalize(storage, self._free, key)
+        if self.total > self.peak:
+            self.peak = self.total
+            backward = torch._C._current_autograd_node() is not None
+            phase = "backward" if backward else self.phase
+            inside = self.modules[-1] if self.modules else ""
+            self.where = f"{phase}{' (recomputing)' if backward and inside else ''}: {inside or '-'}"
+            if self.peak >= 1.01 * self.noted:
+                self.noted, self.breakdown = self.peak, self.by_category()
+
+    def _free(self, key):
+        self.total -= self.live.pop(key, 0)
+        self.categories.pop(key, None)
+
+    def by_category(self):
+        """Live bytes now, by category; anything unlabelled is an activation (or a temporary)."""
+        now = {t.untyped_storage()._cdata: c for c, tensors in self.labels() for t in tensors if t is not None}
+        out = {}
+        for key, n in self.live.items():
+            c = self.categories.get(key) or now.get(key, "activations")
+            out[c] = out.get(c, 0) + n
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and is_fake(args[0]):
+            # .item() of a fake tensor has no value: the loss and the gradient norm are taken to be
+            # finite (1.0), so the optimizer steps as it would on a healthy run.
+            return 1.0 if args[0].dtype.is_floating_point else 1
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in flop_registry:  # FlopCounterMode's formulas (the mode itself doubles the memory)
+            self.flops += flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.add(t)
+        return out
+
+
+def is_fake(t):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def materialize_fake(module):
+    """Give every parameter and buffer of a meta-device module a fake CPU tensor of its shape and
+    dtype, in place (called inside FakeTensorMode; `.to()` on a module built under the mode fails
+    with 'Couldn't swap ... has weakref')."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+
+
+def name_modules(prefix, module):
+    """Tag every submodule with its qualified name, for the "where" of a peak."""
+    for name, m in module.named_modules():
+        m._memory_name = f"{prefix}.{name}" if name else prefix
+
+
+@contextmanager
+def host_offload(counter):
+    """--low-memory's `save_on_cpu`, seen by the counter: what autograd saves is copied to host
+    memory (not counted) and comes back to the device in backward (counted when it does)."""
+    original = torch.autograd.graph.save_on_cpu
+
+    class save_on_host(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            def pack(t):
+                counter.host = True
+                try:
+                    return t.clone()
+                finally:
+                    counter.host = False
+
+            super().__init__(pack, lambda t: t.clone())
+
+    torch.autograd.graph.save_on_cpu = save_on_host
+    try:
+        yield
+    finally:
+        torch.autograd.graph.save_on_cpu = original
+
+
+def add_compare_parser(sub):
+    c = sub.add_parser("compare", help="measured (bench.py speed) against predicted (bench.py memory), side by side",
+                       description="Read the speed-*.json and memory-*.json of one folder, as benchmarks/gpu_check.sh "
+                                   "writes them on a GPU machine, and write gpu-check.md.")
+    c.add_argument("--output-dir", default="runs/bench", help="the folder holding both kinds of JSON")
+    c.set_defaults(run=run_compare)
+
+
+#### One configuration
+
+def simulate(name, low_memory=False, fake=True, num_steps=25):
+    """Predicted peak bytes, breakdown and FLOPs of a configuration's training step and generation.
+
+    With fake=False the same counter runs on real CPU tensors (for the tiny and toy models):
+    the calibration of the fake run.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.speed import SMALL, prepare
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    dtype = torch.float32 if name in SMALL else torch.bfloat16  # the small models' CPU dtype, real or fake
+    step, generation, parts = prepare(name, "cpu", dtype, low_memory, mode, foreach=True, num_steps=num_steps)
+    with mode or contextlib.nullcontext():
+        model, optimizer = parts["model"], parts["optimizer"]
+        for prefix, module in (("unet", model.unet), ("vae", model.vae), *(("reward", m) for m in parts["reward_modules"])):
+            name_modules(prefix, module)
+        frozen = [t for m in (model.unet, model.vae, *parts["reward_modules"]) for t in (*m.parameters(), *m.buffers())]
+        lora = {id(p) for p in parts["params"]}
+        static = [("frozen weights", [t for t in frozen if id(t) not in lora]), ("LoRA", parts["params"]),
+                  ("text embeddings", [parts["cond"], parts["uncond"]])]
+        def labels():
+            grads = [p.grad for p in parts["params"]]
+            state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+            return [("LoRA gradients", grads), ("optimizer state", state)]
+
+        result = {}
+        for what, fn in (("step", step), ("generation", generation)):
+            counter = LiveBytes(static, labels)
+            hook = optimizer.register_step_pre_hook(lambda *a: setattr(counter, "phase", "optimizer"))
+            start = time.perf_counter()
+            with counter, host_offload(counter):
+                fn()
+            counter.close()
+            hook.remove()
+            result[what] = dict(peak_gib=counter.peak / GIB, where=counter.where, flops=counter.flops,
+                                breakdown_gib={k: v / GIB for k, v in sorted(counter.breakdown.items())},
+                                simulated_s=round(time.perf_counter() - start, 1))
+            if what == "step":  # gradients and AdamW's moments now exist: their sizes, for the table
+                grads = sum(p.grad.nbytes for p in parts["params"] if p.grad is not None)
+                state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+                result["step"]["gradients_gib"], result["step"]["optimizer_state_gib"] = grads / GIB, state / GIB
+    return result
+
+
+def register_cpu_attention_flops():
+    """FlopCounterMode counts CUDA's fused attention but not the CPU's; the FLOPs are the same."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    forward, backward = aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(forward)
+    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @fc.register_flop_formula(backward)
+    def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+#### The command
+
+def run_memory(a):
+    from benchmarks.speed import SMALL, SPEED_CONFIGS
+
+    names = [n for n in SPEED_CONFIGS if n not in SMALL] if a.config == "all" else a.config.split(",")
+    unknown = [n for n in names if n not in SPEED_CONFIGS]
+    if unknown:
+        raise UserError(f"unknown --config {', '.join(unknown)}; known: {', '.join(SPEED_CONFIGS)}, all")
+    if a.num_steps < 1:
+        raise UserError(f"--num-steps must be at least 1, got {a.num_steps}")
+    register_cpu_attention_flops()
+    gpus = " | ".join(f"step s on {g} (estimate)" for g in GPUS)
+    print(f"| config | low-memory | step peak GiB | goal | generation peak GiB | peak at | TFLOP step | "
+          f"TFLOP generation | step / generation | {gpus} |\n|" + " --- |" * (9 + len(GPUS)))
+    for name in names:
+        r = simulate(name, a.low_memory, num_steps=a.num_steps)
+        step, gen = r["step"], r["generation"]
+        ratio = step["flops"] / gen["flops"]
+        estimates = " | ".join(f"{step['flops'] / (peak * 1e12 * UTILISATION):.2f}" for peak in GPUS.values())
+        goal = GOALS_GIB.get(name)
+        print(f"| {name} | {'yes' if a.low_memory else 'no'} | {step['peak_gib']:.2f} | "
+              f"{f'≤ {goal}' if goal else ''} | {gen['peak_gib']:.2f} | {step['where']} | {step['flops'] / 1e12:.1f} | "
+              f"{gen['flops'] / 1e12:.1f} | {ratio:.2f} | {estimates} |", flush=True)
+        record = dict(config=name, low_memory=a.low_memory, num_steps=a.num_steps, device="fake tensors (CPU simulation)",
+                      dtype="bfloat16", step=step, generation=gen, flops_ratio=ratio,
+                      estimate=dict(utilisation=UTILISATION, gpus_tflops=GPUS,
+                                    step_s={g: step["flops"] / (p * 1e12 * UTILISATION) for g, p in GPUS.items()}))
+        stem = f"memory-{name}" + ("-low-memory" if a.low_memory else "")
+        atomic_write_text(Path(a.output_dir) / f"{stem}.json", json.dumps(record, indent=2) + "\n")
+    print(f"\nbreakdowns, the phase and module of each peak: {a.output_dir}/memory-*.json")
+
+
+def run_compare(a):
+    """gpu-check.md: per configuration, the measured peak (max_memory_allocated) and time against
+    the prediction; a ratio far from 1 is what the simulator cannot see, or a bug in it."""
+    out = Path(a.output_dir)
+    rows = []
+    for measured_path in sorted(out.glob("speed-*.json")):
+        predicted_path = out / measured_path.name.replace("speed-", "memory-", 1)
+        if not predicted_path.exists():
+            continue
+        m, p = (json.loads(f.read_text()) for f in (measured_path, predicted_path))
+        if m["step_peak_gb"] is None:  # measured on a CPU: no GPU memory to compare
+            continue
+        cells = [m["config"], "yes" if m["low_memory"] else "no", m["device"]]
+        for what in ("step", "generation"):
+            meas, pred = m[f"{what}_peak_gb"], p[what]["peak_gib"]
+            cells += [f"{meas:.2f}", f"{pred:.2f}", f"{meas / pred:.2f}"]
+        cells += [f"{m['step_s']:.2f}", f"{m['ratio']:.2f}", f"{p['flops_ratio']:.2f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        raise UserError(f"{out} holds no pair of GPU speed-*.json and memory-*.json; run benchmarks/gpu_check.sh "
+                        "on a GPU machine")
+    table = ("| config | low-memory | GPU | step GiB measured | predicted | measured / predicted | generation GiB "
+             "measured | predicted | measured / predicted | step s | step / generation, time | FLOPs |\n|"
+             + " --- |" * 12 + "\n" + "\n".join(rows) + "\n")
+    atomic_write_text(out / "gpu-check.md", table)
+    print(table + f"\nwrote {out}/gpu-check.md")
