@@ -8,7 +8,7 @@ import models
 from benchmarks.memory import register_cpu_attention_flops, simulate
 from infra.cli import run_cli
 
-STEPS = 3  # DDIM steps: the peak of a step does not depend on the no-grad ones, the time does
+STEPS = 2  # DDIM steps: the peak of a step does not depend on the no-grad ones, the time does
 
 
 @pytest.fixture(scope="module")
