@@ -8,7 +8,7 @@ import models
 from benchmarks.memory import register_cpu_attention_flops, simulate
 from infra.cli import run_cli
 
-STEPS = 2  # DDIM steps: the peak of a step does not depend on the no-grad ones, the time does
+STEPS = 1  # DDIM steps: the peak of a step does not depend on the no-grad ones, the time does
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_low_memory_is_not_larger(tiny_fake):
 
 
 def test_the_command_writes_its_table_and_json(tmp_path, capsys):
-    run_cli(bench.main, ["memory", "--config", "tiny", "--num-steps", "2", "--output-dir", str(tmp_path)])
+    run_cli(bench.main, ["memory", "--config", "tiny", "--num-steps", "1", "--output-dir", str(tmp_path)])
     assert "| tiny | no |" in capsys.readouterr().out
     record = json.loads((tmp_path / "memory-tiny.json").read_text())
     assert record["step"]["peak_gib"] > record["generation"]["peak_gib"] > 0
