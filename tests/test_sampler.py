@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler
 from sampler import Schedule, ddim_step, sample
 
 CONFIGS = {
-    # ModelScope's scheduler (REAL_MODELS.md)
+    # ModelScope's scheduler (its hub folder's scheduler_config.json)
     "modelscope": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                        set_alpha_to_one=False, timestep_spacing="leading"),
     # AnimateDiff's documented scheduler
