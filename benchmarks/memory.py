@@ -24,7 +24,6 @@ import contextlib
 import json
 import time
 import weakref
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,14 +42,14 @@ GOALS_GIB = {"modelscope-256": 5.5, "modelscope-384": 7.5, "zeroscope-576": 10.0
 
 
 def add_parser(sub):
-    from benchmarks.speed import SPEED_CONFIGS
+    from benchmarks.speed import SPEED_CONFIGS, SPEED_STEPS
 
     m = sub.add_parser("memory", help="predicted peak GPU memory and FLOPs of every configuration, on a CPU",
                        description="Run train.py's step and plain generation on fake tensors at real sizes; "
                                    "print and write the predicted peak memory, its breakdown, and FLOPs.")
     m.add_argument("--config", default="all", help=f"comma-separated names, or 'all': {', '.join(SPEED_CONFIGS)}")
     m.add_argument("--low-memory", action="store_true", help="train.py's --low-memory")
-    m.add_argument("--num-steps", type=int, default=25, help="DDIM steps (25, as bench.py speed; the peak does not "
+    m.add_argument("--num-steps", type=int, default=SPEED_STEPS, help="DDIM steps (as bench.py speed; the peak does not "
                    "depend on the no-grad ones, FLOPs do)")
     m.add_argument("--output-dir", default="runs/bench", help="where memory-<config>.json goes")
     m.set_defaults(run=run_memory)
@@ -166,7 +165,7 @@ def name_modules(prefix, module):
         m._memory_name = f"{prefix}.{name}" if name else prefix
 
 
-@contextmanager
+@contextlib.contextmanager
 def host_offload(counter):
     """--low-memory's `save_on_cpu`, seen by the counter: what autograd saves is copied to host
     memory (not counted) and comes back to the device in backward (counted when it does)."""
@@ -200,7 +199,7 @@ def add_compare_parser(sub):
 
 #### One configuration
 
-def simulate(name, low_memory=False, fake=True, num_steps=25):
+def simulate(name, low_memory=False, fake=True, num_steps=None):
     """Predicted peak bytes, breakdown and FLOPs of a configuration's training step and generation.
 
     With fake=False the same counter runs on real CPU tensors (for the tiny and toy models):
@@ -208,8 +207,9 @@ def simulate(name, low_memory=False, fake=True, num_steps=25):
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from benchmarks.speed import SMALL, prepare
+    from benchmarks.speed import SMALL, SPEED_STEPS, prepare
 
+    num_steps = num_steps or SPEED_STEPS
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     dtype = torch.float32 if name in SMALL else torch.bfloat16  # the small models' CPU dtype, real or fake
     step, generation, parts = prepare(name, "cpu", dtype, low_memory, mode, foreach=True, num_steps=num_steps)
@@ -266,12 +266,9 @@ def register_cpu_attention_flops():
 #### The command
 
 def run_memory(a):
-    from benchmarks.speed import SMALL, SPEED_CONFIGS
+    from benchmarks.speed import config_names
 
-    names = [n for n in SPEED_CONFIGS if n not in SMALL] if a.config == "all" else a.config.split(",")
-    unknown = [n for n in names if n not in SPEED_CONFIGS]
-    if unknown:
-        raise UserError(f"unknown --config {', '.join(unknown)}; known: {', '.join(SPEED_CONFIGS)}, all")
+    names = config_names(a.config)
     if a.num_steps < 1:
         raise UserError(f"--num-steps must be at least 1, got {a.num_steps}")
     register_cpu_attention_flops()

@@ -60,6 +60,15 @@ def add_parser(sub):
     s.set_defaults(run=run_speed)
 
 
+def config_names(arg):
+    """--config: comma-separated names of SPEED_CONFIGS, or 'all' (every real-size one)."""
+    names = [n for n in SPEED_CONFIGS if n not in SMALL] if arg == "all" else arg.split(",")
+    unknown = [n for n in names if n not in SPEED_CONFIGS]
+    if unknown:
+        raise UserError(f"unknown --config {', '.join(unknown)}; known: {', '.join(SPEED_CONFIGS)}, all")
+    return names
+
+
 def random_aesthetic(config, device, dtype):
     """The aesthetic reward (reward_models.image.aesthetic) at a CLIP size, with random weights: same cost.
 
@@ -202,11 +211,9 @@ def measure_speed(name, a, device, dtype):
 def run_speed(a):
     from models import resolve_device, resolve_dtype
 
-    names = [n for n in SPEED_CONFIGS if n not in SMALL] if a.config == "all" else a.config.split(",")
-    unknown = [n for n in names if n not in SPEED_CONFIGS]
-    if unknown or a.repeats < 1:
-        raise UserError(f"unknown --config {', '.join(unknown)}; known: {', '.join(SPEED_CONFIGS)}, all"
-                        if unknown else f"--repeats must be at least 1, got {a.repeats}")
+    names = config_names(a.config)
+    if a.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {a.repeats}")
     for family in dict.fromkeys(SPEED_CONFIGS[n][0] for n in names if n not in SMALL):
         c = real_sizes(family)
         print(f"{family} at real size (random weights, counted on the meta device): UNet {c['unet'] / 1e6:,.1f} M, "
