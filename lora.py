@@ -15,9 +15,12 @@ the optimizer state stay float32: updates of lr 2e-4 to numbers of size ~1e-2 wo
 away in bf16 (8 mantissa bits), so the adapter path computes in float32 and only its output is
 cast back to the activations' dtype.
 
-Saved files use PEFT's key layout (`unet.<module path>.lora_A.weight`, `...lora_B.weight`), so
-other tools can read them; rank and alpha travel in the safetensors metadata.
+Saved files use PEFT's key layout (`unet.<module path>.lora_A.weight`, `...lora_B.weight`; for
+Wan `transformer.<path>...`), so other tools can read them; rank and alpha travel in the
+safetensors metadata, twice: as plain fields for `load_lora`, and as the LoraConfig fields that
+diffusers' `load_lora_weights` reads, so diffusers applies the same alpha / r scaling.
 """
+import json
 import math
 from pathlib import Path
 
@@ -132,6 +135,10 @@ def save_lora(model, path, prefix="unet."):
         raise ValueError("the model has no LoRA layers to save")
     first = next(iter(layers.values()))
     meta = {"rank": str(first.rank), "alpha": str(first.alpha), "format": "peft", "prefix": prefix}
+    # diffusers (loaders.lora_base.LORA_ADAPTER_METADATA_KEY) builds its peft.LoraConfig from these,
+    # prefixed by the component they belong to; without them it would take alpha = r.
+    config = {"r": first.rank, "lora_alpha": first.alpha, "target_modules": sorted(layers)}
+    meta["lora_adapter_metadata"] = json.dumps({f"{prefix}{k}": v for k, v in config.items()})
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, prefix).items()}
     data = save(tensors, metadata=meta)  # serialised in memory, so a full disk is an OSError of the write below
     with atomic_path(path) as tmp:

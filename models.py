@@ -1,7 +1,7 @@
-"""Video models: the registry, loading either family, and fitting one on a 24 GB GPU.
+"""Video models: the registry, loading each family, and fitting one on a 24 GB GPU.
 
-Two families of latent video diffusion models, both called as ε_θ(x_t, t, text) on latents
-(B, C, F, h, w) and returning ε of the same shape:
+Three families of latent video diffusion models, all called as model(x_t, t, text) on latents
+(B, C, F, h, w) and returning a prediction of the same shape (ε for the UNets, a velocity for Wan):
 - "unet3d": ModelScope T2V 1.7B and its fine-tunes (Zeroscope). A `UNet3DConditionModel`
   (spatial and temporal layers, 1.41 B parameters), Stable Diffusion's VAE, and an OpenCLIP-H
   text encoder (1024-d embeddings).
@@ -12,12 +12,18 @@ Two families of latent video diffusion models, both called as ε_θ(x_t, t, text
   end, so it takes the same (B, C, F, h, w) latents as UNet3D; its docstring says (B, F, C, h, w),
   but the code is what counts, and tests/test_models.py checks it. Unlike UNet3D it does not
   repeat the text embeddings per frame (AnimateDiff's pipeline does); `per_frame_text` does.
+- "wan": Wan2.1 T2V, a flow-matching video transformer (`WanTransformer3DModel`, 1.42 B
+  parameters for the 1.3B model: 30 blocks of self-attention over every latent patch of every
+  frame, cross-attention to the text, and an FFN), a causal 3D VAE (`AutoencoderKLWan`: 8x
+  spatial and 4x temporal compression, F pixel frames <-> 1 + (F - 1) / 4 latent frames) and a
+  UMT5-XXL text encoder (5.7 B parameters, 4096-d embeddings of 512 tokens). It samples with
+  sampler.FlowSchedule and decodes with vader.decode_causal.
 
 Everything that makes training fit one GPU (precision, three kinds of checkpointing) is stated
 once, in vader.py's "Precision and memory" section; the checkpointing inside the UNet lives here.
 """
+import contextlib
 import functools
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -29,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from infra.cli import UserError
 from infra.files import first_line
 from lora import TARGETS
-from sampler import Schedule
+from sampler import FlowSchedule, Schedule
 
 # The toy world's pretrained model (toy/pretrain.py writes it; committed with the code).
 TOY_FOLDER = Path(__file__).resolve().parent / "toy" / "model"
@@ -37,6 +43,10 @@ TOY_FOLDER = Path(__file__).resolve().parent / "toy" / "model"
 # modules were trained with (SD 1.5's own config says scaled_linear), "linspace" timesteps.
 # clip_sample is listed for fidelity to those docs; our sampler never clips x0 anyway.
 ANIMATEDIFF_SCHEDULER = dict(beta_schedule="linear", clip_sample=False, timestep_spacing="linspace", steps_offset=1)
+# Wan2.1's scheduler/ (UniPC on flow sigmas, shift 3 for 480p): the tiny Wan writes the same, and
+# sampler.FlowSchedule reads its flow_shift.
+WAN_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+WAN_TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
 
 
 @dataclass(frozen=True)
@@ -47,9 +57,9 @@ class ModelSpec:
     height: int
     width: int
     frames: int
-    num_steps: int  # DDIM steps
+    num_steps: int  # sampler steps (DDIM, or Euler for a flow model)
     guidance: float  # classifier-free guidance weight
-    family: str = "unet3d"  # "unet3d" (ModelScope layout) or "animatediff" (SD 1.5 UNet + motion adapter)
+    family: str = "unet3d"  # "unet3d" (ModelScope layout), "animatediff" (SD 1.5 UNet + motion adapter) or "wan"
     adapter: str = ""  # animatediff only: the MotionAdapter's hub id or folder
     scheduler: dict = field(default_factory=dict)  # overrides of the source's scheduler/ config
     lora_targets: tuple = TARGETS  # the nn.Linear names that get LoRA adapters
@@ -61,6 +71,8 @@ MODELS = {
     # Its recipe: a larger learning rate, because a random model's LoRA starts far from any
     # useful direction, and no gradient accumulation, so the demo finishes in a minute or two.
     "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
+    # Wan2.1's family in miniature (infra/tiny.py), with the same recipe: 9 frames are 3 latent frames.
+    "tiny-wan": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
     # The toy world (toy/world.py): a tiny UNet3D pretrained on captioned clips of one coloured
     # shape moving over a plain background ("a big green square moving left"). Its weights are in
     # the repository, so it draws real content offline. Its recipe is gentler than the random
@@ -80,6 +92,15 @@ MODELS = {
     "animatediff": ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, 512, 16, 25, 7.5,
                              family="animatediff", adapter="guoyww/animatediff-motion-adapter-v1-5-2",
                              scheduler=ANIMATEDIFF_SCHEDULER),
+    # Wan2.1 T2V 1.3B at its 480p size, 480x832. 33 frames (9 latent frames) by default: the memory
+    # simulator (bench.py memory) puts a K = 1 step within a 12 GB card there, and the model's full
+    # 81 frames within 24 GB (--frames 81). 40 Euler steps on the shifted σ schedule, as the
+    # public reward-LoRA trainer for Wan (VideoX-Fun) samples; the pipeline's 50 UniPC steps would
+    # cost a quarter more. Guidance 5, the pipeline's. LoRA on the attention projections (attn1,
+    # self; attn2, cross) of the 30 blocks: 240 linears, 11.8 M parameters at r = 16, VADER's
+    # choice. The FFNs hold most of a block's weights; adapting them too (VideoX-Fun does) would
+    # add 10.1 M parameters at r = 16, and nothing here has measured that it aligns better.
+    "wan": ModelSpec("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 480, 832, 33, 40, 5.0, family="wan"),
 }
 
 
@@ -90,48 +111,92 @@ def describe(spec):
         source += f" + motion adapter {spec.adapter}"
     scheduler = ", ".join(f"{k}={v}" for k, v in spec.scheduler.items()) or "the source's own"
     recipe = ", ".join(f"{k}={v}" for k, v in spec.recipe.items()) or "the paper's"
-    return (f"{spec.family}: {source} | {spec.frames} frames of {spec.height}x{spec.width}, {spec.num_steps} DDIM "
+    sampler = "flow-matching Euler" if spec.family == "wan" else "DDIM"
+    return (f"{spec.family}: {source} | {spec.frames} frames of {spec.height}x{spec.width}, {spec.num_steps} {sampler} "
             f"steps, guidance {spec.guidance} | scheduler: {scheduler} | LoRA targets {', '.join(spec.lora_targets)} "
             f"| training defaults: {recipe}")
 
 
 @dataclass
 class VideoModel:
-    """The frozen parts of a text-to-video latent diffusion model, plus its defaults."""
+    """The frozen parts of a text-to-video latent diffusion model, plus its defaults.
 
-    unet: torch.nn.Module  # UNet3DConditionModel or UNetMotionModel: ε_θ(x_t, t, text) on (B, C, F, h, w)
-    vae: torch.nn.Module  # AutoencoderKL: decodes one frame (N, 4, h, w) -> (N, 3, H, W)
-    text_encoder: torch.nn.Module  # CLIPTextModel: tokens (P, 77) -> embeddings (P, 77, D)
+    `unet` is the denoiser whatever its kind (the name is the one every LoRA file and
+    checkpoint of the UNet families was written with): a UNet, or Wan's transformer.
+    """
+
+    unet: torch.nn.Module  # UNet3D, UNetMotionModel or WanTransformer3DModel: (B, C, F, h, w) -> same
+    vae: torch.nn.Module  # AutoencoderKL (per frame: (N, 4, h, w) -> (N, 3, H, W)) or AutoencoderKLWan (per video)
+    text_encoder: torch.nn.Module  # CLIPTextModel or UMT5EncoderModel: tokens (P, L) -> embeddings (P, L, D)
     tokenizer: object
-    schedule: Schedule
+    schedule: object  # sampler.Schedule (DDIM) or sampler.FlowSchedule
     spec: ModelSpec
+    device: str = "cpu"  # where the denoiser and the VAE live
+
+    @property
+    def wan(self):
+        return self.spec.family == "wan"
 
     @property
     def vae_factor(self):
-        """Pixels per latent cell: each VAE down block but the last halves the resolution."""
+        """Pixels per latent cell: each SD VAE down block but the last halves the resolution; Wan's says."""
+        if self.wan:
+            return self.vae.config.scale_factor_spatial
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self):
+        """Height and width must be multiples of this: Wan's transformer also cuts latents in 2x2 patches."""
+        return self.vae_factor * (self.unet.config.patch_size[1] if self.wan else 1)
+
+    @property
+    def temporal_factor(self):
+        """Pixel frames per latent frame after the first (Wan: 4); 1 for the per-frame SD VAE."""
+        return self.vae.config.scale_factor_temporal if self.wan else 1
+
+    def latent_frames(self, frames):
+        """Latent frames of an F-frame video: F, or 1 + (F - 1) / 4 for Wan's causal VAE."""
+        return (frames - 1) // self.temporal_factor + 1
 
     @property
     def latent_channels(self):
         return self.unet.config.in_channels
 
+    @property
+    def text_length(self):
+        """Tokens per prompt: CLIP's 77, or the 512 UMT5 tokens WanPipeline uses."""
+        return WAN_TEXT_LENGTH if self.wan else 77
 
-#### Tiny model: small configs, fixed seed
+    @property
+    def lora_prefix(self):
+        """The key prefix of a LoRA file: diffusers' pipelines load "transformer." into Wan's transformer."""
+        return "transformer." if self.wan else "unet."
 
-TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-)
-# scaling_factor 1: a random encoder's latents are not ~N(0, 1/0.18215²) like SD's.
-TINY_VAE = dict(
-    block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=1.0,
-)
-TINY_TEXT = dict(
-    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=77, projection_dim=32,
-)
+    @contextlib.contextmanager
+    def text_encoder_on_device(self):
+        """Run the text encoder on the model's device, for the prompts' one encoding.
+
+        The UNet families keep it there from loading (train.py moves it off after encoding). Wan's
+        UMT5-XXL (5.7 B parameters, 10.6 GiB in bf16) outweighs the transformer and VAE together,
+        so it lives in CPU memory and visits the device alone: the transformer and VAE step out to
+        the CPU while it encodes. The three never share the GPU, so a 12 GB card holds each in turn.
+        """
+        if not self.wan or self.device == "cpu":
+            yield
+            return
+        for m in (self.unet, self.vae):
+            m.to("cpu")
+        self.text_encoder.to(self.device)
+        try:
+            yield
+        finally:
+            self.text_encoder.to("cpu")
+            for m in (self.unet, self.vae):
+                m.to(self.device)
+
+
+#### Scheduler facts and quiet libraries
+
 # ModelScope's scheduler settings (its hub folder's scheduler/scheduler_config.json), so the tiny
 # model samples like the real one.
 MODELSCOPE_SCHEDULER = dict(
@@ -153,46 +218,6 @@ def quiet_libraries():
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
-
-
-def write_clip_tokenizer(folder):
-    """Save a transformers CLIPTokenizer built from the CLIP BPE vocabulary open_clip ships.
-
-    The hub is out of reach in tests and on a fresh laptop, but open_clip bundles the same
-    49,408-token vocabulary OpenAI's CLIP uses, so the tiny model gets a real tokenizer offline.
-    open_clip spells the special tokens <start_of_text>, transformers <|startoftext|>.
-    """
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
-
-    bpe = SimpleTokenizer()
-    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {rename.get(k, k): v for k, v in bpe.encoder.items()}
-    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-        tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
-    tok.save_pretrained(Path(folder) / "tokenizer")
-
-
-def build_tiny_model(folder, seed=0):
-    """Write the tiny model to `folder` in the diffusers layout (unet/, vae/, text_encoder/, ...).
-
-    The same seed gives the same weights every time; the global RNG is left untouched.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    quiet_libraries()
-    folder = Path(folder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        UNet3DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
-        AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
-        CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).save_pretrained(folder / "text_encoder")
-    DDIMScheduler(**MODELSCOPE_SCHEDULER).save_pretrained(folder / "scheduler")
-    write_clip_tokenizer(folder)
 
 
 #### Loading
@@ -239,21 +264,23 @@ def resolve_dtype(dtype, device):
 def load_video_model(name, device="cpu", dtype=torch.float32):
     """Load `name`: a key of MODELS, a local folder in the diffusers layout, or a hub id.
 
-    All three take the same `from_pretrained` path; the tiny model is first written to a
-    temporary folder. Every component is frozen and in eval mode, and the UNet's blocks are
-    checkpointed (`checkpoint_blocks`).
+    All three take the same `from_pretrained` path; a tiny model is first written to a
+    temporary folder (infra/tiny.py). Every component is frozen and in eval mode, and the
+    denoiser's blocks are checkpointed (`checkpoint_blocks`, or Wan's own checkpointing).
     """
     quiet_libraries()
-    if name == "tiny":
+    if name in ("tiny", "tiny-wan"):
         from safetensors import SafetensorError
+
+        from infra.tiny import build_tiny_model, build_tiny_wan
 
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                build_tiny_model(tmp)
+                (build_tiny_wan if name == "tiny-wan" else build_tiny_model)(tmp)
             except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
                 raise UserError(f"could not write the tiny model to {tmp} ({first_line(e)}); free some space "
                                 "in the temporary folder (or point TMPDIR elsewhere)") from None
-            return _load_components(tmp, MODELS["tiny"], device, dtype)
+            return _load_components(tmp, MODELS[name], device, dtype)
     if name == "toy" and not (TOY_FOLDER / "unet").is_dir():
         raise UserError(f"the toy model's weights are missing from {TOY_FOLDER}; restore them with "
                         "`git checkout -- toy/model` or rebuild them with `python -m toy.pretrain`")
@@ -285,34 +312,88 @@ def _load_unet(source, spec, dtype):
     return per_frame_text(UNetMotionModel.from_unet2d(unet2d, motion)), "animatediff"
 
 
+def _is_wan(source):
+    """Whether an unregistered folder or hub id holds Wan's layout (a WanTransformer3DModel in transformer/)."""
+    from diffusers import WanTransformer3DModel
+
+    if os.path.isdir(source):
+        return os.path.isdir(os.path.join(source, "transformer"))
+    try:
+        return WanTransformer3DModel.load_config(source, subfolder="transformer").get("_class_name") == "WanTransformer3DModel"
+    except OSError:  # no such file on the hub (a UNet model), or no connection: the UNet path will say
+        return False
+
+
+def _load_wan(source, dtype):
+    """Wan's transformer, VAE, UMT5 text encoder and tokenizer, as WanPipeline.from_pretrained reads them.
+
+    `from_pretrained` keeps the transformer's norms, time embedding and modulation tables in
+    float32 (its `_keep_in_fp32_modules`: 3.1 M of 1.42 B parameters); the rest is in `dtype`.
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    transformer = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype)
+    vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
+    text_encoder = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
+    return transformer, vae, text_encoder, AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+
+
 def _load_components(source, spec, device, dtype):
     """Load the five components from `source`; `spec` None means: read the defaults off the configs."""
     from diffusers import AutoencoderKL, DDIMScheduler
     from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    family = spec.family if spec else ("wan" if _is_wan(source) else None)
     try:
-        unet, family = _load_unet(source, spec, dtype)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        if family == "wan":
+            unet, vae, text_encoder, tokenizer = _load_wan(source, dtype)
+        else:
+            unet, family = _load_unet(source, spec, dtype)
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
         scheduler = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError, SafetensorError) as e:  # missing or damaged files, bad configs, no network
-        raise UserError(
-            f"could not load the video model from {source!r} ({first_line(e)}); check the hub id or folder (it needs "
-            "unet/, vae/, text_encoder/, tokenizer/, scheduler/, and a motion adapter for an SD 1.5 UNet) "
-            "and your connection"
-        ) from None
+        parts = ("transformer/, vae/, text_encoder/, tokenizer/, scheduler/" if family == "wan" else
+                 "unet/, vae/, text_encoder/, tokenizer/, scheduler/, and a motion adapter for an SD 1.5 UNet")
+        raise UserError(f"could not load the video model from {source!r} ({first_line(e)}); check the hub id or "
+                        f"folder (it needs {parts}) and your connection") from None
     for m in (unet, vae, text_encoder):
-        m.to(device).eval().requires_grad_(False)
-    checkpoint_blocks(unet)
-    checkpoint_blocks(vae.decoder)
-    if spec is None:  # a folder or hub id: its family's defaults, its size from its configs
-        size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        spec = replace(MODELS["modelscope" if family == "unet3d" else "animatediff"], source=source,
-                       height=size, width=size)
-    schedule = Schedule.from_config({**scheduler, **spec.scheduler})
-    return VideoModel(unet, vae, text_encoder, tokenizer, schedule, spec)
+        m.eval().requires_grad_(False)
+    unet.to(device)
+    vae.to(device)
+    # Wan's UMT5 stays in CPU memory and visits the device only to encode (VideoModel.text_encoder_on_device).
+    text_encoder.to("cpu" if family == "wan" else device)
+    if family == "wan":
+        # diffusers' own checkpointing of every transformer block (non-reentrant, only while
+        # autograd records); the causal VAE is checkpointed whole by vader.decode_causal instead.
+        unet.enable_gradient_checkpointing()
+        unet.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
+    else:
+        checkpoint_blocks(unet)
+        checkpoint_blocks(vae.decoder)
+    if spec is None:  # a folder or hub id: its family's defaults, its size from its configs (Wan's: 480x832)
+        if family == "wan":
+            spec = replace(MODELS["wan"], source=source)
+        else:
+            size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+            spec = replace(MODELS["modelscope" if family == "unet3d" else "animatediff"], source=source,
+                           height=size, width=size)
+    schedule = (FlowSchedule if family == "wan" else Schedule).from_config({**scheduler, **spec.scheduler})
+    return VideoModel(unet, vae, text_encoder, tokenizer, schedule, spec, device)
+
+
+def _timestep_per_video(transformer, args, kwargs):
+    """Forward pre-hook: the sampler's timestep, a Python number, as the (B,) tensor Wan's embedding needs.
+
+    UNets take a number and broadcast it themselves; WanTransformer3DModel reads `timestep.ndim`.
+    """
+    x, t = args[0], args[1]  # (B, C, F, h, w), a float T·σ
+    if not torch.is_tensor(t):
+        args = (x, torch.full((x.shape[0],), float(t), device=x.device), *args[2:])  # (B,)
+    return args, kwargs
 
 
 #### Activation checkpointing inside the UNet

@@ -1,4 +1,4 @@
-"""DDIM sampling, written from the equations, with truncated backpropagation.
+"""DDIM and flow-matching sampling, written from the equations, with truncated backpropagation.
 
 Symbols (Song et al., "Denoising Diffusion Implicit Models", arXiv 2010.02502):
     alpha_bar_t  ᾱ_t, the cumulative product of (1 - β_s) for s <= t  (the paper writes α_t)
@@ -16,6 +16,11 @@ What a grad step keeps for backward is set outside this file: by default the UNe
 checkpointed (models.checkpoint_blocks), so a grad step keeps only each block's inputs; with
 `checkpoint_steps=True` (train.py --low-memory) each grad step is also checkpointed whole and
 keeps only its input latent. vader.py's "Precision and memory" section compares the two.
+
+Two samplers share the loop: DDIM for the UNet models (ModelScope, AnimateDiff), and the Euler
+solver of a flow-matching ODE for Wan2.1 (`FlowSchedule`, at the end). Each schedule gives
+`steps(N)`, the N (timestep, coefficients) pairs to visit, and `update(x, model_output, coeffs)`,
+one step; `sample` runs either.
 """
 from dataclasses import dataclass
 
@@ -123,9 +128,20 @@ class Schedule:
             pairs.append((t, ac[t], ac[prev] if prev >= 0 else final))
         return pairs
 
+    def steps(self, num_steps):
+        """[(t, (ᾱ_t, ᾱ_prev))]: the sampler loop's view of `alpha_pairs`."""
+        return [(t, (a_t, a_prev)) for t, a_t, a_prev in self.alpha_pairs(num_steps)]
+
+    def update(self, x_t, model_output, coeffs, eta=0.0, noise=None):
+        """One DDIM step with this schedule's prediction type."""
+        return ddim_step(x_t, model_output, *coeffs, eta, noise, self.prediction_type)
+
 
 def guided_eps(unet, x, t, cond, uncond, guidance):
     """Classifier-free guidance (Ho & Salimans, 2207.12598): eps_u + w (eps_c - eps_u).
+
+    The same linear combination serves every output a denoiser predicts: ε, v, or a flow
+    model's velocity (Wan2.1's pipeline guides its velocity exactly so).
 
     x: latents (B, C, F, h, w); cond: text embeddings (B, L, D); uncond: (B, L, D) or the one
     empty-prompt embedding (1, L, D), broadcast to the batch. With guidance 1 the
@@ -168,7 +184,7 @@ def pick_grad_steps(num_steps, grad_steps, random_k=False, generator=None):
 
 def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_steps=0, eta=0.0,
            generator=None, checkpoint_steps=False):
-    """Run N DDIM steps from z_T; gradients flow only through the last `grad_steps` (K) of them.
+    """Run N steps of `schedule`'s sampler from z_T; gradients flow only through the last `grad_steps` (K).
 
     z_T: (B, C, F, h, w) initial noise. cond/uncond: (B, L, D) text embeddings (uncond may be
     None when guidance is 1). Returns z_0, (B, C, F, h, w).
@@ -178,19 +194,18 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
     run again during backward, so memory stays flat in K at one more UNet forward per grad step.
     """
     x = z_T
-    pairs = schedule.alpha_pairs(num_steps)
-    for i, (t, a_t, a_prev) in enumerate(pairs):
+    for i, (t, coeffs) in enumerate(schedule.steps(num_steps)):
         keep_grad = i >= num_steps - grad_steps
         noise = None
         if eta > 0:  # drawn outside the checkpoint so the recomputation sees the same noise
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-        # The default arguments bind this step's t, ᾱ and noise now. A closure would read them
-        # when called, and a checkpoint calls it again during backward, after the loop has moved
-        # on: every recomputation would then use the last step's t.
-        def step(x_t, t=t, a_t=a_t, a_prev=a_prev, noise=noise):
-            eps = guided_eps(unet, x_t, t, cond, uncond, guidance)
-            return ddim_step(x_t, eps, a_t, a_prev, eta, noise, schedule.prediction_type)
+        # The default arguments bind this step's t, coefficients and noise now. A closure would
+        # read them when called, and a checkpoint calls it again during backward, after the loop
+        # has moved on: every recomputation would then use the last step's t.
+        def step(x_t, t=t, coeffs=coeffs, noise=noise):
+            out = guided_eps(unet, x_t, t, cond, uncond, guidance)
+            return schedule.update(x_t, out, coeffs, eta, noise)
 
         if not keep_grad:
             with torch.no_grad():
@@ -200,3 +215,72 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
         else:
             x = step(x)
     return x
+
+
+#### Flow matching: the Euler solver of a rectified-flow ODE (Wan2.1, SD3, Open-Sora 1.2)
+#
+# A flow model is trained on the straight path between data and noise,
+#     x_σ = (1 - σ) x0 + σ ε,        σ from 1 (pure noise) down to 0 (data),
+# the conditional optimal-transport path of Lipman et al. (2210.02747, Eq. 20 with σ_min = 0),
+# which is rectified flow (Liu et al. 2209.03003, Eq. 1, with t = 1 - σ). Its network predicts
+# the path's velocity v = dx_σ/dσ = ε - x0 (the "flow_prediction" of Wan's scheduler config).
+# Sampling integrates the ODE dx/dσ = v(x, σ) from σ = 1 to 0; Euler's method is
+#     x_{σ_next} = x_σ + (σ_next - σ) v,
+# and since σ_next < σ, each step removes a share of the predicted noise. A final step to σ = 0
+# returns x_σ - σ v = x0 exactly, for the model's x0.
+
+def shift_sigma(sigma, shift):
+    """σ' = s σ / (1 + (s - 1) σ): Esser et al. 2403.03206, Section 5.3.2 (timestep shifting).
+
+    More pixels carry more redundant signal, so at a given σ a large video is less destroyed than
+    a small image; s > 1 moves the steps towards high noise, where the video's layout is decided.
+    Wan2.1 uses s = 3 at 480p (5 at 720p); s = 1 leaves σ unchanged.
+    """
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def flow_step(x, v, sigma, sigma_next):
+    """One Euler step of dx/dσ = v from σ to σ_next (floats); x and v (B, C, F, h, w)."""
+    return x + (sigma_next - sigma) * v
+
+
+@dataclass
+class FlowSchedule:
+    """The σ schedule of flow-matching Euler sampling, as diffusers' FlowMatchEulerDiscreteScheduler.
+
+    Computed in plain Python floats, not tensors: a handful of numbers, and the memory simulator
+    runs the sampler on fake tensors, which have no values to read back.
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+
+    @classmethod
+    def from_config(cls, config):
+        """From FlowMatchEulerDiscreteScheduler's config (`shift`) or UniPC's (`flow_shift`): Wan's
+        hub folder ships UniPC, a multistep solver; the training loop takes plain Euler steps on
+        the same shifted σ, as the reward-gradient trainers for Wan do."""
+        config = dict(config)
+        return cls(config.get("num_train_timesteps", 1000), config.get("shift", config.get("flow_shift", 1.0)))
+
+    def sigmas(self, num_steps):
+        """N + 1 values of σ, from 1 down to 0.
+
+        diffusers' rule, kept for parity: N points spaced evenly between σ_max = 1 and the
+        smallest training σ (1/T, already shifted), each shifted (again), then a final 0.
+        """
+        T, s = self.num_train_timesteps, self.shift
+        lo = shift_sigma(1 / T, s)
+        even = [1 + (lo - 1) * i / (num_steps - 1) for i in range(num_steps)] if num_steps > 1 else [1.0]
+        return [shift_sigma(x, s) for x in even] + [0.0]
+
+    def steps(self, num_steps):
+        """[(timestep, (σ, σ_next))]; the network reads the timestep T σ (Wan: 1000 σ)."""
+        sig = self.sigmas(num_steps)
+        return [(self.num_train_timesteps * a, (a, b)) for a, b in zip(sig[:-1], sig[1:])]
+
+    def update(self, x, v, coeffs, eta=0.0, noise=None):
+        """One Euler step; the ODE is deterministic, so there is no η."""
+        if eta:
+            raise ValueError("flow-matching Euler sampling is deterministic: eta must be 0")
+        return flow_step(x, v, *coeffs)

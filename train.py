@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=4 train.py --reward aesthetic                   # several GPUs
 
 One optimizer step: for each of `grad_accum` micro-batches, sample `batch_size` prompts, run
-DDIM with gradients through the last K steps, decode f frames, score them, backpropagate
+the sampler (DDIM, or flow-matching Euler for Wan) with gradients through the last K steps, decode f frames, score them, backpropagate
 -mean(reward); then clip the LoRA gradients and take an AdamW step. The run's folder gets
 config.json, metrics.csv, reward_curve.png, lora.safetensors, checkpoints/ and videos/.
 """
@@ -30,7 +30,7 @@ from lora import inject_lora, save_lora
 from models import MODELS, describe, load_video_model, resolve_device, resolve_dtype
 from rewards import load_reward, parse_options
 from sampler import pick_grad_steps
-from vader import encode_prompts, generate, loss_scaler, train_step
+from vader import encode_prompts, frame_pool, generate, loss_scaler, train_step
 
 
 def opt(default, help):
@@ -42,7 +42,7 @@ def opt(default, help):
 class Config:
     """Every setting of a run. Defaults are VADER's ModelScope settings (2407.08737, its configs).
 
-    Fields left at None take the model's value (models.MODELS): resolution, frames, DDIM steps
+    Fields left at None take the model's value (models.MODELS): resolution, frames, sampler steps
     and guidance from its spec, and training values from its recipe (the tiny model's are
     tuned for a CPU). A flag given on the command line always wins.
     """
@@ -55,9 +55,9 @@ class Config:
     height: int = opt(None, "Video height in pixels (None: the model's).")
     width: int = opt(None, "Video width in pixels (None: the model's).")
     frames: int = opt(None, "Frames per video, F (None: the model's).")
-    num_steps: int = opt(None, "DDIM steps N (None: the model's; VADER uses 25).")
+    num_steps: int = opt(None, "Sampler steps N, DDIM or Euler (None: the model's; VADER uses 25).")
     guidance: float = opt(None, "Classifier-free guidance weight (None: the model's; VADER uses 9).")
-    grad_steps: int = opt(1, "K, the last DDIM steps that keep gradients (VADER: 1).")
+    grad_steps: int = opt(1, "K, the last sampler steps that keep gradients (VADER: 1).")
     random_grad_steps: bool = opt(False, "Draw K uniformly from 1..K afresh every step (VADER's rand mode).")
     decode_frames: int = opt(1, "f, how many of the F frames the VAE decodes for the reward (random each step).")
     max_steps: int = opt(200, "Optimizer steps to train for.")
@@ -151,9 +151,13 @@ def validate(cfg, model=None):
     if out.is_dir() and any((out / n).exists() for n in RUN_FILES) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                         "or another --output-dir")
-    if model is not None and (cfg.height % model.vae_factor or cfg.width % model.vae_factor):
-        raise UserError(f"--height and --width must be multiples of {model.vae_factor} (the VAE's downsampling), "
-                        f"got {cfg.height}x{cfg.width}")
+    if model is not None and (cfg.height % model.size_multiple or cfg.width % model.size_multiple):
+        raise UserError(f"--height and --width must be multiples of {model.size_multiple} (the VAE's downsampling"
+                        f"{' times the 2x2 patches' if model.wan else ''}), got {cfg.height}x{cfg.width}")
+    if model is not None and (cfg.frames - 1) % model.temporal_factor:
+        r = model.temporal_factor
+        raise UserError(f"--frames must be 1 + {r}k for {cfg.model} (its VAE packs {r} frames a latent frame after "
+                        f"the first), got {cfg.frames}; try {(cfg.frames - 1) // r * r + 1} or {(cfg.frames - 1) // r * r + 1 + r}")
 
 
 #### Helpers of main
@@ -186,7 +190,7 @@ def load_models(cfg, device, dtype):
 
 def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
     """The derived numbers of the run, printed once at start-up."""
-    print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} DDIM steps, "
+    print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} sampler steps, "
           f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}"
           + (f" x {world} processes" if world > 1 else ""))
     print(f"registry entry {describe(model.spec)}" + (" | --low-memory" if cfg.low_memory else ""))
@@ -194,7 +198,8 @@ def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
           f"{cfg.batch_size * cfg.grad_accum * world} videos per optimizer step ({cfg.batch_size} x "
           f"{cfg.grad_accum} accumulated x {world} processes) | grad through the last "
           f"{'1..' if cfg.random_grad_steps else ''}{cfg.grad_steps} of {cfg.num_steps} steps | "
-          f"{cfg.decode_frames} of {cfg.frames} frames decoded")
+          f"{cfg.decode_frames} of {cfg.frames} frames decoded"
+          + (f" (from the first {frame_pool(model, cfg.frames, cfg.decode_frames)}: causal VAE)" if model.wan else ""))
     print(f"LoRA rank {cfg.lora_rank}: {sum(p.numel() for p in params):,} trainable parameters | lr {cfg.lr} | "
           f"output {cfg.output_dir}")
 
@@ -234,10 +239,11 @@ def main(argv=None):
     if main_process:
         tidy_run_folder(out, RUN_FILES, cfg.overwrite)
 
-    # Text embeddings once per prompt; the text encoder is not needed again.
-    cond = encode_prompts(model, prompts)  # (P, 77, D)
-    held_cond = encode_prompts(model, held_out) if held_out else None  # (P_eval, 77, D)
-    uncond = encode_prompts(model, [""])  # (1, 77, D)
+    # Text embeddings once per prompt, in one call (Wan's text encoder visits the GPU once); the
+    # text encoder is not needed again.
+    cond, held_cond, uncond = encode_prompts(model, prompts + held_out + [""]).split(
+        [len(prompts), len(held_out), 1])  # (P, L, D), (P_eval, L, D), (1, L, D)
+    held_cond = held_cond if held_out else None
     model.text_encoder.to("cpu")
     torch.manual_seed(cfg.seed)  # LoRA's random A: the same on every process and in every run of this seed
     params = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, targets=model.spec.lora_targets,
@@ -265,7 +271,7 @@ def main(argv=None):
     def checkpoint():
         if main_process:
             save_checkpoint(out, step, model.unet, optimizer, generator, config_text, metrics_text(rows),
-                            cfg.keep_checkpoints)
+                            cfg.keep_checkpoints, model.lora_prefix)
 
     def draw_batch():
         """This process's share of one global micro-batch of prompts, drawn from the run's generator."""
@@ -322,7 +328,7 @@ def finish(cfg, out, model, rows, step, stop, checkpoint, after_videos):
     """The end of a run on the main process: last checkpoint, LoRA, reward curve, after-videos."""
     if not stop and not (cfg.save_every and step % cfg.save_every == 0):
         checkpoint()
-    save_lora(model.unet, out / "lora.safetensors")
+    save_lora(model.unet, out / "lora.safetensors", prefix=model.lora_prefix)
     plot_rewards(out, rows, cfg.reward)
     if stop:
         print(f"stopped by {stop[0]} after step {step}; checkpoint saved. Continue with: "

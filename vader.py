@@ -7,7 +7,8 @@ decoder, and through a frozen reward model (rewards.py), into LoRA weights θ (l
 
 Two tricks keep that affordable, both here:
 - Frame subsampling: decoding all F frames through the VAE with gradients is the largest
-  memory cost after the UNet, so only f of them are decoded (random ones each step).
+  memory cost after the UNet, so only f of them are decoded (random ones each step; for Wan's
+  causal VAE, from the shortest prefix of the video that holds f frames: `frame_pool`).
 - Cached prompt embeddings: the text encoder runs once per prompt, then leaves the GPU.
 `train_step` is the one optimizer step that train.py, bench.py and the efficiency benchmark
 all run, so what is measured is what is trained.
@@ -20,8 +21,8 @@ a GPU that has it, fp16 on one that lacks it, float32 on a CPU; models.resolve_d
 | tensor | dtype | where | why |
 | --- | --- | --- | --- |
 | frozen weights: UNet, VAE, reward model | base | GPU | half the memory; never updated, so rounding cannot accumulate and no float32 master copy is needed. No autocast: the modules are cast whole, so each op runs in its weights' dtype |
-| text encoder | base | GPU to encode the prompts once, then CPU | not needed after that |
-| text embeddings (P, 77, D) | base | GPU | cached for the whole run |
+| text encoder | base | GPU to encode the prompts once, then CPU (Wan's UMT5: CPU, visiting the GPU alone to encode) | not needed after that |
+| text embeddings (P, L, D) | base | GPU | cached for the whole run (L = 77, or 512 for Wan) |
 | LoRA A, B | float32 | GPU | an lr-2e-4 update of a weight of size ~1e-2 is below bf16's 8-bit mantissa: it would round away |
 | LoRA gradients, AdamW's two moments | float32 | GPU | the same reason; 3x the LoRA's size in all (6.65 M parameters for ModelScope) |
 | latents x_t between DDIM steps | float32 | GPU | DDIM subtracts nearly equal numbers when ᾱ is near 1 (sampler.guided_eps) |
@@ -30,7 +31,9 @@ a GPU that has it, fp16 on one that lacks it, float32 on a CPU; models.resolve_d
 | reward activations | base | GPU | the reward model's weights |
 | loss, rewards | float32 | GPU | with fp16, the loss is multiplied by a dynamic scale before backward (`loss_scaler`) |
 
-What autograd keeps for backward is cut three ways, each where it happens:
+What autograd keeps for backward is cut three ways, each where it happens (Wan's transformer
+uses diffusers' own checkpointing of each of its 30 blocks for (1), and its causal VAE is
+checkpointed whole for (3), see `decode_causal`):
 1. Checkpointing inside the UNet (models.checkpoint_blocks), always on: during a grad step each
    resnet, attention and temporal module of the UNet's blocks keeps only its input, and backward
    recomputes one at a time, so the peak holds one module's activations. Cost: one more UNet
@@ -58,18 +61,27 @@ from sampler import sample
 
 @torch.no_grad()
 def encode_prompts(model, prompts, batch=32):
-    """Text embeddings (P, 77, D) for P prompts, on the text encoder's device.
+    """Text embeddings (P, L, D) for P prompts, on the model's device: L = 77 for CLIP, 512 for Wan.
 
     VADER's prompts come from a fixed list, so each is encoded once, before training, and the
-    text encoder is not needed again (train.py moves it off the GPU).
+    text encoder is not needed again (train.py moves it off the GPU; Wan's never stays there).
+    Wan's UMT5 reads the prompt with an attention mask, and WanPipeline zeroes the embeddings of
+    the padding tokens before the transformer sees them; both are done here the same way. CLIP
+    encoders (the UNet families) were trained on padded prompts and read the padding as is.
     """
-    device = next(model.text_encoder.parameters()).device
     out = []
-    for i in range(0, len(prompts), batch):
-        ids = model.tokenizer(prompts[i:i + batch], padding="max_length", truncation=True,
-                              max_length=model.tokenizer.model_max_length, return_tensors="pt").input_ids
-        out.append(model.text_encoder(ids.to(device))[0])  # (b, 77, D): the last hidden state
-    return torch.cat(out)  # (P, 77, D)
+    with model.text_encoder_on_device():
+        device = next(model.text_encoder.parameters()).device
+        for i in range(0, len(prompts), batch):
+            tokens = model.tokenizer(prompts[i:i + batch], padding="max_length", truncation=True,
+                                     max_length=model.text_length, return_tensors="pt")
+            if model.wan:
+                mask = tokens.attention_mask.to(device)  # (b, 512): 1 for the prompt's tokens
+                emb = model.text_encoder(tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
+                out.append(emb * mask[..., None].to(emb.dtype))  # (b, 512, 4096), padding zeroed
+            else:
+                out.append(model.text_encoder(tokens.input_ids.to(device))[0])  # (b, 77, D): the last hidden state
+    return torch.cat(out).to(model.device)  # (P, L, D)
 
 
 #### Frame-subsampled decoding and the loss
@@ -79,16 +91,36 @@ def choose_frames(num_frames, f, generator=None):
     return torch.randperm(num_frames, generator=generator)[:f].sort().values
 
 
+def frame_pool(model, frames, f):
+    """How many of the first pixel frames the f decoded frames are drawn from.
+
+    SD's VAE decodes each frame alone, so any f of all F frames cost the same: the pool is F.
+    Wan's VAE is causal in time (decode_causal): pixel frames 1..4 come from latent frame 1 *and*
+    the cache that latent frame 0 left behind, and so on, so a frame can only be decoded exactly
+    by decoding every latent frame before it. The pool is therefore the shortest prefix that
+    holds f frames: m = 1 + ceil((f - 1) / 4) latent frames, 1 + 4 (m - 1) pixel frames
+    (f = 1: latent frame 0, pixel frame 0 alone, the cheapest; f = 5: 2 latent frames). The
+    reward then sees only the start of the video, the price of exactness.
+    """
+    if not model.wan:
+        return frames
+    r = model.temporal_factor
+    return min(frames, 1 + r * math.ceil((f - 1) / r))
+
+
 def decode_frames(model, z0, frame_idx, use_checkpoint=True, one_at_a_time=False):
     """Decode only the chosen frames of z0 (B, C, F, h, w) -> frames (B, f, 3, H, W) in [0, 1].
 
-    The VAE is a 2D image decoder, so the f frames of each video are folded into the batch.
+    Wan's causal VAE is handed to `decode_causal`. SD's VAE is a 2D image decoder, so the f
+    frames of each video are folded into the batch.
     With `use_checkpoint`, the decoder's activations are recomputed during backward instead of
     stored: for ModelScope at 256x256 they are several GB per frame. With `one_at_a_time`
     (--low-memory) each frame is its own checkpoint, so backward recomputes one frame's
     activations at a time instead of all B*f at once; it costs B*f small decoder calls instead
     of one batched call (nothing when B*f = 1, VADER's setting).
     """
+    if model.wan:
+        return decode_causal(model, z0, frame_idx, use_checkpoint, one_at_a_time)
     z = z0[:, :, frame_idx]  # (B, C, f, h, w)
     b, c, f, h, w = z.shape
     z = z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # (B*f, C, h, w)
@@ -105,12 +137,50 @@ def decode_frames(model, z0, frame_idx, use_checkpoint=True, one_at_a_time=False
     return x.view(b, f, *x.shape[1:])  # (B, f, 3, H, W)
 
 
+def decode_causal(model, z0, frame_idx, use_checkpoint=True, one_at_a_time=False):
+    """Wan: decode all m latent frames of z0 (B, C, m, h, w), keep pixel frames `frame_idx` of the 1 + 4 (m - 1).
+
+    z0 may be the first m latent frames of a longer video (vader_loss passes the prefix that
+    frame_pool names): the frames returned equal those of a full decode, exactly, because the
+    decoder only looks back. Cost: the decoder's activations of 1 + 4 (m - 1) frames at full
+    resolution, recomputed in backward under one checkpoint; every latent frame beyond the first
+    adds four frames' worth. (The decoder's blocks are not checkpointed one by one, as SD's are:
+    each call advances a feature cache shared by the whole decode, so a block run again on its
+    own would read the cache of a later frame.)
+
+    The checkpoint runs with `early_stop=False`. By default a checkpoint's recomputation stops as
+    soon as it has rebuilt the tensors backward needs, here before the decode's final
+    `clear_cache()`; the VAE's causal cache would then keep the recomputed activations alive
+    through the whole transformer backward that follows (6.1 GiB at 480x832).
+    """
+    config = model.vae.config
+    mean = torch.tensor(config.latents_mean, device=z0.device).view(1, -1, 1, 1, 1)  # (1, C, 1, 1, 1)
+    std = torch.tensor(config.latents_std, device=z0.device).view(1, -1, 1, 1, 1)
+    z = (z0 * std + mean).to(model.vae.dtype)  # (B, C, m, h, w): undo Wan's per-channel normalisation
+
+    def decode(z):
+        return model.vae.decode(z).sample  # (n, 3, 1 + 4 (m - 1), H, W) in [-1, 1]
+
+    def run(z):
+        if use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(decode, z, use_reentrant=False, early_stop=False)
+        return decode(z)
+
+    x = torch.cat([run(zi) for zi in z.split(1)]) if one_at_a_time else run(z)  # (B, 3, 1 + 4 (m - 1), H, W)
+    x = x[:, :, frame_idx.to(x.device)]  # (B, 3, f, H, W)
+    return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, f, 3, H, W) in [0, 1]
+
+
 def initial_noise(model, batch, frames, height, width, generator, device):
-    """z_T ~ N(0, I), (B, C, F, h, w), drawn on the CPU so a seed gives the same video on any device."""
-    if height % model.vae_factor or width % model.vae_factor:
-        raise UserError(f"height and width must be multiples of {model.vae_factor} (the VAE's factor), got {height}x{width}")
-    shape = (batch, model.latent_channels, frames, height // model.vae_factor, width // model.vae_factor)
-    return torch.randn(shape, generator=generator).to(device)  # (B, C, F, h, w)
+    """z_T ~ N(0, I), (B, C, F_lat, h, w), drawn on the CPU so a seed gives the same video on any device.
+
+    F_lat is F, or 1 + (F - 1) / 4 for Wan's causal VAE.
+    """
+    if height % model.size_multiple or width % model.size_multiple:
+        raise UserError(f"height and width must be multiples of {model.size_multiple}, got {height}x{width}")
+    shape = (batch, model.latent_channels, model.latent_frames(frames), height // model.vae_factor,
+             width // model.vae_factor)
+    return torch.randn(shape, generator=generator).to(device)  # (B, C, F_lat, h, w)
 
 
 def vader_loss(model, reward_fn, prompts, cond, uncond, cfg, generator, grad_steps, shard=(0, 1),
@@ -136,7 +206,9 @@ def vader_loss(model, reward_fn, prompts, cond, uncond, cfg, generator, grad_ste
     with offload if low_memory else contextlib.nullcontext():
         z0 = sample(model.unet, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, grad_steps,
                     checkpoint_steps=low_memory)  # (B, C, F, h, w)
-        idx = choose_frames(cfg.frames, cfg.decode_frames, generator).to(device)
+        pool = frame_pool(model, cfg.frames, cfg.decode_frames)  # the first `pool` frames are decodable
+        idx = choose_frames(pool, cfg.decode_frames, generator).to(device)
+        z0 = z0[:, :, :model.latent_frames(pool)]  # (B, C, F_pool, h, w): all of SD's, Wan's causal prefix
         frames = decode_frames(model, z0, idx, one_at_a_time=low_memory)  # (B, f, 3, H, W)
         rewards = reward_fn(frames, prompts).float()  # (B,)
     return -rewards.mean(), rewards.detach(), frames.detach()

@@ -68,7 +68,7 @@ def set_rng_state(state, generator):
     random.setstate((version, tuple(keys), gauss))
 
 
-def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_text, keep=0):
+def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_text, keep=0, prefix="unet."):
     """Write checkpoints/step-N atomically, then keep only the newest `keep` (0: keep all).
 
     An OSError (a full disk, no permission) becomes a UserError that says the previous
@@ -83,7 +83,7 @@ def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_lora(unet, tmp / "lora.safetensors")
+        save_lora(unet, tmp / "lora.safetensors", prefix)
         state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(generator)}
         buffer = io.BytesIO()  # torch.save's own file writer turns a full disk into a RuntimeError
         torch.save(state, buffer)

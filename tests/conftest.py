@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """The tiny model written once in the diffusers layout, as a user's local folder would be."""
-    from models import build_tiny_model
+    from infra.tiny import build_tiny_model
 
     folder = tmp_path_factory.mktemp("tiny_model")
     build_tiny_model(folder)

@@ -12,7 +12,8 @@ import models
 import sample
 from lora import TARGETS, inject_lora, load_lora, lora_layers, save_lora
 from benchmarks.architectures import build_architecture
-from models import MODELS, build_tiny_model, checkpoint_blocks, load_video_model
+from infra.tiny import build_tiny_model
+from models import MODELS, checkpoint_blocks, load_video_model
 from rewards import load_reward
 from vader import loss_scaler, vader_loss
 

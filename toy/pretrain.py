@@ -6,7 +6,7 @@ that the committed weights in toy/model/ can be reproduced and changed. Three pa
 1. A tiny `AutoencoderKL` (32x32 frames <-> 4x8x8 latents) trained on single frames with an L1
    reconstruction loss and a small KL term, as Stable Diffusion's VAE is, minus its perceptual
    and adversarial losses (Rombach et al. 2112.10752, Sec. 3.1 and Appendix G).
-2. A fixed random CLIP text encoder (models.TINY_TEXT, seed 0) whose token embeddings are
+2. A fixed random CLIP text encoder (infra.tiny.TINY_TEXT, seed 0) whose token embeddings are
    re-drawn with standard deviation 1 instead of CLIP's 0.02 (`random_text_encoder`). Untrained
    weights are fine: cross-attention only needs each caption word to be readable.
 3. A tiny `UNet3DConditionModel` trained to predict v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0 (Salimans &
@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from infra.files import atomic_write_text
-from models import MODELSCOPE_SCHEDULER, TINY_TEXT, TINY_UNET, TINY_VAE, TOY_FOLDER, write_clip_tokenizer
+from infra.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, write_clip_tokenizer
+from models import MODELSCOPE_SCHEDULER, TOY_FOLDER
 from sampler import Schedule
 from toy import world
 

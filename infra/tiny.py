@@ -1,0 +1,102 @@
+"""The built-in tiny models: small configs, fixed seeds, random weights, written in the diffusers layout.
+
+`--model tiny` (ModelScope's family) and `--model tiny-wan` (Wan2.1's) are built here into a
+temporary folder and then loaded by models.py through the very `from_pretrained` code a hub id
+takes, so the whole pipeline, loading included, runs on a CPU in seconds with nothing downloaded.
+They draw noise, not content: the toy world (toy/) is the small model that has learned something.
+"""
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models import MODELSCOPE_SCHEDULER, WAN_SCHEDULER, quiet_libraries
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+)
+# scaling_factor 1: a random encoder's latents are not ~N(0, 1/0.18215²) like SD's.
+TINY_VAE = dict(
+    block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=1.0,
+)
+TINY_TEXT = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, projection_dim=32,
+)
+# Wan2.1's family in miniature. The VAE keeps the real one's 4x temporal compression (two
+# temporal downsamplings) with 4x spatial; its latent statistics are made-up values, not 0 and 1,
+# so a test sees whether the per-channel normalisation is undone. Lists, not tuples: the VAE adds them to lists.
+TINY_WAN_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                            out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+TINY_WAN_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
+                    latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0],
+                    scale_factor_spatial=4, scale_factor_temporal=4)
+# A UMT5 encoder 32 wide, on the CLIP vocabulary below (the real one reads UMT5's 256,384 tokens).
+TINY_UMT5 = dict(vocab_size=49408, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8)
+
+
+def write_clip_tokenizer(folder):
+    """Save a transformers CLIPTokenizer built from the CLIP BPE vocabulary open_clip ships.
+
+    The hub is out of reach in tests and on a fresh laptop, but open_clip bundles the same
+    49,408-token vocabulary OpenAI's CLIP uses, so the tiny model gets a real tokenizer offline.
+    open_clip spells the special tokens <start_of_text>, transformers <|startoftext|>.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    bpe = SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(k, k): v for k, v in bpe.encoder.items()}
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    tok.save_pretrained(Path(folder) / "tokenizer")
+
+
+def build_tiny_model(folder, seed=0):
+    """Write the tiny model to `folder` in the diffusers layout (unet/, vae/, text_encoder/, ...).
+
+    The same seed gives the same weights every time; the global RNG is left untouched.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    quiet_libraries()
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        UNet3DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
+        AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
+        CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).save_pretrained(folder / "text_encoder")
+    DDIMScheduler(**MODELSCOPE_SCHEDULER).save_pretrained(folder / "scheduler")
+    write_clip_tokenizer(folder)
+
+
+def build_tiny_wan(folder, seed=0):
+    """Write the tiny Wan to `folder` in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers.
+
+    transformer/, vae/, text_encoder/ (UMT5), tokenizer/ and scheduler/, where the scheduler is
+    UniPC with flow_shift 3 as in the hub folder. The tokenizer is the CLIP vocabulary of
+    `write_clip_tokenizer` (UMT5's SentencePiece model is not bundled by any installed package);
+    prompts are padded to 512 tokens like the real one's.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    quiet_libraries()
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        WanTransformer3DModel(**TINY_WAN_TRANSFORMER).save_pretrained(folder / "transformer")
+        AutoencoderKLWan(**TINY_WAN_VAE).save_pretrained(folder / "vae")
+        UMT5EncoderModel(UMT5Config(**TINY_UMT5)).save_pretrained(folder / "text_encoder")
+    UniPCMultistepScheduler(**WAN_SCHEDULER).save_pretrained(folder / "scheduler")
+    write_clip_tokenizer(folder)
