@@ -366,14 +366,7 @@ def _load_components(source, spec, device, dtype):
     vae.to(device)
     # Wan's UMT5 stays in CPU memory and visits the device only to encode (VideoModel.text_encoder_on_device).
     text_encoder.to("cpu" if family == "wan" else device)
-    if family == "wan":
-        # diffusers' own checkpointing of every transformer block (non-reentrant, only while
-        # autograd records); the causal VAE is checkpointed whole by vader.decode_causal instead.
-        unet.enable_gradient_checkpointing()
-        unet.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
-    else:
-        checkpoint_blocks(unet)
-        checkpoint_blocks(vae.decoder)
+    checkpoint_family(unet, vae, family)
     if spec is None:  # a folder or hub id: its family's defaults, its size from its configs (Wan's: 480x832)
         if family == "wan":
             spec = replace(MODELS["wan"], source=source)
@@ -385,15 +378,31 @@ def _load_components(source, spec, device, dtype):
     return VideoModel(unet, vae, text_encoder, tokenizer, schedule, spec, device)
 
 
+def checkpoint_family(unet, vae, family):
+    """A family's activation checkpointing, the same for loaded weights and the benchmarks' random ones.
+
+    The UNets: `checkpoint_blocks` on the UNet and on the VAE's decoder. Wan: diffusers' own
+    checkpointing of each of the transformer's blocks (non-reentrant, only while autograd
+    records); its causal VAE is checkpointed whole by vader.decode_causal instead. Wan's
+    transformer also gets the hook that hands it the timestep as a tensor.
+    """
+    if family == "wan":
+        unet.enable_gradient_checkpointing()
+        unet.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
+    else:
+        checkpoint_blocks(unet)
+        checkpoint_blocks(vae.decoder)
+
+
 def _timestep_per_video(transformer, args, kwargs):
     """Forward pre-hook: the sampler's timestep, a Python number, as the (B,) tensor Wan's embedding needs.
 
     UNets take a number and broadcast it themselves; WanTransformer3DModel reads `timestep.ndim`.
     """
+    if len(args) < 2 or torch.is_tensor(args[1]):  # called by keyword (WanPipeline), or with a tensor already
+        return args, kwargs
     x, t = args[0], args[1]  # (B, C, F, h, w), a float T·σ
-    if not torch.is_tensor(t):
-        args = (x, torch.full((x.shape[0],), float(t), device=x.device), *args[2:])  # (B,)
-    return args, kwargs
+    return (x, torch.full((x.shape[0],), float(t), device=x.device), *args[2:]), kwargs  # timestep (B,)
 
 
 #### Activation checkpointing inside the UNet

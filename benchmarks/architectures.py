@@ -19,6 +19,17 @@ CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12
                    projection_dim=768)
 # SD 1.5's UNet: UNet2DConditionModel's defaults are SD 1.x's, but for the 768-d text and 64x64 latents.
 SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
+# Wan2.1 T2V 1.3B (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json, as diffusers'
+# scripts/convert_wan_to_diffusers.py writes it): 1,418,996,800 parameters.
+WAN_1_3B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+# Its VAE: AutoencoderKLWan's constructor defaults are the Wan2.1 VAE's config (base_dim 96, z_dim 16,
+# dim_mult 1-2-4-4, temporal downsampling in the last two levels, the latent statistics): 126,892,531.
+WAN_VAE = dict()
+# Its text encoder: the encoder of google/umt5-xxl (text_encoder/config.json): 5,680,910,336 parameters.
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
 
 
 def build_architecture(family, device="meta", dtype=torch.float32):
@@ -33,6 +44,8 @@ def build_architecture(family, device="meta", dtype=torch.float32):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     quiet_libraries()
+    if family == "wan":
+        return build_wan(device, dtype)
     with torch.device(device):
         if family == "unet3d":
             unet = UNet3DConditionModel()  # its constructor defaults are ModelScope's config
@@ -43,3 +56,24 @@ def build_architecture(family, device="meta", dtype=torch.float32):
             text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
         vae = AutoencoderKL(**SD_VAE)
     return [m.to(dtype).eval().requires_grad_(False) for m in (unet, vae, text)]
+
+
+def build_wan(device="meta", dtype=torch.float32):
+    """Wan2.1 T2V 1.3B's (transformer, VAE, UMT5 encoder) at real size with random weights.
+
+    As `from_pretrained` does, the transformer's `_keep_in_fp32_modules` (norms, time embedding,
+    modulation tables: 3.1 M parameters) stay float32 whatever `dtype` is.
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.device(device):
+        transformer = WanTransformer3DModel(**WAN_1_3B_TRANSFORMER)
+        vae = AutoencoderKLWan(**WAN_VAE)
+        text = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
+    models = [m.to(dtype).eval().requires_grad_(False) for m in (transformer, vae, text)]
+    keep = transformer._keep_in_fp32_modules
+    for name, p in transformer.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            p.data = p.data.float()
+    return models

@@ -38,7 +38,8 @@ GIB = 2**30
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity).
 GPUS = {"RTX 4090": 165.2, "H100 SXM": 989.4}
 UTILISATION = 0.4  # the share of that peak a UNet step reaches, for the estimate only
-GOALS_GIB = {"modelscope-256": 5.5, "modelscope-384": 7.5, "zeroscope-576": 10.0, "animatediff-512": 9.0}
+GOALS_GIB = {"modelscope-256": 5.5, "modelscope-384": 7.5, "zeroscope-576": 10.0, "animatediff-512": 9.0,
+             "wan-480-33": 12.0, "wan-480-81": 16.0}
 
 
 def add_parser(sub):

@@ -28,10 +28,15 @@ SPEED_CONFIGS = {  # name -> (family, height, width, frames, K); the tiny one ru
     "modelscope-256-k5": ("unet3d", 256, 256, 16, 5),
     "zeroscope-576": ("unet3d", 320, 576, 24, 1),
     "animatediff-512": ("animatediff", 512, 512, 16, 1),
+    "wan-480-33": ("wan", 480, 832, 33, 1),  # Wan2.1 1.3B at 480p, the registry's 33 frames (9 latent)
+    "wan-480-81": ("wan", 480, 832, 81, 1),  # its full length, 81 frames (21 latent)
+    "wan-480-33-k5": ("wan", 480, 832, 33, 5),
+    "wan-480-81-k5": ("wan", 480, 832, 81, 5),
     "tiny": ("tiny", 32, 32, 8, 1),
     "toy": ("toy", 32, 32, 8, 1),
+    "tiny-wan": ("tiny-wan", 32, 32, 9, 1),
 }
-SMALL = ("tiny", "toy")  # the CPU-sized models: loaded by name, scored by a tiny CLIP
+SMALL = ("tiny", "toy", "tiny-wan")  # the CPU-sized models: loaded by name, scored by a tiny CLIP
 SPEED_STEPS = 25  # VADER's DDIM steps, for the training step and for generation alike
 SPEED_TARGETS_GB = {"modelscope-256": 12, "modelscope-384": 24}  # the peak memory a step may take
 STEP_TARGET = 1.3  # a training step may take at most 1.3x the time of generating the video
@@ -99,16 +104,18 @@ def random_aesthetic(config, device, dtype):
 def speed_model(family, device, dtype):
     """A VideoModel: the tiny one, or a family's real architecture with random weights on `device`."""
     from benchmarks.architectures import build_architecture
-    from models import MODELS, MODELSCOPE_SCHEDULER, VideoModel, checkpoint_blocks, load_video_model
-    from sampler import Schedule
+    from models import MODELS, MODELSCOPE_SCHEDULER, WAN_SCHEDULER, VideoModel, checkpoint_family, load_video_model
+    from sampler import FlowSchedule, Schedule
 
     if family in SMALL:
         return load_video_model(family, "cpu" if device == "meta" else device, dtype)
-    spec = MODELS["modelscope" if family == "unet3d" else "animatediff"]
+    spec = MODELS[{"unet3d": "modelscope"}.get(family, family)]
     unet, vae, text = build_architecture(family, device, dtype)
-    checkpoint_blocks(unet)
-    checkpoint_blocks(vae.decoder)
-    return VideoModel(unet, vae, text, None, Schedule.from_config({**MODELSCOPE_SCHEDULER, **spec.scheduler}), spec)
+    checkpoint_family(unet, vae, family)
+    if family == "wan":
+        return VideoModel(unet, vae, text, None, FlowSchedule.from_config(WAN_SCHEDULER), spec, device)
+    return VideoModel(unet, vae, text, None, Schedule.from_config({**MODELSCOPE_SCHEDULER, **spec.scheduler}), spec,
+                      device)
 
 
 def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_steps=SPEED_STEPS):
@@ -146,8 +153,9 @@ def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, fore
                           low_memory=low_memory)
     # As train.py: the text encoder runs once (random tokens: its cost does not depend on them), then leaves.
     with torch.no_grad():
-        tokens = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0)).to(device)
-        cond, uncond = model.text_encoder(tokens)[0].chunk(2)  # (1, 77, D) each
+        tokens = torch.randint(0, model.text_encoder.config.vocab_size, (2, model.text_length),
+                               generator=torch.Generator().manual_seed(0)).to(device)
+        cond, uncond = model.text_encoder(tokens)[0].chunk(2)  # (1, L, D) each
     if device != "cpu":
         model.text_encoder.to("cpu")
     params = inject_lora(model.unet, rank=Config.lora_rank, targets=model.spec.lora_targets)
@@ -216,7 +224,7 @@ def run_speed(a):
         raise UserError(f"--repeats must be at least 1, got {a.repeats}")
     for family in dict.fromkeys(SPEED_CONFIGS[n][0] for n in names if n not in SMALL):
         c = real_sizes(family)
-        print(f"{family} at real size (random weights, counted on the meta device): UNet {c['unet'] / 1e6:,.1f} M, "
+        print(f"{family} at real size (random weights, counted on the meta device): denoiser {c['unet'] / 1e6:,.1f} M, "
               f"VAE {c['vae'] / 1e6:,.1f} M, text encoder {c['text_encoder'] / 1e6:,.1f} M, reward CLIP ViT-L/14 "
               f"{c['reward_clip'] / 1e6:,.1f} M; LoRA r=16 on {c['lora_layers']} linears: {c['lora'] / 1e6:,.2f} M")
     device = resolve_device(a.device)
