@@ -1,9 +1,9 @@
-"""DDIM parity with diffusers' DDIMScheduler, and truncated backpropagation."""
+"""DDIM and flow-matching Euler parity with diffusers' schedulers, and truncated backpropagation."""
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from sampler import Schedule, ddim_step, sample
+from sampler import FlowSchedule, Schedule, ddim_step, flow_step, sample
 
 CONFIGS = {
     # ModelScope's scheduler (its hub folder's scheduler_config.json)
@@ -129,3 +129,66 @@ def test_classifier_free_guidance_combines_the_two_passes():
     got = sample(unet, z, cond, uncond, schedule, 1, guidance=7.5)
     eps_c, eps_u = unet(z, t, cond).sample, unet(z, t, uncond).sample
     torch.testing.assert_close(got, ddim_step(z, eps_u + 7.5 * (eps_c - eps_u), a_t, a_prev))
+
+
+#### Flow matching: parity with diffusers' FlowMatchEulerDiscreteScheduler
+
+def flow_reference(shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("num_steps", [1, 7, 40])
+def test_flow_sigmas_and_timesteps_match_diffusers(shift, num_steps):
+    ref = flow_reference(shift)
+    ref.set_timesteps(num_steps)
+    ours = FlowSchedule(shift=shift)
+    torch.testing.assert_close(torch.tensor(ours.sigmas(num_steps), dtype=torch.float32), ref.sigmas)
+    torch.testing.assert_close(torch.tensor([t for t, _ in ours.steps(num_steps)], dtype=torch.float32),
+                               ref.timesteps)
+    assert ours.sigmas(num_steps)[0] == 1.0 and ours.sigmas(num_steps)[-1] == 0.0
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_single_steps_match_diffusers(shift):
+    ours = FlowSchedule(shift=shift)
+    g = torch.Generator().manual_seed(3)
+    x, v = torch.randn(2, 16, 3, 6, 6, generator=g), torch.randn(2, 16, 3, 6, 6, generator=g)  # (B, C, F_lat, h, w)
+    for i in (0, 5, 11):  # the first, a middle and the last step (to σ = 0)
+        ref = flow_reference(shift)
+        ref.set_timesteps(12)
+        ref.set_begin_index(i)
+        t, coeffs = ours.steps(12)[i]
+        torch.testing.assert_close(ours.update(x, v, coeffs), ref.step(v, ref.timesteps[i], x, return_dict=False)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_trajectories_match_diffusers(shift):
+    ref, ours = flow_reference(shift), FlowSchedule(shift=shift)
+    ref.set_timesteps(12)
+    x_ref = x = torch.randn(1, 16, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    for (t, coeffs), t_ref in zip(ours.steps(12), ref.timesteps):
+        x = ours.update(x, fake_model(x, t), coeffs)
+        x_ref = ref.step(fake_model(x_ref, t_ref), t_ref, x_ref, return_dict=False)[0]
+    torch.testing.assert_close(x, x_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_last_euler_step_lands_on_the_predicted_x0():
+    """x_σ - σ v with v = ε - x0 on the path x_σ = (1 - σ) x0 + σ ε gives x0 exactly."""
+    g = torch.Generator().manual_seed(5)
+    x0, eps = torch.randn(2, 4, 2, 3, 3, generator=g), torch.randn(2, 4, 2, 3, 3, generator=g)
+    sigma = 0.37
+    torch.testing.assert_close(flow_step((1 - sigma) * x0 + sigma * eps, eps - x0, sigma, 0.0), x0)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_flow_sampling_keeps_a_graph_only_for_the_last_k_steps(k):
+    unet = CountingUNet()
+    out = sample(unet, torch.randn(1, 4, 2, 4, 4), torch.zeros(1, 3, 5), None, FlowSchedule(shift=3.0), 6,
+                 grad_steps=k)
+    assert unet.calls == [False] * (6 - k) + [True] * k and out.requires_grad == (k > 0)
+    with pytest.raises(ValueError, match="deterministic"):
+        sample(unet, torch.randn(1, 4, 2, 4, 4), torch.zeros(1, 3, 5), None, FlowSchedule(), 2, eta=0.5)
