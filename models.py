@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from infra.cli import UserError
+from infra.cli import UserError, quiet_libraries
 from infra.files import first_line
 from lora import TARGETS
 from sampler import FlowSchedule, Schedule
@@ -94,13 +94,17 @@ MODELS = {
                              scheduler=ANIMATEDIFF_SCHEDULER),
     # Wan2.1 T2V 1.3B at its 480p size, 480x832. 33 frames (9 latent frames) by default: the memory
     # simulator (bench.py memory) puts a K = 1 step within a 12 GB card there, and the model's full
-    # 81 frames within 24 GB (--frames 81). 40 Euler steps on the shifted σ schedule, as the
+    # 81 frames within 16 GiB (--frames 81). Its recipe turns --low-memory on: each grad step is
+    # checkpointed whole, so the transformer's 30 block inputs, kept for each guidance pass, are
+    # gone while the VAE decoder's backward (the peak) runs; the extra transformer forward costs
+    # 3.6% more FLOPs a step at 25 steps, less at 40. 40 Euler steps on the shifted σ schedule, as the
     # public reward-LoRA trainer for Wan (VideoX-Fun) samples; the pipeline's 50 UniPC steps would
     # cost a quarter more. Guidance 5, the pipeline's. LoRA on the attention projections (attn1,
     # self; attn2, cross) of the 30 blocks: 240 linears, 11.8 M parameters at r = 16, VADER's
     # choice. The FFNs hold most of a block's weights; adapting them too (VideoX-Fun does) would
     # add 10.1 M parameters at r = 16, and nothing here has measured that it aligns better.
-    "wan": ModelSpec("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 480, 832, 33, 40, 5.0, family="wan"),
+    "wan": ModelSpec("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 480, 832, 33, 40, 5.0, family="wan",
+                     recipe={"low_memory": True}),
 }
 
 
@@ -195,7 +199,7 @@ class VideoModel:
                 m.to(self.device)
 
 
-#### Scheduler facts and quiet libraries
+#### Scheduler facts
 
 # ModelScope's scheduler settings (its hub folder's scheduler/scheduler_config.json), so the tiny
 # model samples like the real one.
@@ -204,20 +208,6 @@ MODELSCOPE_SCHEDULER = dict(
     prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
     clip_sample=False,
 )
-
-
-def quiet_libraries():
-    """Silence diffusers' and transformers' per-file progress bars and warnings.
-
-    For the tiny model they are pure noise (and would break the one-line error contract on
-    stderr); the hub's download progress comes from huggingface_hub and stays visible.
-    """
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
 
 
 #### Loading

@@ -3,10 +3,11 @@
     python sample.py --model tiny --lora runs/tiny-colorfulness/lora.safetensors --prompts animals.txt
     python sample.py --model tiny --lora OUT/lora.safetensors --prompts animals.txt --side-by-side
     python sample.py --model modelscope --lora OUT/lora.safetensors --export-merged OUT/unet-merged
+    python sample.py --model wan --lora runs/wan-hps/lora.safetensors --side-by-side
 
 Each prompt gives an .mp4 and a .gif in --output-dir. With --side-by-side the base model's video
 (left) and the aligned one (right) share a file, from the same seed, so the change is easy to see.
-With --export-merged nothing is sampled: the UNet, with the LoRA folded into its weights, is
+With --export-merged nothing is sampled: the denoiser, with the LoRA folded into its weights, is
 written with save_pretrained, for use in diffusers' own pipelines (see `export_merged`).
 """
 import argparse
@@ -21,7 +22,7 @@ from infra.files import read_prompts
 from infra.video import slug, tile, write_video
 
 def export_merged(model, lora_path, folder):
-    """Fold the LoRA into the UNet's weights and write the UNet to `folder` with save_pretrained.
+    """Fold the LoRA into the denoiser's weights and write it to `folder` with save_pretrained.
 
     diffusers cannot `load_lora_weights` into a UNet3DConditionModel (it lacks PeftAdapterMixin),
     so this is how an aligned ModelScope or Zeroscope reaches diffusers' own pipeline:
@@ -29,7 +30,9 @@ def export_merged(model, lora_path, folder):
         pipe = TextToVideoSDPipeline.from_pretrained("ali-vilab/text-to-video-ms-1.7b", unet=unet)
     For AnimateDiff the folder holds a UNetMotionModel (UNetMotionModel.from_pretrained(FOLDER), then
     AnimateDiffPipeline(..., unet=unet)); there the LoRA file also loads as it is, with
-    `unet.load_lora_adapter(PATH, prefix="unet")` (exact for alpha = r, the default). The weights keep
+    `unet.load_lora_adapter(PATH, prefix="unet")`. For Wan the folder holds a WanTransformer3DModel
+    (WanPipeline.from_pretrained(HUB_ID, transformer=WanTransformer3DModel.from_pretrained(FOLDER)));
+    there the LoRA file needs no export: `WanPipeline.load_lora_weights(PATH)` reads it. The weights keep
     the model's --dtype (bf16 on a GPU by default; pass --dtype float32 for a full-precision copy).
     Written to a temporary folder and renamed, so a crash never leaves half an export.
     """
@@ -49,7 +52,7 @@ def export_merged(model, lora_path, folder):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="model name (tiny, modelscope, zeroscope, animatediff, ...), "
+    p.add_argument("--model", default="tiny", help="model name (tiny, modelscope, zeroscope, animatediff, wan, ...), "
                    "local folder or hub id")
     p.add_argument("--lora", help="a lora.safetensors written by train.py; omit for the base model")
     p.add_argument("--prompts", default="animals.txt", help="prompts file: a path or a name under prompts/")
@@ -57,7 +60,7 @@ def parse_args(argv):
     p.add_argument("--output-dir", default="runs/samples", help="where the videos go")
     p.add_argument("--side-by-side", action="store_true", help="base (left) and aligned (right) in one file")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-    p.add_argument("--num-steps", type=int, help="DDIM steps (default: the model's)")
+    p.add_argument("--num-steps", type=int, help="sampler steps, DDIM or Euler (default: the model's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
     p.add_argument("--frames", type=int, help="frames per video (default: the model's)")
     p.add_argument("--height", type=int, help="height in pixels (default: the model's)")
@@ -65,7 +68,7 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the frozen model's dtype (auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--export-merged", metavar="DIR", help="write the UNet with --lora merged in to DIR "
+    p.add_argument("--export-merged", metavar="DIR", help="write the denoiser with --lora merged in to DIR "
                    "(diffusers save_pretrained) instead of sampling")
     return p.parse_args(argv)
 
@@ -74,7 +77,7 @@ def main(argv=None):
     args = parse_args(argv)
     from lora import load_lora, read_lora_file
     from models import load_video_model, resolve_device, resolve_dtype
-    from vader import encode_prompts, generate
+    from vader import check_video_shape, encode_prompts, generate
 
     prompts = read_prompts(args.prompts)
     prompts = prompts[: args.num_prompts] if args.num_prompts > 0 else prompts
@@ -94,8 +97,8 @@ def main(argv=None):
            for k in ("frames", "height", "width", "num_steps", "guidance")}
     if min(gen["frames"], gen["height"], gen["width"], gen["num_steps"]) < 1:
         raise UserError("--frames, --height, --width and --num-steps must be positive")
-    cond = encode_prompts(model, prompts)  # (P, 77, D)
-    uncond = encode_prompts(model, [""])  # (1, 77, D), broadcast over the batch
+    check_video_shape(model, gen["frames"], gen["height"], gen["width"])
+    cond, uncond = encode_prompts(model, prompts + [""]).split([len(prompts), 1])  # (P, L, D), (1, L, D)
 
     def videos():
         """One video per prompt (seed + i), batched one at a time to bound memory."""

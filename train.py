@@ -30,7 +30,7 @@ from lora import inject_lora, save_lora
 from models import MODELS, describe, load_video_model, resolve_device, resolve_dtype
 from rewards import load_reward, parse_options
 from sampler import pick_grad_steps
-from vader import encode_prompts, frame_pool, generate, loss_scaler, train_step
+from vader import check_video_shape, encode_prompts, frame_pool, generate, loss_scaler, train_step
 
 
 def opt(default, help):
@@ -98,8 +98,8 @@ def parse_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", help=help)
+        if f.type is bool:  # --flag and --no-flag: a model's recipe may turn one on (Wan: --low-memory)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         elif f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", metavar="PATH", help=help)
         else:
@@ -151,13 +151,8 @@ def validate(cfg, model=None):
     if out.is_dir() and any((out / n).exists() for n in RUN_FILES) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                         "or another --output-dir")
-    if model is not None and (cfg.height % model.size_multiple or cfg.width % model.size_multiple):
-        raise UserError(f"--height and --width must be multiples of {model.size_multiple} (the VAE's downsampling"
-                        f"{' times the 2x2 patches' if model.wan else ''}), got {cfg.height}x{cfg.width}")
-    if model is not None and (cfg.frames - 1) % model.temporal_factor:
-        r = model.temporal_factor
-        raise UserError(f"--frames must be 1 + {r}k for {cfg.model} (its VAE packs {r} frames a latent frame after "
-                        f"the first), got {cfg.frames}; try {(cfg.frames - 1) // r * r + 1} or {(cfg.frames - 1) // r * r + 1 + r}")
+    if model is not None:
+        check_video_shape(model, cfg.frames, cfg.height, cfg.width)
 
 
 #### Helpers of main

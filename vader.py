@@ -171,13 +171,25 @@ def decode_causal(model, z0, frame_idx, use_checkpoint=True, one_at_a_time=False
     return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, f, 3, H, W) in [0, 1]
 
 
+def check_video_shape(model, frames, height, width):
+    """UserError unless the model can make a video of this size: height and width multiples of the
+    VAE's factor (times the 2x2 patches of Wan's transformer), and for Wan 1 + 4k frames."""
+    m, r = model.size_multiple, model.temporal_factor
+    if height % m or width % m:
+        raise UserError(f"--height and --width must be multiples of {m} (the VAE's downsampling"
+                        f"{' times the 2x2 patches' if model.wan else ''}), got {height}x{width}")
+    if (frames - 1) % r:
+        k = (frames - 1) // r * r + 1
+        raise UserError(f"--frames must be 1 + {r}k for this model (its VAE packs {r} frames a latent frame after "
+                        f"the first), got {frames}; try {k} or {k + r}")
+
+
 def initial_noise(model, batch, frames, height, width, generator, device):
     """z_T ~ N(0, I), (B, C, F_lat, h, w), drawn on the CPU so a seed gives the same video on any device.
 
     F_lat is F, or 1 + (F - 1) / 4 for Wan's causal VAE.
     """
-    if height % model.size_multiple or width % model.size_multiple:
-        raise UserError(f"height and width must be multiples of {model.size_multiple}, got {height}x{width}")
+    check_video_shape(model, frames, height, width)
     shape = (batch, model.latent_channels, model.latent_frames(frames), height // model.vae_factor,
              width // model.vae_factor)
     return torch.randn(shape, generator=generator).to(device)  # (B, C, F_lat, h, w)

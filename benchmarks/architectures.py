@@ -5,7 +5,8 @@ the tests count their parameters on the meta device, where nothing is allocated.
 """
 import torch
 
-from models import per_frame_text, quiet_libraries
+from infra.cli import quiet_libraries
+from models import per_frame_text
 
 # Stable Diffusion's VAE, shared by both families (~84 M parameters).
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,

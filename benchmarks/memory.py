@@ -20,6 +20,7 @@ itself is not used: its module tracking keeps checkpointed activations alive); t
 floor on "step / generation" time, and a roofline estimate divides them by a GPU's dense bf16
 peak at a stated utilisation (labelled an estimate: it is not a measurement).
 """
+import argparse
 import contextlib
 import json
 import time
@@ -49,7 +50,8 @@ def add_parser(sub):
                        description="Run train.py's step and plain generation on fake tensors at real sizes; "
                                    "print and write the predicted peak memory, its breakdown, and FLOPs.")
     m.add_argument("--config", default="all", help=f"comma-separated names, or 'all': {', '.join(SPEED_CONFIGS)}")
-    m.add_argument("--low-memory", action="store_true", help="train.py's --low-memory")
+    m.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.py's --low-memory; default: train.py's for the model (on for Wan)")
     m.add_argument("--num-steps", type=int, default=SPEED_STEPS, help="DDIM steps (as bench.py speed; the peak does not "
                    "depend on the no-grad ones, FLOPs do)")
     m.add_argument("--output-dir", default="runs/bench", help="where memory-<config>.json goes")
@@ -267,7 +269,7 @@ def register_cpu_attention_flops():
 #### The command
 
 def run_memory(a):
-    from benchmarks.speed import config_names
+    from benchmarks.speed import config_names, low_memory_for
 
     names = config_names(a.config)
     if a.num_steps < 1:
@@ -277,19 +279,20 @@ def run_memory(a):
     print(f"| config | low-memory | step peak GiB | goal | generation peak GiB | peak at | TFLOP step | "
           f"TFLOP generation | step / generation | {gpus} |\n|" + " --- |" * (9 + len(GPUS)))
     for name in names:
-        r = simulate(name, a.low_memory, num_steps=a.num_steps)
+        low_memory = low_memory_for(name, a.low_memory)
+        r = simulate(name, low_memory, num_steps=a.num_steps)
         step, gen = r["step"], r["generation"]
         ratio = step["flops"] / gen["flops"]
         estimates = " | ".join(f"{step['flops'] / (peak * 1e12 * UTILISATION):.2f}" for peak in GPUS.values())
         goal = GOALS_GIB.get(name)
-        print(f"| {name} | {'yes' if a.low_memory else 'no'} | {step['peak_gib']:.2f} | "
+        print(f"| {name} | {'yes' if low_memory else 'no'} | {step['peak_gib']:.2f} | "
               f"{f'≤ {goal}' if goal else ''} | {gen['peak_gib']:.2f} | {step['where']} | {step['flops'] / 1e12:.1f} | "
               f"{gen['flops'] / 1e12:.1f} | {ratio:.2f} | {estimates} |", flush=True)
-        record = dict(config=name, low_memory=a.low_memory, num_steps=a.num_steps, device="fake tensors (CPU simulation)",
+        record = dict(config=name, low_memory=low_memory, num_steps=a.num_steps, device="fake tensors (CPU simulation)",
                       dtype="bfloat16", step=step, generation=gen, flops_ratio=ratio,
                       estimate=dict(utilisation=UTILISATION, gpus_tflops=GPUS,
                                     step_s={g: step["flops"] / (p * 1e12 * UTILISATION) for g, p in GPUS.items()}))
-        stem = f"memory-{name}" + ("-low-memory" if a.low_memory else "")
+        stem = f"memory-{name}" + ("-low-memory" if low_memory else "")
         atomic_write_text(Path(a.output_dir) / f"{stem}.json", json.dumps(record, indent=2) + "\n")
     print(f"\nbreakdowns, the phase and module of each peak: {a.output_dir}/memory-*.json")
 

@@ -10,6 +10,7 @@ travels between machines. The weights are random, built from the real configs
 (benchmarks/architectures.py): nothing is downloaded, and random weights cost exactly the memory
 and time trained ones do.
 """
+import argparse
 import contextlib
 import json
 import time
@@ -56,13 +57,23 @@ def add_parser(sub):
                                    "generation of the same video. Without a GPU, the tiny model on the CPU.")
     s.add_argument("--config", default="modelscope-256",
                    help=f"comma-separated names, or 'all': {', '.join(SPEED_CONFIGS)}")
-    s.add_argument("--low-memory", action="store_true", help="train.py's --low-memory (slower, less memory)")
+    s.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.py's --low-memory (slower, less memory); default: train.py's for the model (on for Wan)")
     s.add_argument("--repeats", type=int, default=2, help="timed repetitions of each, after one warm-up")
     s.add_argument("--device", default="auto", help="auto, cuda, cuda:1, cpu")
     s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="frozen weights: auto (bf16 on GPU, fp16 where it lacks bf16)")
     s.add_argument("--output-dir", default="runs/bench", help="where speed-<config>.json goes")
     s.set_defaults(run=run_speed)
+
+
+def low_memory_for(name, flag):
+    """--low-memory as train.py would run the configuration: the flag when given, else the
+    registry's recipe for its model (Wan's turns it on)."""
+    from models import MODELS
+
+    family = SPEED_CONFIGS[name][0]
+    return flag if flag is not None else MODELS[{"unet3d": "modelscope"}.get(family, family)].recipe.get("low_memory", False)
 
 
 def config_names(arg):
@@ -109,7 +120,7 @@ def speed_model(family, device, dtype):
 
     if family in SMALL:
         return load_video_model(family, "cpu" if device == "meta" else device, dtype)
-    spec = MODELS[{"unet3d": "modelscope"}.get(family, family)]
+    spec = MODELS[{"unet3d": "modelscope"}.get(family, family)]  # the registry entry of the family
     unet, vae, text = build_architecture(family, device, dtype)
     checkpoint_family(unet, vae, family)
     if family == "wan":
@@ -202,9 +213,10 @@ def measure_speed(name, a, device, dtype):
     """One configuration's figures: seconds and peak GB of a training step and of generation."""
     family, height, width, frames, k = SPEED_CONFIGS[name]
     cuda = device.startswith("cuda")
-    step, generation, _ = prepare(name, device, dtype, a.low_memory)
+    low_memory = low_memory_for(name, a.low_memory)
+    step, generation, _ = prepare(name, device, dtype, low_memory)
     r = dict(config=name, device=torch.cuda.get_device_name(device) if cuda else "cpu",
-             dtype=str(dtype).removeprefix("torch."), low_memory=a.low_memory, frames=frames, height=height,
+             dtype=str(dtype).removeprefix("torch."), low_memory=low_memory, frames=frames, height=height,
              width=width, num_steps=SPEED_STEPS, grad_steps=k, decode_frames=1)
     for what, fn in (("step", step), ("generation", generation)):
         if cuda:
@@ -238,10 +250,10 @@ def run_speed(a):
     for name in names:
         r = measure_speed(name, a, device, dtype)
         gb = [f"{x:.2f}" if x is not None else "n/a (CPU)" for x in (r["step_peak_gb"], r["generation_peak_gb"])]
-        print(f"| {name} | {r['device']} | {r['dtype']} | {'yes' if a.low_memory else 'no'} | {r['frames']}x"
+        print(f"| {name} | {r['device']} | {r['dtype']} | {'yes' if r['low_memory'] else 'no'} | {r['frames']}x"
               f"{r['height']}x{r['width']} | {r['grad_steps']} | {r['step_s']:.2f} | {r['generation_s']:.2f} | "
               f"{r['ratio']:.2f} | {gb[0]} | {gb[1]} |")
-        stem = f"speed-{name}" + ("-low-memory" if a.low_memory else "")
+        stem = f"speed-{name}" + ("-low-memory" if r["low_memory"] else "")
         atomic_write_text(Path(a.output_dir) / f"{stem}.json", json.dumps(r, indent=2) + "\n")
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

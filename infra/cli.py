@@ -1,4 +1,4 @@
-"""The user-error contract of every script, and clean stops on Ctrl-C or SIGTERM.
+"""The user-error contract of every script, clean stops on Ctrl-C or SIGTERM, and quiet libraries.
 
 Bad input (a missing prompts file, an unknown reward, a flag out of range) is the user's to fix,
 not a bug. The code raises `UserError`; `run_cli` turns it into one line on stderr and exit
@@ -33,3 +33,17 @@ def stop_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def quiet_libraries():
+    """Silence diffusers' and transformers' per-file progress bars and warnings.
+
+    For the tiny model they are pure noise (and would break the one-line error contract on
+    stderr); the hub's download progress comes from huggingface_hub and stays visible.
+    """
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from models import MODELSCOPE_SCHEDULER, WAN_SCHEDULER, quiet_libraries
+from infra.cli import quiet_libraries
+from models import MODELSCOPE_SCHEDULER, WAN_SCHEDULER
 
 TINY_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,

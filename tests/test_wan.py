@@ -226,6 +226,16 @@ def test_train_raises_the_reward_resumes_exactly_and_samples(tmp_path):
     assert len(list((tmp_path / "samples").glob("*.gif"))) == 2
 
 
+def test_wan_trains_with_whole_step_checkpointing_unless_told_not_to():
+    from benchmarks.speed import low_memory_for
+
+    assert train.parse_config(["--model", "wan"])[0].low_memory is True
+    assert train.parse_config(["--model", "wan", "--no-low-memory"])[0].low_memory is False
+    assert train.parse_config(["--model", "modelscope"])[0].low_memory is False
+    assert low_memory_for("wan-480-81", None) is True and low_memory_for("wan-480-81", False) is False
+    assert low_memory_for("modelscope-256", None) is False
+
+
 def test_frames_that_do_not_fit_the_causal_vae_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         run_cli(train.main, [*FAST, "--frames", "8", "--max-steps", "1", "--output-dir", str(tmp_path / "r")])
