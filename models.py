@@ -47,6 +47,7 @@ ANIMATEDIFF_SCHEDULER = dict(beta_schedule="linear", clip_sample=False, timestep
 # sampler.FlowSchedule reads its flow_shift.
 WAN_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 WAN_TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
+CLIP_TEXT_LENGTH = 77  # CLIP's context length
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,11 @@ class VideoModel:
 
     @property
     def text_length(self):
-        """Tokens per prompt: CLIP's 77, or the 512 UMT5 tokens WanPipeline uses."""
-        return WAN_TEXT_LENGTH if self.wan else 77
+        """Tokens per prompt: the 512 UMT5 tokens WanPipeline uses, else the tokenizer's own length
+        (CLIP's 77; the toy model's 8; 77 for the benchmarks' models, which have no tokenizer)."""
+        if self.wan:
+            return WAN_TEXT_LENGTH
+        return self.tokenizer.model_max_length if self.tokenizer is not None else CLIP_TEXT_LENGTH
 
     @property
     def lora_prefix(self):

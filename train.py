@@ -169,9 +169,10 @@ def split_prompts(cfg):
     return prompts, held_out
 
 
-def load_models(cfg, device, dtype):
+def load_models(cfg, given, device, dtype):
     """The reward and the video model. A local folder or hub id's generation defaults (height,
-    frames, ...) are known only once it is loaded, so they fill `cfg` here and are checked."""
+    frames, ...) and its family's recipe are known only once it is loaded, so they fill `cfg`
+    here (flags typed in `given`, and a resumed run's own settings, still win) and are checked."""
     reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
     if cfg.decode_frames < reward_fn.min_frames:
         raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
@@ -179,6 +180,10 @@ def load_models(cfg, device, dtype):
     for k in GENERATION:
         if getattr(cfg, k) is None:
             setattr(cfg, k, getattr(model.spec, k))
+    if cfg.model not in MODELS and not cfg.resume:
+        for k, v in model.spec.recipe.items():
+            if k not in given:
+                setattr(cfg, k, v)
     validate(cfg, model)
     return reward_fn, model
 
@@ -228,7 +233,7 @@ def main(argv=None):
     rank, world, device = distributed_env(resolve_device(cfg.device))
     main_process = rank == 0
     dtype = resolve_dtype(cfg.dtype, device)
-    reward_fn, model = load_models(cfg, device, dtype)
+    reward_fn, model = load_models(cfg, given, device, dtype)
     join_process_group(world, device)
     out = Path(cfg.output_dir)
     if main_process:

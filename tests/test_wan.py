@@ -226,12 +226,17 @@ def test_train_raises_the_reward_resumes_exactly_and_samples(tmp_path):
     assert len(list((tmp_path / "samples").glob("*.gif"))) == 2
 
 
-def test_wan_trains_with_whole_step_checkpointing_unless_told_not_to():
+def test_wan_trains_with_whole_step_checkpointing_unless_told_not_to(wan_folder, tmp_path):
     from benchmarks.speed import low_memory_for
 
     assert train.parse_config(["--model", "wan"])[0].low_memory is True
     assert train.parse_config(["--model", "wan", "--no-low-memory"])[0].low_memory is False
     assert train.parse_config(["--model", "modelscope"])[0].low_memory is False
+    for flags, expected in (([], True), (["--no-low-memory"], False)):  # a folder: the recipe once it is loaded
+        cfg, given = train.parse_config(["--model", str(wan_folder), "--reward", "brightness", "--frames", "5",
+                                         "--height", "32", "--width", "32", "--output-dir", str(tmp_path), *flags])
+        train.load_models(cfg, given, "cpu", torch.float32)
+        assert cfg.low_memory is expected
     assert low_memory_for("wan-480-81", None) is True and low_memory_for("wan-480-81", False) is False
     assert low_memory_for("modelscope-256", None) is False
 
