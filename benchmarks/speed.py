@@ -39,7 +39,7 @@ SPEED_CONFIGS = {  # name -> (family, height, width, frames, K); the tiny one ru
 }
 SMALL = ("tiny", "toy", "tiny-wan")  # the CPU-sized models: loaded by name, scored by a tiny CLIP
 SPEED_STEPS = 25  # VADER's DDIM steps, for the training step and for generation alike
-SPEED_TARGETS_GB = {"modelscope-256": 12, "modelscope-384": 24}  # the peak memory a step may take
+SPEED_TARGETS_GB = {"modelscope-256": 12, "modelscope-384": 24, "wan-480-33": 12, "wan-480-81": 16}  # a step's peak
 STEP_TARGET = 1.3  # a training step may take at most 1.3x the time of generating the video
 # CLIP ViT-L/14, the aesthetic head's backbone (~428 M parameters), and a tiny stand-in for the CPU.
 CLIP_L14_CONFIG = dict(projection_dim=768, text_config=dict(hidden_size=768, intermediate_size=3072,
