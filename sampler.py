@@ -183,7 +183,7 @@ def pick_grad_steps(num_steps, grad_steps, random_k=False, generator=None):
 
 
 def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_steps=0, eta=0.0,
-           generator=None, checkpoint_steps=False):
+           generator=None, checkpoint_steps=False, on_step=None):
     """Run N steps of `schedule`'s sampler from z_T; gradients flow only through the last `grad_steps` (K).
 
     z_T: (B, C, F, h, w) initial noise. cond/uncond: (B, L, D) text embeddings (uncond may be
@@ -192,28 +192,35 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
     "truncation" of truncated backprop. The last K record a graph. With `checkpoint_steps`, each
     of them is checkpointed whole: only its input x_t is stored, and the step (UNet included) is
     run again during backward, so memory stays flat in K at one more UNet forward per grad step.
+    `on_step(i, t, coeffs, x_t, model_output, x_next)`, if given, sees every step as it is taken:
+    the policy-gradient baselines (baselines/) record the chain and its log-probabilities with it,
+    so every method runs this one loop. With eta > 0 the noise is drawn on the CPU from
+    `generator`, so a seed gives the same chain on any device.
     """
     x = z_T
     for i, (t, coeffs) in enumerate(schedule.steps(num_steps)):
         keep_grad = i >= num_steps - grad_steps
         noise = None
         if eta > 0:  # drawn outside the checkpoint so the recomputation sees the same noise
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
 
         # The default arguments bind this step's t, coefficients and noise now. A closure would
         # read them when called, and a checkpoint calls it again during backward, after the loop
         # has moved on: every recomputation would then use the last step's t.
         def step(x_t, t=t, coeffs=coeffs, noise=noise):
             out = guided_eps(unet, x_t, t, cond, uncond, guidance)
-            return schedule.update(x_t, out, coeffs, eta, noise)
+            return schedule.update(x_t, out, coeffs, eta, noise), out
 
         if not keep_grad:
             with torch.no_grad():
-                x = step(x)
+                x_next, out = step(x)
         elif checkpoint_steps:
-            x = checkpoint(step, x, use_reentrant=False)
+            x_next, out = checkpoint(step, x, use_reentrant=False)
         else:
-            x = step(x)
+            x_next, out = step(x)
+        if on_step is not None:
+            on_step(i, t, coeffs, x, out, x_next)
+        x = x_next
     return x
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sampler import ddim_sigma, ddim_step, guided_eps
+from sampler import ddim_sigma, ddim_step, guided_eps, sample
 from vader import choose_frames, decode_frames, initial_noise
 
 
@@ -75,16 +75,17 @@ def sample_with_logprobs(unet, z_T, cond, uncond, schedule, num_steps, guidance,
 
     z_T: (B, C, F, h, w). Returns xs (B, N+1, C, F, h, w), the chain z_T ... z_0, and
     old_logp (B, N), log π_θold of each transition. No graph: DDPO needs none while sampling.
+    The steps are sampler.sample's own (the loop VADER trains through); a hook records them.
     """
+    if any(ddim_sigma(a_t, a_prev, eta) <= 0 for _, a_t, a_prev in schedule.alpha_pairs(num_steps)):
+        raise ValueError("DDPO needs σ_t > 0 at every step: eta > 0, and a schedule with set_alpha_to_one False")
     xs, logps = [z_T], []
-    for t, a_t, a_prev in schedule.alpha_pairs(num_steps):
-        if ddim_sigma(a_t, a_prev, eta) <= 0:
-            raise ValueError("DDPO needs σ_t > 0 at every step: eta > 0, and a schedule with set_alpha_to_one False")
-        x_t = xs[-1]
-        eps = guided_eps(unet, x_t, t, cond, uncond, guidance)  # (B, C, F, h, w)
-        noise = torch.randn(x_t.shape, generator=generator).to(x_t.device)  # z of Eq. (12), on the CPU for seeds
-        xs.append(ddim_step(x_t, eps, a_t, a_prev, eta, noise, schedule.prediction_type))  # (B, C, F, h, w)
-        logps.append(ddim_logprob(xs[-1], x_t, eps, a_t, a_prev, eta, schedule.prediction_type))
+
+    def record(i, t, coeffs, x_t, eps, x_next):  # eps (B, C, F, h, w): the guided model output of this step
+        xs.append(x_next)
+        logps.append(ddim_logprob(x_next, x_t, eps, *coeffs, eta, schedule.prediction_type))
+
+    sample(unet, z_T, cond, uncond, schedule, num_steps, guidance, eta=eta, generator=generator, on_step=record)
     return torch.stack(xs, dim=1), torch.stack(logps, dim=1)  # (B, N+1, C, F, h, w), (B, N)
 
 
