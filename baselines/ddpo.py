@@ -137,43 +137,64 @@ def ppo_loss(logp, old_logp, advantages, clip_range):
 
 #### One epoch: sample, score, update
 
+def rollout(model, reward_fn, batch_prompts, batch_cond, uncond, z_T, gen, eta, generator):
+    """Sample the policy θ_old from z_T (B, C, F, h, w), no gradients, one reward query per video.
+
+    Returns xs (B, N+1, C, F, h, w), old_logp (B, N) and the rewards (B,). The videos are scored on
+    `gen.decode_frames` random frames, exactly as VADER's are.
+    """
+    xs, old_logp = sample_with_logprobs(model.unet, z_T, batch_cond, uncond, model.schedule, gen.num_steps,
+                                        gen.guidance, eta, generator)  # (B, N+1, C, F, h, w), (B, N)
+    frame_idx = choose_frames(gen.frames, gen.decode_frames, generator).to(z_T.device)
+    with torch.no_grad():
+        rewards = reward_fn(decode_frames(model, xs[:, -1], frame_idx), batch_prompts).float()  # (B,)
+    return xs, old_logp, rewards
+
+
+def ppo_updates(model, params, optimizer, xs, old_logp, batch_cond, uncond, advantages, steps, gen, cfg, generator):
+    """PPO on the stored transitions of the timesteps `steps` (indices into the N steps).
+
+    `cfg.updates_per_epoch` optimizer steps per pass, each on a disjoint share of the samples,
+    `cfg.inner_epochs` passes. The objective averages over the trained timesteps. Returns one
+    (b, len(steps)) tensor of ρ per optimizer step.
+    """
+    ratios = []
+    for _ in range(cfg.inner_epochs):
+        for share in torch.randperm(len(xs), generator=generator).to(xs.device).chunk(cfg.updates_per_epoch):
+            optimizer.zero_grad(set_to_none=True)
+            step_ratios = []
+            for j in steps:
+                logp = policy_logprob(model, xs[share], j, batch_cond[share], uncond, gen, cfg.eta)  # (b,)
+                loss, ratio = ppo_loss(logp, old_logp[share, j], advantages[share], cfg.clip_range)
+                (loss / len(steps)).backward()
+                step_ratios.append(ratio)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            ratios.append(torch.stack(step_ratios, dim=1))  # (b, len(steps))
+    return ratios
+
+
+def clip_fraction(ratios, clip_range):
+    """The share of all trained transitions whose ρ left [1 - ε, 1 + ε]."""
+    return torch.cat([((r - 1).abs() > clip_range).flatten() for r in ratios]).float().mean().item()
+
+
 def ddpo_epoch(model, reward_fn, params, optimizer, stats, prompts, cond, uncond, gen, cfg, generator):
     """One DDPO epoch: sample `cfg.samples_per_epoch` videos, query the reward once each, take PPO steps.
 
-    cond: (P, 77, D) embeddings of `prompts`; uncond: (1, 77, D). `gen` supplies frames, height,
-    width, num_steps, guidance, decode_frames (as for `vader.vader_loss`). The sampled videos
-    are scored on `gen.decode_frames` random frames, exactly as VADER's are.
+    cond: (P, L, D) embeddings of `prompts`; uncond: (1, L, D). `gen` supplies frames, height,
+    width, num_steps, guidance, decode_frames (as for `vader.vader_loss`).
     Returns (rewards (B,), info): info["first_ratio"] is ρ (b, N) of the first optimizer step's
     samples and timesteps (1 up to rounding: θ = θ_old until the first update), and
     info["clip_fraction"] the share of all transitions whose ρ left [1 - ε, 1 + ε].
     """
     device, B = cond.device, cfg.samples_per_epoch
     idx = torch.randint(len(prompts), (B,), generator=generator)
-    batch_prompts, batch_cond = [prompts[i] for i in idx], cond[idx.to(device)]  # B strings, (B, 77, D)
-
-    # Sampling: rollouts of the current policy θ_old, no gradients, one reward query per video.
+    batch_prompts, batch_cond = [prompts[i] for i in idx], cond[idx.to(device)]  # B strings, (B, L, D)
     z_T = initial_noise(model, B, gen.frames, gen.height, gen.width, generator, device)  # (B, C, F, h, w)
-    xs, old_logp = sample_with_logprobs(model.unet, z_T, batch_cond, uncond, model.schedule, gen.num_steps,
-                                        gen.guidance, cfg.eta, generator)  # (B, N+1, C, F, h, w), (B, N)
-    frame_idx = choose_frames(gen.frames, gen.decode_frames, generator).to(device)
-    with torch.no_grad():
-        rewards = reward_fn(decode_frames(model, xs[:, -1], frame_idx), batch_prompts).float()  # (B,)
+    xs, old_logp, rewards = rollout(model, reward_fn, batch_prompts, batch_cond, uncond, z_T, gen, cfg.eta, generator)
     advantages = stats.advantages(batch_prompts, rewards.cpu()).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
-    advantages = advantages.to(device)  # (B,)
-
     # Training: PPO on every transition of every sample (ddpo-pytorch's timestep_fraction = 1).
-    ratios = []  # one (b, N) tensor of ρ per optimizer step
-    for _ in range(cfg.inner_epochs):
-        for share in torch.randperm(B, generator=generator).to(device).chunk(cfg.updates_per_epoch):
-            optimizer.zero_grad(set_to_none=True)
-            step_ratios = []
-            for j in range(gen.num_steps):
-                logp = policy_logprob(model, xs[share], j, batch_cond[share], uncond, gen, cfg.eta)  # (b,)
-                loss, ratio = ppo_loss(logp, old_logp[share, j], advantages[share], cfg.clip_range)
-                (loss / gen.num_steps).backward()  # the objective averages over timesteps
-                step_ratios.append(ratio)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            ratios.append(torch.stack(step_ratios, dim=1))  # (b, N)
-    clipped = torch.cat([((r - 1).abs() > cfg.clip_range).flatten() for r in ratios])
-    return rewards, dict(first_ratio=ratios[0], clip_fraction=clipped.float().mean().item())
+    ratios = ppo_updates(model, params, optimizer, xs, old_logp, batch_cond, uncond, advantages.to(device),
+                         range(gen.num_steps), gen, cfg, generator)
+    return rewards, dict(first_ratio=ratios[0], clip_fraction=clip_fraction(ratios, cfg.clip_range))
