@@ -1,11 +1,13 @@
-"""VADER against DDPO: how much reward each learning signal buys per reward query.
+"""VADER against DDPO and GRPO: how much reward each learning signal buys per reward query.
 
-    python bench.py efficiency                      # tiny model, brightness, 3 seeds (~9 CPU minutes)
-    python bench.py efficiency --seeds 0            # the classroom version, ~3 minutes
+    python bench.py efficiency                      # tiny model, brightness, 3 seeds
+    python bench.py efficiency --seeds 0            # the classroom version, a few minutes
 
 The paper's central claim (VADER, arXiv 2407.08737; AlignProp, 2310.03739): backpropagating the
 reward's gradient learns with far fewer reward queries than a gradient-free policy-gradient
-method (DDPO, 2305.13301, in baselines/ddpo.py). BENCHMARKS.md holds the measured numbers.
+method: the paper's baseline DDPO (2305.13301, baselines/ddpo.py), and today's, GRPO
+(2402.03300 as DanceGRPO and Flow-GRPO apply it, baselines/grpo.py). BENCHMARKS.md holds the
+measured numbers.
 """
 import copy
 import csv
@@ -20,9 +22,9 @@ from infra.cli import UserError
 from infra.files import atomic_path, atomic_write_text
 from train import Config
 
-#### efficiency: reward gradients against DDPO on the tiny model
+#### efficiency: reward gradients against DDPO and GRPO
 #
-# Both methods train the same LoRA (same rank, same seed, same initial A) of the same model on
+# All methods train the same LoRA (same rank, same seed, same initial A) of the same model on
 # the same reward and prompts, and are stopped after the same number of reward queries (one
 # query = one video scored). Both are evaluated the same way: the mean reward of a fixed set of
 # videos (EVAL_SEED, deterministic DDIM, every frame decoded, as sample.py generates them),
@@ -33,8 +35,8 @@ EVAL_SEED = 10_000  # seeds of the evaluation videos, far from any training seed
 
 def add_parser(sub):
     """The `efficiency` subcommand; defaults are sized for a 2-core CPU (a few minutes)."""
-    e = sub.add_parser("efficiency", help="VADER vs DDPO: reward against reward queries and seconds",
-                       description="Train VADER (K = 1 and a larger K) and DDPO with the same budget of reward "
+    e = sub.add_parser("efficiency", help="VADER vs DDPO and GRPO: reward against reward queries and seconds",
+                       description="Train VADER (K = 1 and a larger K), DDPO and GRPO with the same budget of reward "
                                    "queries; write a table, a CSV and a plot.")
     e.add_argument("--model", default="tiny", help="a name in models.MODELS (tiny, toy) or a folder")
     e.add_argument("--reward", default="brightness", help="a reward in rewards.REWARDS (weight-free: offline)")
@@ -54,7 +56,12 @@ def add_parser(sub):
     e.add_argument("--ddpo-lr", type=float, default=1e-3, help="DDPO's AdamW lr (best of 3e-4..3e-2 on tiny)")
     e.add_argument("--ddpo-batch", type=int, default=8, help="DDPO: videos sampled per epoch (2 PPO steps each)")
     e.add_argument("--clip-range", type=float, default=1e-4, help="PPO's clip range ε (DDPO: 1e-4)")
-    e.add_argument("--eta", type=float, default=1.0, help="η of DDPO's stochastic DDIM policy (DDPO: 1)")
+    e.add_argument("--eta", type=float, default=1.0, help="η of the stochastic DDIM policy of DDPO and GRPO (DDPO: 1)")
+    e.add_argument("--grpo-lr", type=float, default=1e-3, help="GRPO's AdamW lr")
+    e.add_argument("--grpo-group", type=int, default=4, help="GRPO: G, videos of one prompt scored together")
+    e.add_argument("--grpo-groups", type=int, default=2, help="GRPO: prompts per epoch (G of each, 2 PPO steps)")
+    e.add_argument("--grpo-window", type=int, nargs=2, metavar=("FIRST", "N"), default=None,
+                   help="GRPO trains only steps FIRST..FIRST+N-1 of the chain (MixGRPO); default: all")
     e.add_argument("--eval-videos", type=int, default=4, help="fixed videos scored at every evaluation point")
     e.add_argument("--eval-points", type=int, default=8, help="log-spaced evaluation points, one batch to budget")
     e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
@@ -67,15 +74,21 @@ def check_efficiency_args(a):
     from baselines.ddpo import DDPOConfig
 
     for name in ("num_prompts", "budget", "lora_rank", "num_steps", "frames", "batch_size", "ddpo_batch",
-                 "eval_videos", "eval_points"):
+                 "grpo_group", "grpo_groups", "eval_videos", "eval_points"):
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.budget < max(a.batch_size, a.ddpo_batch):
+    grpo_batch = a.grpo_group * a.grpo_groups
+    if a.budget < max(a.batch_size, a.ddpo_batch, grpo_batch):
         raise UserError(f"--budget ({a.budget}) is smaller than one batch (--batch-size {a.batch_size}, "
-                        f"--ddpo-batch {a.ddpo_batch}); raise --budget")
-    if a.budget % a.batch_size or a.budget % a.ddpo_batch:
-        raise UserError(f"--budget ({a.budget}) must be a multiple of --batch-size ({a.batch_size}) and --ddpo-batch "
-                        f"({a.ddpo_batch}), so every method stops at exactly the budget")
+                        f"--ddpo-batch {a.ddpo_batch}, GRPO's {grpo_batch}); raise --budget")
+    if a.budget % a.batch_size or a.budget % a.ddpo_batch or a.budget % grpo_batch:
+        raise UserError(f"--budget ({a.budget}) must be a multiple of --batch-size ({a.batch_size}), --ddpo-batch "
+                        f"({a.ddpo_batch}) and GRPO's --grpo-group x --grpo-groups ({grpo_batch}), so every method "
+                        "stops at exactly the budget")
+    if a.grpo_window is not None and not (0 <= a.grpo_window[0] and a.grpo_window[1] >= 1
+                                          and sum(a.grpo_window) <= a.num_steps):
+        raise UserError(f"--grpo-window {a.grpo_window[0]} {a.grpo_window[1]} does not fit --num-steps "
+                        f"{a.num_steps}; FIRST + N must be at most {a.num_steps}")
     for name, k in (("grad-steps", a.grad_steps), ("large-k", a.large_k)):
         if not 1 <= k <= a.num_steps:
             raise UserError(f"--{name} must be between 1 and --num-steps ({a.num_steps}), got {k}")
@@ -84,8 +97,8 @@ def check_efficiency_args(a):
     if a.ddpo_batch % DDPOConfig.updates_per_epoch:
         raise UserError(f"--ddpo-batch must be a multiple of {DDPOConfig.updates_per_epoch} (the PPO steps that "
                         f"share an epoch's videos), got {a.ddpo_batch}")
-    if a.eta <= 0 or a.clip_range <= 0 or a.ddpo_lr <= 0 or (a.vader_lr is not None and a.vader_lr <= 0):
-        raise UserError("--eta, --clip-range, --ddpo-lr and --vader-lr must be positive")
+    if a.eta <= 0 or a.clip_range <= 0 or a.ddpo_lr <= 0 or a.grpo_lr <= 0 or (a.vader_lr is not None and a.vader_lr <= 0):
+        raise UserError("--eta, --clip-range, --ddpo-lr, --grpo-lr and --vader-lr must be positive")
 
 
 def vader_update(model, reward_fn, params, optimizer, scaler, prompts, cond, uncond, a, generator, k):
@@ -102,21 +115,22 @@ def vader_update(model, reward_fn, params, optimizer, scaler, prompts, cond, unc
     return train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, a, generator, k)[1]
 
 
-def train_run(method, seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg):
-    """Train a fresh LoRA with `method` ("VADER K=k" or "DDPO") until the query budget is spent.
+def train_run(method, seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg, grpo_cfg):
+    """Train a fresh LoRA with `method` ("VADER K=k", "DDPO" or "GRPO") until the query budget is spent.
 
-    Both use train.py's AdamW (its weight decay) and gradient clipping; only the lr differs.
+    All use train.py's AdamW (its weight decay) and gradient clipping; only the lr differs.
     Returns one row per evaluation point: queries, training seconds so far (evaluation excluded),
     the evaluation reward and change, and the mean reward of the last training batch.
     """
     from baselines.ddpo import PromptStats, ddpo_epoch
+    from baselines.grpo import grpo_epoch
     from lora import inject_lora
     from vader import loss_scaler
 
     torch.manual_seed(seed)  # the LoRA's initial A: the same for every method of this seed
     run_model = replace(model, unet=copy.deepcopy(model.unet))  # the base stays clean for the next run
     params = inject_lora(run_model.unet, a.lora_rank)
-    lr = a.ddpo_lr if method == "DDPO" else a.vader_lr
+    lr = {"DDPO": a.ddpo_lr, "GRPO": a.grpo_lr}.get(method, a.vader_lr)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=Config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     if method == "DDPO":
@@ -125,6 +139,10 @@ def train_run(method, seed, model, reward_fn, prompts, cond, uncond, evaluate, a
         def update():
             return ddpo_epoch(run_model, reward_fn, params, optimizer, stats, prompts, cond, uncond, a, ddpo_cfg,
                               generator)[0]
+    elif method == "GRPO":
+        def update():
+            return grpo_epoch(run_model, reward_fn, params, optimizer, prompts, cond, uncond, a, grpo_cfg,
+                              generator)[0]
     else:
         k = int(method.split("K=")[1])
         scaler = loss_scaler(run_model.unet.dtype, a.device)
@@ -132,7 +150,7 @@ def train_run(method, seed, model, reward_fn, prompts, cond, uncond, evaluate, a
         def update():
             return vader_update(run_model, reward_fn, params, optimizer, scaler, prompts, cond, uncond, a, generator, k)
 
-    points = eval_schedule(min(a.batch_size, a.ddpo_batch), a.budget, a.eval_points)
+    points = eval_schedule(min(a.batch_size, a.ddpo_batch, grpo_cfg.samples_per_epoch), a.budget, a.eval_points)
     rows = [dict(method=method, seed=seed, queries=0, seconds=0.0, train_reward=float("nan"), **evaluate(run_model))]
     queries, seconds = 0, 0.0
     while queries < a.budget:
@@ -159,22 +177,27 @@ def queries_to(rows, target, column="queries"):
     return next((r[column] for r in rows if r["queries"] > 0 and r["eval_reward"] >= target), float("nan"))
 
 
-def summarise(rows, methods, seeds, base_reward):
-    """Per seed and method: final reward, and queries and seconds to reach DDPO's final reward.
+BASELINES = ("DDPO", "GRPO")  # the gradient-free methods whose final rewards are the targets
 
-    A seed whose DDPO run ends at or below the base model has no target (NaN): every method
-    "reaches" such a reward at its first evaluation, which would measure nothing.
+
+def summarise(rows, methods, seeds, base_reward):
+    """Per seed and method: final reward, and queries and seconds to reach each baseline's final reward.
+
+    A seed whose baseline run ends at or below the base model has no target from it (NaN): every
+    method "reaches" such a reward at its first evaluation, which would measure nothing.
     """
     out = []
     for seed in seeds:
         runs = {m: [r for r in rows if r["method"] == m and r["seed"] == seed] for m in methods}
-        target = runs["DDPO"][-1]["eval_reward"]
-        target = target if target > base_reward else float("nan")
-        for m in methods:
-            out.append(dict(method=m, seed=seed, target=target, final_reward=runs[m][-1]["eval_reward"],
-                            queries_to_target=queries_to(runs[m], target),
-                            seconds_to_target=queries_to(runs[m], target, "seconds"),
-                            final_change=runs[m][-1]["change"]))
+        row = {m: dict(method=m, seed=seed, final_reward=runs[m][-1]["eval_reward"],
+                       final_change=runs[m][-1]["change"]) for m in methods}
+        for b in (b for b in BASELINES if b in methods):
+            target = runs[b][-1]["eval_reward"]
+            target = target if target > base_reward else float("nan")
+            for m in methods:
+                row[m].update({f"target_{b}": target, f"queries_to_{b}": queries_to(runs[m], target),
+                               f"seconds_to_{b}": queries_to(runs[m], target, "seconds")})
+        out += row.values()
     return out
 
 
@@ -189,29 +212,31 @@ def spread(values, missing="n/a"):
 
 
 def markdown_table(summary, methods, a, base_reward):
-    """The table for BENCHMARKS.md, with the DDPO/VADER ratio of queries (and seconds) to target."""
-    lines = [f"Base model eval reward: {base_reward:.4f} ({a.reward}). Target = the eval reward DDPO ends with "
-             f"after {a.budget} queries (per seed; n/a where DDPO did not improve on the base, or a method never "
-             f"reached it). Mean ± std over seeds {', '.join(map(str, a.seeds))}.", "",
-             f"| method | final reward at {a.budget} queries | queries to target | training s to target "
-             "| change from base (mean abs pixel) |", "| --- | --- | --- | --- | --- |"]
+    """The table for BENCHMARKS.md, with each baseline's ratio of queries (and seconds) to its target."""
+    baselines = [b for b in BASELINES if b in methods]
+    lines = [f"Base model eval reward: {base_reward:.4f} ({a.reward}). Targets = the eval reward each baseline "
+             f"ends with after {a.budget} queries (per seed; n/a where it did not improve on the base, or a method "
+             f"never reached it). Mean ± std over seeds {', '.join(map(str, a.seeds))}.", "",
+             f"| method | final reward at {a.budget} queries | "
+             + " | ".join(f"queries to {b}'s | training s to {b}'s" for b in baselines)
+             + " | change from base (mean abs pixel) |", "| --- " * (3 + 2 * len(baselines)) + "|"]
+    columns = ["final_reward", *(f"{k}_to_{b}" for b in baselines for k in ("queries", "seconds")), "final_change"]
     for m in methods:
         s = [r for r in summary if r["method"] == m]
-        lines.append(f"| {m} | " + " | ".join(spread([r[k] for r in s]) for k in
-                                               ("final_reward", "queries_to_target", "seconds_to_target",
-                                                "final_change")) + " |")
+        lines.append(f"| {m} | " + " | ".join(spread([r[k] for r in s]) for k in columns) + " |")
     lines.append("")
-    ddpo = [r for r in summary if r["method"] == "DDPO"]
-    for m in methods[:-1]:
-        vader = [r for r in summary if r["method"] == m]
-        q = [d["queries_to_target"] / v["queries_to_target"] for d, v in zip(ddpo, vader)]
-        s = [d["seconds_to_target"] / v["seconds_to_target"] for d, v in zip(ddpo, vader)]
-        gain = [(v["final_reward"] - base_reward) / (d["final_reward"] - base_reward)
-                if d["final_reward"] > base_reward else float("nan") for d, v in zip(ddpo, vader)]
-        lines.append(f"DDPO / {m}: {spread(q)} times the reward queries (per seed: "
-                     f"{', '.join(f'{x:.3g}' for x in q)}), {spread(s)} times the training seconds, to reach the "
-                     f"target. {m} / DDPO: {spread(gain, 'n/a, DDPO did not improve')} times the reward gained over "
-                     f"the base model at {a.budget} queries.")
+    for b in baselines:
+        base_runs = [r for r in summary if r["method"] == b]
+        for m in (m for m in methods if m.startswith("VADER")):
+            vader = [r for r in summary if r["method"] == m]
+            q = [d[f"queries_to_{b}"] / v[f"queries_to_{b}"] for d, v in zip(base_runs, vader)]
+            sec = [d[f"seconds_to_{b}"] / v[f"seconds_to_{b}"] for d, v in zip(base_runs, vader)]
+            gain = [(v["final_reward"] - base_reward) / (d["final_reward"] - base_reward)
+                    if d["final_reward"] > base_reward else float("nan") for d, v in zip(base_runs, vader)]
+            lines.append(f"{b} / {m}: {spread(q)} times the reward queries (per seed: "
+                         f"{', '.join(f'{x:.3g}' for x in q)}), {spread(sec)} times the training seconds, to reach "
+                         f"{b}'s final reward. {m} / {b}: {spread(gain, f'n/a, {b} did not improve')} times the "
+                         f"reward gained over the base model at {a.budget} queries.")
     return "\n".join(lines) + "\n"
 
 
@@ -245,7 +270,7 @@ def plot_efficiency(path, rows, methods, base_reward, reward_name):
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel=xl, ylabel=yl)
         ax.legend(fontsize=8)
-    fig.suptitle("VADER (reward gradients) vs DDPO (policy gradients): mean over seeds, band = min..max")
+    fig.suptitle("VADER (reward gradients) vs DDPO and GRPO (policy gradients): mean over seeds, band = min..max")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
@@ -263,6 +288,7 @@ def write_csv(path, rows):
 
 def run_efficiency(a):
     from baselines.ddpo import DDPOConfig
+    from baselines.grpo import GRPOConfig, trained_steps
     from infra.files import read_prompts
     from models import load_video_model
     from rewards import load_reward
@@ -280,6 +306,8 @@ def run_efficiency(a):
     a.vader_lr = a.vader_lr or model.spec.recipe.get("lr", Config.lr)  # as train.py picks it
     ddpo_cfg = DDPOConfig(eta=a.eta, samples_per_epoch=a.ddpo_batch, clip_range=a.clip_range,
                           grad_clip=Config.grad_clip)
+    grpo_cfg = GRPOConfig(group_size=a.grpo_group, groups_per_epoch=a.grpo_groups, clip_range=a.clip_range, eta=a.eta,
+                          window=tuple(a.grpo_window) if a.grpo_window else None, grad_clip=Config.grad_clip)
     cond, uncond = encode_prompts(model, prompts), encode_prompts(model, [""])  # (P, 77, D), (1, 77, D)
     eval_idx = torch.arange(a.eval_videos) % len(prompts)
     eval_prompts = [prompts[i] for i in eval_idx]  # E strings
@@ -297,19 +325,20 @@ def run_efficiency(a):
         return dict(eval_reward=reward_fn(video, eval_prompts).mean().item(),
                     change=(video - base).abs().mean().item())
 
-    methods = [f"VADER K={a.grad_steps}", f"VADER K={a.large_k}", "DDPO"]
+    methods = [f"VADER K={a.grad_steps}", f"VADER K={a.large_k}", "DDPO", "GRPO"]
     methods = list(dict.fromkeys(methods))  # one VADER run when --large-k equals --grad-steps
     print(f"model {a.model}: {a.frames} frames of {a.height}x{a.width}, {a.num_steps} DDIM steps, "
           f"guidance {a.guidance} | reward {a.reward} on {a.decode_frames} frame(s) | {len(prompts)} prompts "
           f"| LoRA rank {a.lora_rank}")
     print(f"budget {a.budget} reward queries per run | VADER: {a.batch_size} videos per step, lr {a.vader_lr} "
           f"| DDPO: {a.ddpo_batch} videos per epoch, {ddpo_cfg.updates_per_epoch} PPO steps, lr {a.ddpo_lr}, "
-          f"ε {a.clip_range}, η {a.eta} "
+          f"ε {a.clip_range}, η {a.eta} | GRPO: {a.grpo_groups} groups of {a.grpo_group} per epoch, lr {a.grpo_lr}, "
+          f"steps {list(trained_steps(grpo_cfg.window, a.num_steps))} "
           f"| eval: {a.eval_videos} fixed videos, base reward {base_reward:.4f}")
     rows = []
     for seed in a.seeds:
         for m in methods:
-            rows += train_run(m, seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg)
+            rows += train_run(m, seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg, grpo_cfg)
     summary = summarise(rows, methods, a.seeds, base_reward)
     out = Path(a.output_dir)
     write_csv(out / "efficiency_curves.csv", rows)

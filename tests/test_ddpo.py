@@ -1,4 +1,4 @@
-"""DDPO, the baseline: its log-probabilities against torch's Normal, PPO's clipping, the bench run."""
+"""DDPO, the baseline: its log-probabilities against torch's Normal, PPO's clipping; the bench run with GRPO."""
 import csv
 import math
 from types import SimpleNamespace
@@ -151,32 +151,34 @@ def test_efficiency_run_writes_table_and_plot(tiny_folder, tmp_path, capsys):
     out = tmp_path / "eff"
     bench.main(["efficiency", "--model", str(tiny_folder), "--budget", "2", "--seeds", "0", "1",
                 "--num-steps", "2", "--frames", "2", "--lora-rank", "2", "--batch-size", "1", "--ddpo-batch", "2",
+                "--grpo-group", "2", "--grpo-groups", "1", "--grpo-window", "1", "1",
                 "--eval-videos", "1", "--eval-points", "2", "--vader-lr", "0.01", "--output-dir", str(out)])
     rows = read_csv(out / "efficiency_curves.csv")
-    methods = ["VADER K=1", "VADER K=2", "DDPO"]
+    methods = ["VADER K=1", "VADER K=2", "DDPO", "GRPO"]
     assert sorted({r["method"] for r in rows}) == sorted(methods)
     for m in methods:
         for seed in ("0", "1"):
             run = [r for r in rows if r["method"] == m and r["seed"] == seed]
-            assert [int(r["queries"]) for r in run] == ([0, 2] if m == "DDPO" else [0, 1, 2])
+            assert [int(r["queries"]) for r in run] == ([0, 2] if m in ("DDPO", "GRPO") else [0, 1, 2])
             assert float(run[0]["change"]) == 0 and float(run[-1]["change"]) > 0  # trained away from the base
     assert len({r["eval_reward"] for r in rows if r["queries"] == "0"}) == 1  # one base model for every run
     assert all(float(r["eval_reward"]) > 0 for r in rows)  # brightness is in (0, 1)
 
     summary = read_csv(out / "efficiency_summary.csv")
-    assert len(summary) == 6
+    assert len(summary) == 8
     base = float(rows[0]["eval_reward"])
-    for r in summary:  # the target is DDPO's final reward, where DDPO improved on the base
-        ddpo_final = float([x for x in rows if x["method"] == "DDPO" and x["seed"] == r["seed"]][-1]["eval_reward"])
-        if ddpo_final > base:
-            assert float(r["target"]) == pytest.approx(ddpo_final)
-            assert r["method"] != "DDPO" or r["queries_to_target"] == "2"  # its own final reward, at the end
-        else:
-            assert math.isnan(float(r["target"])) and math.isnan(float(r["queries_to_target"]))
+    for r in summary:  # each baseline's final reward is a target, where the baseline improved on the base
+        for b in ("DDPO", "GRPO"):
+            final = float([x for x in rows if x["method"] == b and x["seed"] == r["seed"]][-1]["eval_reward"])
+            if final > base:
+                assert float(r[f"target_{b}"]) == pytest.approx(final)
+                assert r["method"] != b or r[f"queries_to_{b}"] == "2"  # its own final reward, at the end
+            else:
+                assert math.isnan(float(r[f"target_{b}"])) and math.isnan(float(r[f"queries_to_{b}"]))
 
     table = (out / "efficiency.md").read_text()
-    assert "| method | final reward at 2 queries | queries to target |" in table
-    assert all(f"| {m} |" in table for m in methods) and "DDPO / VADER K=1:" in table
+    assert "| method | final reward at 2 queries | queries to DDPO's | training s to DDPO's | queries to GRPO's |" in table
+    assert all(f"| {m} |" in table for m in methods) and "DDPO / VADER K=1:" in table and "GRPO / VADER K=2:" in table
     assert table in capsys.readouterr().out  # printed for BENCHMARKS.md
 
     image = Image.open(out / "efficiency.png")
@@ -189,7 +191,8 @@ def test_efficiency_run_writes_table_and_plot(tiny_folder, tmp_path, capsys):
     (["--reward", "nope"], "unknown reward 'nope'"),
     (["--model", "nope"], "unknown model 'nope'"),
     (["--budget", "4"], "--budget (4) is smaller than one batch"),
-    (["--budget", "20"], "--budget (20) must be a multiple of --batch-size (2) and --ddpo-batch (8)"),
+    (["--budget", "20"], "--budget (20) must be a multiple of --batch-size (2), --ddpo-batch (8) and GRPO's"),
+    (["--grpo-window", "3", "2"], "--grpo-window 3 2 does not fit --num-steps 4"),
     (["--large-k", "9"], "--large-k must be between 1 and --num-steps (4), got 9"),
 ])
 def test_efficiency_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
