@@ -62,6 +62,8 @@ def add_parser(sub):
     e.add_argument("--grpo-groups", type=int, default=2, help="GRPO: prompts per epoch (G of each, 2 PPO steps)")
     e.add_argument("--grpo-window", type=int, nargs=2, metavar=("FIRST", "N"), default=None,
                    help="GRPO trains only steps FIRST..FIRST+N-1 of the chain (MixGRPO); default: all")
+    e.add_argument("--lr-grid", type=float, nargs="+", default=None, metavar="LR",
+                   help="tune each method's lr first: one run per lr on the first seed, the best final reward wins")
     e.add_argument("--eval-videos", type=int, default=4, help="fixed videos scored at every evaluation point")
     e.add_argument("--eval-points", type=int, default=8, help="log-spaced evaluation points, one batch to budget")
     e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
@@ -97,6 +99,8 @@ def check_efficiency_args(a):
     if a.ddpo_batch % DDPOConfig.updates_per_epoch:
         raise UserError(f"--ddpo-batch must be a multiple of {DDPOConfig.updates_per_epoch} (the PPO steps that "
                         f"share an epoch's videos), got {a.ddpo_batch}")
+    if a.lr_grid is not None and min(a.lr_grid) <= 0:
+        raise UserError(f"--lr-grid values must be positive, got {min(a.lr_grid)}")
     if a.eta <= 0 or a.clip_range <= 0 or a.ddpo_lr <= 0 or a.grpo_lr <= 0 or (a.vader_lr is not None and a.vader_lr <= 0):
         raise UserError("--eta, --clip-range, --ddpo-lr, --grpo-lr and --vader-lr must be positive")
 
@@ -115,7 +119,7 @@ def vader_update(model, reward_fn, params, optimizer, scaler, prompts, cond, unc
     return train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, a, generator, k)[1]
 
 
-def train_run(method, seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg, grpo_cfg):
+def train_run(method, lr, seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg, grpo_cfg):
     """Train a fresh LoRA with `method` ("VADER K=k", "DDPO" or "GRPO") until the query budget is spent.
 
     All use train.py's AdamW (its weight decay) and gradient clipping; only the lr differs.
@@ -130,7 +134,6 @@ def train_run(method, seed, model, reward_fn, prompts, cond, uncond, evaluate, a
     torch.manual_seed(seed)  # the LoRA's initial A: the same for every method of this seed
     run_model = replace(model, unet=copy.deepcopy(model.unet))  # the base stays clean for the next run
     params = inject_lora(run_model.unet, a.lora_rank)
-    lr = {"DDPO": a.ddpo_lr, "GRPO": a.grpo_lr}.get(method, a.vader_lr)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=Config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     if method == "DDPO":
@@ -240,6 +243,17 @@ def markdown_table(summary, methods, a, base_reward):
     return "\n".join(lines) + "\n"
 
 
+def lr_grid_table(grid, methods, a):
+    """Final eval reward of every (method, lr) of the tuning runs; the best of each method in bold."""
+    lines = [f"Learning-rate grid: final eval reward at {a.budget} queries, seed {a.seeds[0]} (bold: chosen).", "",
+             "| method | " + " | ".join(f"lr {lr:g}" for lr in a.lr_grid) + " |", "| --- " * (1 + len(a.lr_grid)) + "|"]
+    for m in methods:
+        cells = [g["final_reward"] for g in grid if g["method"] == m]
+        best = max(cells)
+        lines.append(f"| {m} | " + " | ".join(f"**{c:.4f}**" if c == best else f"{c:.4f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n\n"
+
+
 def plot_efficiency(path, rows, methods, base_reward, reward_name):
     """Three panels, mean over seeds with a min-max band: reward vs queries, vs seconds; change vs queries."""
     import matplotlib
@@ -335,15 +349,26 @@ def run_efficiency(a):
           f"ε {a.clip_range}, η {a.eta} | GRPO: {a.grpo_groups} groups of {a.grpo_group} per epoch, lr {a.grpo_lr}, "
           f"steps {list(trained_steps(grpo_cfg.window, a.num_steps))} "
           f"| eval: {a.eval_videos} fixed videos, base reward {base_reward:.4f}")
+    lrs = {m: {"DDPO": a.ddpo_lr, "GRPO": a.grpo_lr}.get(m, a.vader_lr) for m in methods}
+    out = Path(a.output_dir)
+    grid_table = ""
+    if a.lr_grid:
+        print(f"tuning: each method at lr {', '.join(map(str, a.lr_grid))} on seed {a.seeds[0]}")
+        grid = [dict(method=m, lr=lr, final_reward=train_run(m, lr, a.seeds[0], model, reward_fn, prompts, cond, uncond,
+                                                             evaluate, a, ddpo_cfg, grpo_cfg)[-1]["eval_reward"])
+                for m in methods for lr in a.lr_grid]
+        lrs = {m: max((g for g in grid if g["method"] == m), key=lambda g: g["final_reward"])["lr"] for m in methods}
+        write_csv(out / "efficiency_lr_grid.csv", grid)
+        grid_table = lr_grid_table(grid, methods, a)
     rows = []
     for seed in a.seeds:
         for m in methods:
-            rows += train_run(m, seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg, grpo_cfg)
+            rows += train_run(m, lrs[m], seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg, grpo_cfg)
     summary = summarise(rows, methods, a.seeds, base_reward)
-    out = Path(a.output_dir)
     write_csv(out / "efficiency_curves.csv", rows)
     write_csv(out / "efficiency_summary.csv", summary)
-    table = markdown_table(summary, methods, a, base_reward)
+    table = grid_table + markdown_table(summary, methods, a, base_reward) + "\nlearning rates: " + ", ".join(
+        f"{m} {lrs[m]:g}" for m in methods) + "\n"
     atomic_write_text(out / "efficiency.md", table)
     plot_efficiency(out / "efficiency.png", rows, methods, base_reward, a.reward)
     print("\n" + table)

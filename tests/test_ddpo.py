@@ -187,12 +187,29 @@ def test_efficiency_run_writes_table_and_plot(tiny_folder, tmp_path, capsys):
     assert colours is None or len(colours) > 50  # three panels of curves, not a blank canvas
 
 
+def test_the_lr_grid_picks_each_method_s_best(tiny_folder, tmp_path):
+    out = tmp_path / "grid"
+    bench.main(["efficiency", "--model", str(tiny_folder), "--budget", "2", "--seeds", "0", "--num-steps", "2",
+                "--frames", "2", "--lora-rank", "2", "--batch-size", "1", "--ddpo-batch", "2", "--grpo-group", "2",
+                "--grpo-groups", "1", "--large-k", "1", "--eval-videos", "1", "--eval-points", "2",
+                "--lr-grid", "0.03", "0.001", "--output-dir", str(out)])
+    grid = read_csv(out / "efficiency_lr_grid.csv")
+    assert [(g["method"], float(g["lr"])) for g in grid] == [(m, lr) for m in ("VADER K=1", "DDPO", "GRPO")
+                                                             for lr in (0.03, 0.001)]
+    table = (out / "efficiency.md").read_text()
+    for m in ("VADER K=1", "DDPO", "GRPO"):
+        best = max((g for g in grid if g["method"] == m), key=lambda g: float(g["final_reward"]))
+        assert f"{m} {float(best['lr']):g}" in table.splitlines()[-1]  # the comparison ran at the chosen lr
+    assert "| method | lr 0.03 | lr 0.001 |" in table
+
+
 @pytest.mark.parametrize("args,message", [
     (["--reward", "nope"], "unknown reward 'nope'"),
     (["--model", "nope"], "unknown model 'nope'"),
     (["--budget", "4"], "--budget (4) is smaller than one batch"),
     (["--budget", "20"], "--budget (20) must be a multiple of --batch-size (2), --ddpo-batch (8) and GRPO's"),
     (["--grpo-window", "3", "2"], "--grpo-window 3 2 does not fit --num-steps 4"),
+    (["--lr-grid", "0.01", "0"], "--lr-grid values must be positive"),
     (["--large-k", "9"], "--large-k must be between 1 and --num-steps (4), got 9"),
 ])
 def test_efficiency_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
