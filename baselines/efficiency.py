@@ -170,6 +170,18 @@ def train_run(method, lr, seed, model, reward_fn, prompts, cond, uncond, evaluat
     return rows
 
 
+def toy_captions(prompts):
+    """Whether every prompt is a toy-world caption, which the detector can check a video against."""
+    from toy.world import COLOURS, DIRECTIONS, SHAPES, SIZES, Clip
+
+    try:
+        clips = [Clip.parse(p) for p in prompts]
+    except ValueError:
+        return False
+    return all(c.colour in COLOURS and c.shape in SHAPES and c.size in SIZES and c.direction in DIRECTIONS
+               for c in clips)
+
+
 def eval_schedule(first, budget, n):
     """n query counts, log-spaced from one batch to the budget: dense where VADER moves fastest."""
     return sorted({round(first * (budget / first) ** (i / max(n - 1, 1))) for i in range(n)})
@@ -193,7 +205,9 @@ def summarise(rows, methods, seeds, base_reward):
     for seed in seeds:
         runs = {m: [r for r in rows if r["method"] == m and r["seed"] == seed] for m in methods}
         row = {m: dict(method=m, seed=seed, final_reward=runs[m][-1]["eval_reward"],
-                       final_change=runs[m][-1]["change"]) for m in methods}
+                       final_change=runs[m][-1]["change"],
+                       **{f"final_{k}": v for k, v in runs[m][-1].items() if k.endswith("_accuracy")})
+               for m in methods}
         for b in (b for b in BASELINES if b in methods):
             target = runs[b][-1]["eval_reward"]
             target = target if target > base_reward else float("nan")
@@ -224,6 +238,11 @@ def markdown_table(summary, methods, a, base_reward):
              + " | ".join(f"queries to {b}'s | training s to {b}'s" for b in baselines)
              + " | change from base (mean abs pixel) |", "| --- " * (3 + 2 * len(baselines)) + "|"]
     columns = ["final_reward", *(f"{k}_to_{b}" for b in baselines for k in ("queries", "seconds")), "final_change"]
+    accuracies = [k for k in summary[0] if k.endswith("_accuracy")]  # the detector's, for toy-world prompts
+    columns += accuracies
+    if accuracies:
+        lines[-2] = lines[-2].rstrip(" |") + " | " + " | ".join(f"final {k[6:].replace('_', ' ')}" for k in accuracies) + " |"
+        lines[-1] += " --- |" * len(accuracies)
     for m in methods:
         s = [r for r in summary if r["method"] == m]
         lines.append(f"| {m} | " + " | ".join(spread([r[k] for r in s]) for k in columns) + " |")
@@ -255,34 +274,48 @@ def lr_grid_table(grid, methods, a):
 
 
 def plot_efficiency(path, rows, methods, base_reward, reward_name):
-    """Three panels, mean over seeds with a min-max band: reward vs queries, vs seconds; change vs queries."""
+    """Mean over seeds with a min-max band: reward vs queries, vs seconds; change vs queries; and, for
+    toy-world prompts, a second row: the detector's shape accuracy vs queries and seconds, and its
+    colour, size and direction accuracy (their mean) vs queries."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    detector = "shape_accuracy" in rows[0]
+    panels = [("queries", "eval_reward", f"eval reward ({reward_name})"),
+              ("seconds", "eval_reward", f"eval reward ({reward_name})"),
+              ("queries", "change", "change from base videos (mean |Δ pixel|)")]
+    if detector:
+        panels += [("queries", "shape_accuracy", "detector: shape accuracy"),
+                   ("seconds", "shape_accuracy", "detector: shape accuracy"),
+                   ("queries", "other_accuracy", "detector: colour, size, direction (mean)")]
+    fig, axes = plt.subplots(len(panels) // 3, 3, figsize=(15, 4 * (len(panels) // 3)), squeeze=False)
+    axes = axes.flatten()
     for m in methods:
         seeds = sorted({r["seed"] for r in rows if r["method"] == m})
         # The query counts of a method are the same for every seed, so runs line up point by point.
         runs = [[r for r in rows if r["method"] == m and r["seed"] == s and r["queries"] > 0] for s in seeds]
+        if detector:
+            runs = [[dict(r, other_accuracy=(r["colour_accuracy"] + r["size_accuracy"] + r["direction_accuracy"]) / 3)
+                     for r in run] for run in runs]
         curve = {k: torch.tensor([[r[k] for r in run] for run in runs], dtype=torch.float64)
-                 for k in ("queries", "seconds", "eval_reward", "change")}
-        for ax, x, y in zip(axes, ("queries", "seconds", "queries"), ("eval_reward", "eval_reward", "change")):
+                 for k in {k for panel in panels for k in panel[:2]}}
+        for ax, (x, y, _) in zip(axes, panels):
             xs = curve[x].mean(dim=0)
             ax.plot(xs, curve[y].mean(dim=0), marker="o", ms=3, label=m)
             ax.fill_between(xs, curve[y].min(dim=0).values, curve[y].max(dim=0).values, alpha=0.2)
-    for ax in axes[:2]:
-        ax.axhline(base_reward, color="grey", ls="--", lw=1, label="base model")
-    labels = (("reward queries (videos scored)", f"eval reward ({reward_name})"),
-              ("training seconds (this CPU)", f"eval reward ({reward_name})"),
-              ("reward queries (videos scored)", "change from base videos (mean |Δ pixel|)"))
-    for ax, (xl, yl) in zip(axes, labels):
+    base = rows[0]
+    for ax, (_, y, _) in zip(axes, panels):
+        level = base_reward if y == "eval_reward" else base.get(y) if y != "other_accuracy" else None
+        if level is not None and y != "change":
+            ax.axhline(level, color="grey", ls="--", lw=1, label="base model")
+    for ax, (x, _, yl) in zip(axes, panels):
         ax.set_xscale("log", base=2)  # VADER's gains come in its first few steps; a log axis shows them
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set(xlabel=xl, ylabel=yl)
+        ax.set(xlabel="reward queries (videos scored)" if x == "queries" else "training seconds (this CPU)", ylabel=yl)
         ax.legend(fontsize=8)
     fig.suptitle("VADER (reward gradients) vs DDPO and GRPO (policy gradients): mean over seeds, band = min..max")
     fig.tight_layout()
@@ -334,10 +367,16 @@ def run_efficiency(a):
     base = videos(model)  # (E, F, 3, H, W)
     base_reward = reward_fn(base, eval_prompts).mean().item()
 
+    detector = toy_captions(prompts)
+
     def evaluate(m):
         video = videos(m)  # (E, F, 3, H, W)
-        return dict(eval_reward=reward_fn(video, eval_prompts).mean().item(),
-                    change=(video - base).abs().mean().item())
+        scores = dict(eval_reward=reward_fn(video, eval_prompts).mean().item(), change=(video - base).abs().mean().item())
+        if detector:  # the toy world's weight-free detector: an opinion no method optimises
+            from toy.world import accuracy
+
+            scores.update({f"{k}_accuracy": v for k, v in accuracy(video, eval_prompts).items()})
+        return scores
 
     methods = [f"VADER K={a.grad_steps}", f"VADER K={a.large_k}", "DDPO", "GRPO"]
     methods = list(dict.fromkeys(methods))  # one VADER run when --large-k equals --grad-steps
@@ -348,7 +387,9 @@ def run_efficiency(a):
           f"| DDPO: {a.ddpo_batch} videos per epoch, {ddpo_cfg.updates_per_epoch} PPO steps, lr {a.ddpo_lr}, "
           f"ε {a.clip_range}, η {a.eta} | GRPO: {a.grpo_groups} groups of {a.grpo_group} per epoch, lr {a.grpo_lr}, "
           f"steps {list(trained_steps(grpo_cfg.window, a.num_steps))} "
-          f"| eval: {a.eval_videos} fixed videos, base reward {base_reward:.4f}")
+          f"| eval: {a.eval_videos} fixed videos, base reward {base_reward:.4f}"
+          + (", base detector accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in evaluate(model).items()
+                                                      if k.endswith("accuracy")) if detector else ""))
     lrs = {m: {"DDPO": a.ddpo_lr, "GRPO": a.grpo_lr}.get(m, a.vader_lr) for m in methods}
     out = Path(a.output_dir)
     grid_table = ""

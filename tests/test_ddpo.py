@@ -187,9 +187,12 @@ def test_efficiency_run_writes_table_and_plot(tiny_folder, tmp_path, capsys):
     assert colours is None or len(colours) > 50  # three panels of curves, not a blank canvas
 
 
-def test_the_lr_grid_picks_each_method_s_best(tiny_folder, tmp_path):
+def test_the_lr_grid_picks_each_method_s_best_and_the_detector_scores_toy_prompts(tiny_folder, tmp_path):
     out = tmp_path / "grid"
+    prompts = tmp_path / "toy.txt"
+    prompts.write_text("a big blue triangle moving left\na small yellow circle moving up\n")
     bench.main(["efficiency", "--model", str(tiny_folder), "--budget", "2", "--seeds", "0", "--num-steps", "2",
+                "--prompts", str(prompts),
                 "--frames", "2", "--lora-rank", "2", "--batch-size", "1", "--ddpo-batch", "2", "--grpo-group", "2",
                 "--grpo-groups", "1", "--large-k", "1", "--eval-videos", "1", "--eval-points", "2",
                 "--lr-grid", "0.03", "0.001", "--output-dir", str(out)])
@@ -201,6 +204,9 @@ def test_the_lr_grid_picks_each_method_s_best(tiny_folder, tmp_path):
         best = max((g for g in grid if g["method"] == m), key=lambda g: float(g["final_reward"]))
         assert f"{m} {float(best['lr']):g}" in table.splitlines()[-1]  # the comparison ran at the chosen lr
     assert "| method | lr 0.03 | lr 0.001 |" in table
+    curves = read_csv(out / "efficiency_curves.csv")  # toy-world prompts: the detector's opinion at every point
+    assert all(0 <= float(r["shape_accuracy"]) <= 1 for r in curves)
+    assert "final shape accuracy |" in table and Image.open(out / "efficiency.png").size == (1500, 800)
 
 
 @pytest.mark.parametrize("args,message", [
