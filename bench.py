@@ -3,7 +3,7 @@
     python bench.py speed ...        memory and time of a training step vs plain generation (benchmarks/speed.py)
     python bench.py memory ...       the same memory predicted on a CPU, with FLOPs (benchmarks/memory.py)
     python bench.py compare ...      measured against predicted, after benchmarks/gpu_check.sh on a GPU
-    python bench.py efficiency ...   VADER against a gradient-free baseline (DDPO), per reward query
+    python bench.py efficiency ...   VADER against the gradient-free baselines (DDPO, GRPO), per reward query
                                      (baselines/efficiency.py)
 
 Both run vader.train_step, the step train.py runs. Results are printed and written as tables
