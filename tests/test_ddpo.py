@@ -147,14 +147,26 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_efficiency_run_writes_table_and_plot(tiny_folder, tmp_path, capsys):
+def test_efficiency_run_tunes_each_lr_and_writes_table_and_plot(tiny_folder, tmp_path, capsys):
+    """Two seeds of all four methods after a two-point lr grid, on toy-world captions (so the
+    detector scores every evaluation point too), on the tiny model."""
     out = tmp_path / "eff"
-    bench.main(["efficiency", "--model", str(tiny_folder), "--budget", "2", "--seeds", "0", "1",
-                "--num-steps", "2", "--frames", "2", "--lora-rank", "2", "--batch-size", "1", "--ddpo-batch", "2",
-                "--grpo-group", "2", "--grpo-groups", "1", "--grpo-window", "1", "1",
-                "--eval-videos", "1", "--eval-points", "2", "--vader-lr", "0.01", "--output-dir", str(out)])
-    rows = read_csv(out / "efficiency_curves.csv")
+    prompts = tmp_path / "toy.txt"
+    prompts.write_text("a big blue triangle moving left\na small yellow circle moving up\n")
+    bench.main(["efficiency", "--model", str(tiny_folder), "--prompts", str(prompts), "--budget", "2", "--seeds", "0",
+                "1", "--num-steps", "2", "--frames", "2", "--lora-rank", "2", "--batch-size", "1", "--ddpo-batch", "2",
+                "--grpo-group", "2", "--grpo-groups", "1", "--grpo-window", "1", "1", "--eval-videos", "1",
+                "--eval-points", "2", "--lr-grid", "0.03", "0.001", "--output-dir", str(out)])
     methods = ["VADER K=1", "VADER K=2", "DDPO", "GRPO"]
+    grid = read_csv(out / "efficiency_lr_grid.csv")
+    assert [(g["method"], float(g["lr"])) for g in grid] == [(m, lr) for m in methods for lr in (0.03, 0.001)]
+    table = (out / "efficiency.md").read_text()
+    for m in methods:  # the comparison ran at each method's best lr of the grid
+        best = max((g for g in grid if g["method"] == m), key=lambda g: float(g["final_reward"]))
+        assert f"{m} {float(best['lr']):g}" in table.splitlines()[-1]
+    assert "| method | lr 0.03 | lr 0.001 |" in table
+
+    rows = read_csv(out / "efficiency_curves.csv")
     assert sorted({r["method"] for r in rows}) == sorted(methods)
     for m in methods:
         for seed in ("0", "1"):
@@ -163,6 +175,7 @@ def test_efficiency_run_writes_table_and_plot(tiny_folder, tmp_path, capsys):
             assert float(run[0]["change"]) == 0 and float(run[-1]["change"]) > 0  # trained away from the base
     assert len({r["eval_reward"] for r in rows if r["queries"] == "0"}) == 1  # one base model for every run
     assert all(float(r["eval_reward"]) > 0 for r in rows)  # brightness is in (0, 1)
+    assert all(0 <= float(r["shape_accuracy"]) <= 1 for r in rows)  # the detector's opinion at every point
 
     summary = read_csv(out / "efficiency_summary.csv")
     assert len(summary) == 8
@@ -176,37 +189,15 @@ def test_efficiency_run_writes_table_and_plot(tiny_folder, tmp_path, capsys):
             else:
                 assert math.isnan(float(r[f"target_{b}"])) and math.isnan(float(r[f"queries_to_{b}"]))
 
-    table = (out / "efficiency.md").read_text()
     assert "| method | final reward at 2 queries | queries to DDPO's | training s to DDPO's | queries to GRPO's |" in table
     assert all(f"| {m} |" in table for m in methods) and "DDPO / VADER K=1:" in table and "GRPO / VADER K=2:" in table
+    assert "final shape accuracy |" in table
     assert table in capsys.readouterr().out  # printed for BENCHMARKS.md
 
     image = Image.open(out / "efficiency.png")
-    assert image.size == (1500, 400)
+    assert image.size == (1500, 800)  # reward panels, and the detector's below them
     colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
-    assert colours is None or len(colours) > 50  # three panels of curves, not a blank canvas
-
-
-def test_the_lr_grid_picks_each_method_s_best_and_the_detector_scores_toy_prompts(tiny_folder, tmp_path):
-    out = tmp_path / "grid"
-    prompts = tmp_path / "toy.txt"
-    prompts.write_text("a big blue triangle moving left\na small yellow circle moving up\n")
-    bench.main(["efficiency", "--model", str(tiny_folder), "--budget", "2", "--seeds", "0", "--num-steps", "2",
-                "--prompts", str(prompts),
-                "--frames", "2", "--lora-rank", "2", "--batch-size", "1", "--ddpo-batch", "2", "--grpo-group", "2",
-                "--grpo-groups", "1", "--large-k", "1", "--eval-videos", "1", "--eval-points", "2",
-                "--lr-grid", "0.03", "0.001", "--output-dir", str(out)])
-    grid = read_csv(out / "efficiency_lr_grid.csv")
-    assert [(g["method"], float(g["lr"])) for g in grid] == [(m, lr) for m in ("VADER K=1", "DDPO", "GRPO")
-                                                             for lr in (0.03, 0.001)]
-    table = (out / "efficiency.md").read_text()
-    for m in ("VADER K=1", "DDPO", "GRPO"):
-        best = max((g for g in grid if g["method"] == m), key=lambda g: float(g["final_reward"]))
-        assert f"{m} {float(best['lr']):g}" in table.splitlines()[-1]  # the comparison ran at the chosen lr
-    assert "| method | lr 0.03 | lr 0.001 |" in table
-    curves = read_csv(out / "efficiency_curves.csv")  # toy-world prompts: the detector's opinion at every point
-    assert all(0 <= float(r["shape_accuracy"]) <= 1 for r in curves)
-    assert "final shape accuracy |" in table and Image.open(out / "efficiency.png").size == (1500, 800)
+    assert colours is None or len(colours) > 50  # panels of curves, not a blank canvas
 
 
 @pytest.mark.parametrize("args,message", [
