@@ -148,13 +148,13 @@ def read_csv(path):
 
 
 def test_efficiency_run_tunes_each_lr_and_writes_table_and_plot(tiny_folder, tmp_path, capsys):
-    """Two seeds of all four methods after a two-point lr grid, on toy-world captions (so the
+    """One seed of all four methods after a two-point lr grid, on toy-world captions (so the
     detector scores every evaluation point too), on the tiny model."""
     out = tmp_path / "eff"
     prompts = tmp_path / "toy.txt"
     prompts.write_text("a big blue triangle moving left\na small yellow circle moving up\n")
     bench.main(["efficiency", "--model", str(tiny_folder), "--prompts", str(prompts), "--budget", "2", "--seeds", "0",
-                "1", "--num-steps", "2", "--frames", "2", "--lora-rank", "2", "--batch-size", "1", "--ddpo-batch", "2",
+                "--num-steps", "2", "--frames", "2", "--lora-rank", "2", "--batch-size", "1", "--ddpo-batch", "2",
                 "--grpo-group", "2", "--grpo-groups", "1", "--grpo-window", "1", "1", "--eval-videos", "1",
                 "--eval-points", "2", "--lr-grid", "0.03", "0.001", "--output-dir", str(out)])
     methods = ["VADER K=1", "VADER K=2", "DDPO", "GRPO"]
@@ -169,7 +169,7 @@ def test_efficiency_run_tunes_each_lr_and_writes_table_and_plot(tiny_folder, tmp
     rows = read_csv(out / "efficiency_curves.csv")
     assert sorted({r["method"] for r in rows}) == sorted(methods)
     for m in methods:
-        for seed in ("0", "1"):
+        for seed in ("0",):
             run = [r for r in rows if r["method"] == m and r["seed"] == seed]
             assert [int(r["queries"]) for r in run] == ([0, 2] if m in ("DDPO", "GRPO") else [0, 1, 2])
             assert float(run[0]["change"]) == 0 and float(run[-1]["change"]) > 0  # trained away from the base
@@ -178,7 +178,7 @@ def test_efficiency_run_tunes_each_lr_and_writes_table_and_plot(tiny_folder, tmp
     assert all(0 <= float(r["shape_accuracy"]) <= 1 for r in rows)  # the detector's opinion at every point
 
     summary = read_csv(out / "efficiency_summary.csv")
-    assert len(summary) == 8
+    assert len(summary) == 4
     base = float(rows[0]["eval_reward"])
     for r in summary:  # each baseline's final reward is a target, where the baseline improved on the base
         for b in ("DDPO", "GRPO"):
