@@ -26,6 +26,16 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def wan_folder(tmp_path_factory):
+    """The tiny Wan written once in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers."""
+    from infra.tiny import build_tiny_wan
+
+    folder = tmp_path_factory.mktemp("tiny_wan")
+    build_tiny_wan(folder)
+    return folder
+
+
 @pytest.fixture()
 def tiny_model(tiny_folder):
     """A fresh copy of the tiny model (tests inject LoRA into it), loaded from the folder."""

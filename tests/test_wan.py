@@ -14,7 +14,6 @@ import sample
 import train
 from benchmarks.architectures import build_architecture
 from infra.cli import run_cli
-from infra.tiny import build_tiny_wan
 from lora import inject_lora, lora_layers, merge_lora, save_lora
 from models import MODELS, VideoModel, load_video_model
 from rewards import load_reward
@@ -24,13 +23,6 @@ from vader import decode_causal, decode_frames, encode_prompts, frame_pool, vade
 FAST = ["--model", "tiny-wan", "--reward", "brightness", "--prompts", "animals.txt", "--num-steps", "3",
         "--frames", "5", "--decode-frames", "5", "--num-videos", "1", "--eval-videos", "2",
         "--eval-prompts", "animals_heldout.txt"]
-
-
-@pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_wan")
-    build_tiny_wan(folder)
-    return folder
 
 
 @pytest.fixture()
