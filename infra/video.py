@@ -11,9 +11,14 @@ FPS = 8  # ModelScope's clips are 16 frames of a ~2 s scene; 8 frames a second s
 MIN_SIDE = 128  # tiny videos are upscaled (nearest neighbour) to at least this height to be seen
 
 
-def tile(videos):
-    """Place B videos side by side: (B, F, 3, H, W) -> (F, 3, H, B*W)."""
-    return torch.cat(list(videos), dim=-1)  # (F, 3, H, B*W)
+def tile(videos, per_row=None):
+    """Place B videos side by side, in rows of `per_row` (default: one row), a short last row
+    padded with black: (B, F, 3, H, W) -> (F, 3, rows*H, per_row*W)."""
+    per_row = min(per_row or len(videos), len(videos))
+    pad = -len(videos) % per_row
+    videos = torch.cat([videos, videos.new_zeros(pad, *videos.shape[1:])])  # (rows*per_row, F, 3, H, W)
+    rows = [torch.cat(list(videos[i:i + per_row]), dim=-1) for i in range(0, len(videos), per_row)]  # each (F, 3, H, per_row*W)
+    return torch.cat(rows, dim=-2)  # (F, 3, rows*H, per_row*W)
 
 
 def to_uint8(video):

@@ -7,7 +7,9 @@ the reward registry, the packages below the tutorial), the new code repeated the
 written by the old code bit for bit. The reference was recorded again when guidance's two passes
 became two UNet calls in grad steps (sampler.guided_eps): the same arithmetic, rounded
 differently by a batched kernel (relative changes up to 7e-5 in metrics.csv, none in the K drawn
-each step). Floats are compared to 1e-5, so another CPU's kernels may differ in the last bits
+each step). Its config.json gained one field, `eval_rewards` at its default, when
+evaluation rewards came: they only score the held-out videos, and the LoRA is still the one the
+reference code wrote, which had none. Floats are compared to 1e-5, so another CPU's kernels may differ in the last bits
 while a change of behaviour (one random draw more or less, a step taken differently) fails; the
 integer columns (K drawn each step, skipped steps) must match exactly.
 """

@@ -51,7 +51,7 @@ def test_train_writes_every_file(run):
     assert gif.n_frames == 4 and gif.size == (2 * 128, 128)  # 2 prompts side by side, upscaled to 128
     rows = read_metrics(run)
     assert [int(r["step"]) for r in rows] == list(range(0, 9))  # step 0: the held-out baseline
-    assert set(rows[0]) == set(runlog.METRICS)
+    assert set(rows[0]) == set(runlog.METRICS) | {"eval_dynamics"}  # the default --eval-rewards
 
 
 def test_held_out_rewards_are_logged(run):
