@@ -209,7 +209,7 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, reward_fn=None, ev
     idx = torch.arange(n) % len(prompts)
     video = generate(model, cond[idx.to(cond.device)], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
                      cfg.guidance, seed=0)  # (n, F, 3, H, W)
-    write_video(tile(video, per_row=8), path_stem)  # (F, 3, rows*H, 8*W)
+    write_video(tile(video, per_row=8), path_stem, rows=-(-n // 8))  # (F, 3, rows*H, 8*W)
     if reward_fn is not None:
         names = [prompts[i] for i in idx]
         with torch.no_grad():

@@ -90,6 +90,8 @@ def bad(tmp_path, *args):
     (["--prompts", "EMPTY"], "has no prompts"),
     (["--model", "nope"], "unknown model 'nope'; known models: tiny"),
     (["--reward", "nope"], "unknown reward 'nope'; known rewards:"),
+    (["--eval-rewards", "colorfulness,nope"], "--eval-rewards: unknown reward 'nope'; known rewards:"),
+    (["--reward", "detector"], "has no gradient, so it cannot be trained on; watch it with --eval-rewards"),
     (["--grad-steps", "5"], "--grad-steps must be between 0 and --num-steps (4), got 5"),
     (["--grad-steps", "-1"], "--grad-steps must be between 0 and --num-steps (4), got -1"),
     (["--decode-frames", "5"], "--decode-frames must be between 1 and --frames (4), got 5"),

@@ -45,24 +45,26 @@ def reconstruct(vae, videos, chunk=256):
 
 
 @torch.no_grad()
-def model_samples(model, per_caption, seed):
-    """The base model's samples of every caption, `per_caption` each: (N, F, 3, H, W), captions."""
+def model_samples(model, n, seed):
+    """n samples of the base model, video i of the i-th caption (cycling through all 96) with seed
+    `seed` + i: (n, F, 3, H, W) in [0, 1], and their captions."""
     from toy.evaluate import sample_model
 
-    captions = [c.caption for c in world.all_clips("all")] * per_caption
+    every = [c.caption for c in world.all_clips("all")]
+    captions = [every[i % len(every)] for i in range(n)]
     return sample_model(model, captions, seed), captions
 
 
-def agreed_labels(videos, captions):
-    """Caption labels of the model's samples, -100 (ignored by cross-entropy) where the detector
-    reads another value of that attribute or nothing at all."""
-    want = labels(captions)
+def detected_labels(videos):
+    """{attribute: (B,)} the values the weight-free detector reads in each video; -100 (ignored by
+    cross-entropy) where it reads nothing."""
+    out = {a: torch.full((len(videos),), -100) for a in ATTRIBUTES}
     for i, video in enumerate(videos):
         found = world.detect(video)
         for a in ATTRIBUTES:
-            if found is None or getattr(found, a) != ATTRIBUTES[a][want[a][i]]:
-                want[a][i] = -100
-    return want
+            if found is not None:
+                out[a][i] = ATTRIBUTES[a].index(getattr(found, a))
+    return out
 
 
 def loss_fn(judge, videos, targets, generator):
@@ -93,7 +95,7 @@ def report(judge, model, vae, args, t0):
     truth = [world.Clip.parse(c) for c in captions]
     rows = {"rendered clips": accuracy(judge, videos, truth),
             "VAE reconstructions": accuracy(judge, reconstruct(vae, videos), truth)}
-    samples, captions = model_samples(model, 1, REPORT_SEED)
+    samples, captions = model_samples(model, args.report_samples, REPORT_SEED)
     detected = [world.detect(v) for v in samples]
     rows["base-model samples (vs detector)"] = accuracy(judge, samples, detected)
     for name, acc in rows.items():
@@ -108,8 +110,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16, help="clips of each of the three kinds per step")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--pool", type=int, default=768, help="rendered clips reconstructed by the VAE once, drawn from")
-    p.add_argument("--samples-per-caption", type=int, default=3, help="base-model samples of each of the 96 captions")
+    p.add_argument("--samples", type=int, default=288, help="base-model samples to learn from (3 of each caption)")
     p.add_argument("--report-clips", type=int, default=384, help="rendered clips the report reads")
+    p.add_argument("--report-samples", type=int, default=96, help="base-model samples the report reads (1 a caption)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from safetensors.torch import save_file
@@ -123,9 +126,10 @@ def main(argv=None):
     model.spec = replace(model.spec, num_steps=10, guidance=3.0)  # the toy registry entry's sampler
     # The VAE costs more than the judge's step, so its reconstructions are made once, as a pool.
     clips, captions = next(world.batches(args.pool, seed=args.seed + 2, split="all"))  # (P, F, 3, H, W)
-    pools = [(reconstruct(model.vae, clips), labels(captions))]
-    samples, captions = model_samples(model, args.samples_per_caption, SAMPLE_SEED)
-    pools.append((samples, agreed_labels(samples, captions)))
+    recon = reconstruct(model.vae, clips)
+    pools = [(recon, detected_labels(recon))]
+    samples, captions = model_samples(model, args.samples, SAMPLE_SEED)
+    pools.append((samples, detected_labels(samples)))
     log(f"{len(samples)} base-model samples; caption kept for " + "  ".join(
         f"{a} {(t >= 0).float().mean():.2f}" for a, t in pools[1][1].items()), t0)
 
