@@ -3,18 +3,21 @@
     python -m toy.train_judge                 # the committed judge (all defaults)
     python -m toy.train_judge --out FILE      # elsewhere
 
-A reward model is only useful where the videos it will score live, so the judge learns from
-three kinds of clip of every colour/shape pair, the pairs held out of the video model's
-pretraining included (the judge knows what a blue triangle looks like even if the video model
-does not):
-1. rendered clips (toy/world.py), sharp and exactly labelled by their captions;
-2. the same clips passed through the toy model's VAE, blurred as every decoded video is;
-3. the toy model's own samples, labelled by their captions only where the weight-free detector
-   reads the same value (a "blue triangle" the model drew as a circle teaches nothing about
-   its shape; its colour, size and direction still count).
-The samples come from seeds (SAMPLE_SEED onwards) that no evaluation uses. The report reads
-fresh rendered clips, and base-model samples at other seeds (REPORT_SEED onwards) against the
-detector, whose rules are not learned and so are the reference for what was drawn.
+A reward model learns from people's judgements of images (HPS and PickScore from people's
+choices between two images) and is only useful on the kind of image it will score. Here the
+weight-free detector plays the people: the judge learns to read what the detector reads, from
+four kinds of clip of every colour/shape pair, the pairs held out of the video model's
+pretraining included (the judge knows a blue triangle even though the video model does not):
+1. rendered clips (toy/world.py), labelled by their captions (which the detector reads right);
+2. the same clips through the toy model's VAE, blurred as every decoded video is;
+3. rendered clips with their outline moved (`distort`): rounded corners, grown, thinned, faded;
+4. the toy model's own samples, from seeds (SAMPLE_SEED onwards) that no evaluation uses.
+Kinds 2-4 are labelled by what the detector reads in them: a "blue triangle" the model drew as a
+round blob is labelled a circle, so the judge's reward for "triangle" pulls blobs towards
+corners. Where the detector reads nothing (a shape faded out, an empty frame) the target is
+uniform: an empty frame must not score as any caption, or an optimiser would erase shapes.
+The report reads fresh rendered clips against their captions, and base-model samples at other
+seeds (REPORT_SEED onwards) against the detector.
 """
 import argparse
 import time
@@ -30,6 +33,7 @@ from toy.judge import ATTRIBUTES, JUDGE_FILE, Judge, classify, labels
 SAMPLE_SEED = 100_000  # base-model samples for training use seeds from here on
 REPORT_SEED = 200_000  # and those of the report from here
 FRAME_DROP = 0.5  # chance that a batch keeps a random subset of frames, as frame-subsampled decoding does
+EXPLOIT_LR = 0.05  # Adam's step on the latents in `exploits`: 15 steps turn blobs into vases
 
 
 def log(msg, t0):
@@ -44,6 +48,12 @@ def reconstruct(vae, videos, chunk=256):
     return (torch.cat(out) / 2 + 0.5).clamp(0, 1).view(videos.shape)  # (B, F, 3, H, W)
 
 
+def reconstruct_latents(vae, z, chunk=256):
+    """Unscaled latents (B, F, C, h, w) decoded to videos (B, F, 3, H, W) in [0, 1]."""
+    out = [vae.decode(x).sample for x in z.flatten(0, 1).split(chunk)]  # each (n, 3, H, W)
+    return (torch.cat(out) / 2 + 0.5).clamp(0, 1).view(*z.shape[:2], *out[0].shape[1:])  # (B, F, 3, H, W)
+
+
 @torch.no_grad()
 def model_samples(model, n, seed):
     """n samples of the base model, video i of the i-th caption (cycling through all 96) with seed
@@ -55,10 +65,67 @@ def model_samples(model, n, seed):
     return sample_model(model, captions, seed), captions
 
 
+def distance(shape, dx, dy, r):
+    """A signed distance of points (dx, dy) from the outline of a toy shape of "radius" r centred
+    at the origin, negative inside: the same three shapes as world.shape_mask draws."""
+    if shape == "circle":
+        return (dx**2 + dy**2).sqrt() - r
+    if shape == "square":
+        return torch.maximum(dx.abs(), dy.abs()) - r
+    return torch.maximum(dy - r, (2 * dx.abs() - dy - r) / 5**0.5)  # triangle: its base, then its two sides
+
+
+def morph(clip, other, t, generator, size=world.SIZE, supersample=4):
+    """A clip (F, 3, H, W) of `clip` whose shape is bent by shape `other`: with t < 1 blended
+    into it, the outline where (1 - t) d_clip + t d_other = 0 (a bell halfway from a circle to a
+    triangle); with t >= 1 joined with a copy of it (t - 1 of its size) set off by up to r (a
+    triangle on a square: a vase). These are the near misses a video model draws and that an
+    optimiser is drawn to, so the judge sees them, labelled by what the detector reads."""
+    r, (ux, uy) = world.SIZES[clip.size], world.DIRECTIONS[clip.direction]
+    start = world.random_start(clip, generator)
+    offset = r * (2 * torch.rand(2, generator=generator) - 1)  # where a joined shape sits, (x, y)
+    coords = (torch.arange(size * supersample, dtype=torch.float32) + 0.5) / supersample
+    y, x = torch.meshgrid(coords, coords, indexing="ij")  # each (H*s, W*s), pixel units
+    colour = torch.tensor(world.COLOURS[clip.colour]).view(3, 1, 1)
+    background = torch.tensor(world.BACKGROUND).view(3, 1, 1)
+    video = []
+    for f in range(world.FRAMES):
+        dx, dy = x - start[0] - world.SPEED * f * ux, y - start[1] - world.SPEED * f * uy
+        d = distance(clip.shape, dx, dy, r)
+        if t < 1:
+            d = (1 - t) * d + t * distance(other, dx, dy, r)
+        else:
+            d = torch.minimum(d, distance(other, dx - offset[0], dy - offset[1], (t - 1) * r))  # the union
+        alpha = (d <= 0).float().view(size, supersample, size, supersample).mean(dim=(1, 3))  # (H, W)
+        video.append(background + alpha * (colour - background))  # (3, H, W)
+    return torch.stack(video)  # (F, 3, H, W)
+
+
+def morphs(n, generator):
+    """n morphed clips (n, F, 3, H, W) of random clips of every pair, a quarter of them faded
+    towards the background (at times to nothing)."""
+    clips = world.all_clips("all")
+    out = []
+    for _ in range(n):
+        clip = clips[torch.randint(len(clips), (1,), generator=generator).item()]
+        others = [s for s in world.SHAPES if s != clip.shape]
+        other = others[torch.randint(len(others), (1,), generator=generator).item()]
+        video = morph(clip, other, 2 * torch.rand(1, generator=generator).item(), generator)  # (F, 3, H, W)
+        if torch.rand(1, generator=generator).item() < 0.25:
+            bg = torch.tensor(world.BACKGROUND).view(3, 1, 1)
+            video = bg + torch.rand(1, generator=generator).item() * (video - bg)
+        out.append(video)
+    return torch.stack(out)  # (n, F, 3, H, W)
+
+
+NOTHING = -1  # the label of an attribute in a clip where the detector reads nothing: a uniform target
+IGNORED = -100  # the label of an attribute that teaches nothing: no loss
+
+
 def detected_labels(videos):
-    """{attribute: (B,)} the values the weight-free detector reads in each video; -100 (ignored by
-    cross-entropy) where it reads nothing."""
-    out = {a: torch.full((len(videos),), -100) for a in ATTRIBUTES}
+    """{attribute: (B,)} the values the weight-free detector reads in each video; NOTHING where it
+    reads nothing, so that the judge learns not to tell, rather than to see a shape in nothing."""
+    out = {a: torch.full((len(videos),), NOTHING) for a in ATTRIBUTES}
     for i, video in enumerate(videos):
         found = world.detect(video)
         for a in ATTRIBUTES:
@@ -67,19 +134,62 @@ def detected_labels(videos):
     return out
 
 
-def loss_fn(judge, videos, targets, generator):
-    """Cross-entropy of every attribute, per frame (colour, shape, size) and per consecutive pair
-    (direction); half the batches keep only a random sorted subset of 2+ frames, so the judge
+def agreed_labels(videos, captions):
+    """{attribute: (B,)} the captions' values where the detector reads the same, IGNORED elsewhere:
+    a blurred clip whose shape the detector cannot tell teaches nothing about its shape."""
+    want, found = labels(captions), detected_labels(videos)
+    return {a: torch.where(want[a] == found[a], want[a], IGNORED) for a in ATTRIBUTES}
+
+
+def subsample(videos, generator):
+    """Half the batches keep only a random sorted subset of 2+ frames (B, f, 3, H, W), so the judge
     also reads directions across the gaps that frame-subsampled decoding leaves."""
     frames = videos.shape[1]
-    if torch.rand(1, generator=generator).item() < FRAME_DROP:
-        keep = torch.randint(2, frames + 1, (1,), generator=generator).item()
-        videos = videos[:, torch.randperm(frames, generator=generator)[:keep].sort().values]  # (B, f, 3, H, W)
+    if torch.rand(1, generator=generator).item() >= FRAME_DROP:
+        return videos
+    keep = torch.randint(2, frames + 1, (1,), generator=generator).item()
+    return videos[:, torch.randperm(frames, generator=generator)[:keep].sort().values]  # (B, f, 3, H, W)
+
+
+def loss_fn(judge, videos, targets):
+    """Cross-entropy of every attribute, per frame (colour, shape, size) and per consecutive pair
+    (direction): against the label, or the uniform distribution where it is NOTHING."""
     loss = 0.0
     for a, logits in judge(videos).items():  # (B, n, values)
+        log_p = logits.log_softmax(dim=-1)  # (B, n, values)
         target = targets[a].view(-1, 1).expand(-1, logits.shape[1])  # (B, n)
-        loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+        labelled = -log_p.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, n)
+        uniform = -log_p.mean(dim=-1)  # (B, n): cross-entropy against the uniform distribution
+        per_frame = torch.where(target == NOTHING, uniform, labelled)  # (B, n)
+        kept = target != IGNORED
+        loss = loss + (per_frame * kept).sum() / kept.sum().clamp_min(1)
     return loss
+
+
+def exploits(judge, vae, videos, captions, steps, lr, generator, frames=2):
+    """What an optimiser makes of the judge: the latents of the model's samples (B, F, 3, H, W)
+    pushed by gradient ascent on the judge's reward for their captions, through the VAE decoder
+    (`frames` random frames a step, as VADER decodes), and decoded whole. The video model can
+    only draw what the decoder can, so these are the exploits alignment would find (round blobs
+    grown into vases that the judge calls triangles); labelled by the detector, they teach the
+    judge its own blind spots, as reward models are retrained on their policy's samples."""
+    from toy.judge import log_probs
+
+    b, f = videos.shape[:2]
+    with torch.no_grad():
+        z = vae.encode(videos.flatten(0, 1) * 2 - 1).latent_dist.mean  # (B*F, C, h, w)
+    z = z.view(b, f, *z.shape[1:]).requires_grad_(True)  # (B, F, C, h, w)
+    opt = torch.optim.Adam([z], lr=lr)
+    for _ in range(steps):
+        idx = torch.randperm(f, generator=generator)[:frames].sort().values
+        x = vae.decode(z[:, idx].flatten(0, 1)).sample  # (B*frames, 3, H, W)
+        x = (x / 2 + 0.5).clamp(0, 1).view(b, frames, *x.shape[1:])  # (B, frames, 3, H, W)
+        reward = torch.stack([v.mean(dim=1) for v in log_probs(judge, x, captions).values()]).mean(dim=0)  # (B,)
+        (grad,) = torch.autograd.grad(-reward.sum(), z)
+        z.grad = grad
+        opt.step()
+    with torch.no_grad():
+        return reconstruct_latents(vae, z)  # (B, F, 3, H, W)
 
 
 def accuracy(judge, videos, truth):
@@ -103,14 +213,40 @@ def report(judge, model, vae, args, t0):
     return rows
 
 
+def train(judge, data, pools, steps, lr, batch, generator, t0):
+    """AdamW with warm-up and cosine decay; each step a batch of rendered clips and as many from each pool."""
+    from toy.pretrain import cosine_lr
+
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr)
+    sched = cosine_lr(opt, steps, warmup=min(50, steps))
+    judge.train()
+    for step in range(steps):
+        clips, captions = next(data)  # (B, F, 3, H, W)
+        targets = labels(captions)
+        for pool, pool_targets in pools:
+            pick = torch.randint(len(pool), (batch,), generator=generator)
+            clips = torch.cat([clips, pool[pick]])  # (B + ..., F, 3, H, W)
+            targets = {a: torch.cat([t, pool_targets[a][pick]]) for a, t in targets.items()}
+        loss = loss_fn(judge, subsample(clips, generator), targets)  # clips (kB, f, 3, H, W)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"judge step {step:5d}  loss {loss.item():.4f}", t0)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(JUDGE_FILE), help="safetensors file to write")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=16, help="clips of each of the three kinds per step")
+    p.add_argument("--steps", type=int, default=600, help="steps before the exploits are made")
+    p.add_argument("--refine-steps", type=int, default=300, help="steps after, with the exploits")
+    p.add_argument("--batch", type=int, default=16, help="clips of each kind per step")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--pool", type=int, default=768, help="rendered clips reconstructed by the VAE once, drawn from")
+    p.add_argument("--pool", type=int, default=768, help="clips in the pools of VAE reconstructions and of morphs")
     p.add_argument("--samples", type=int, default=288, help="base-model samples to learn from (3 of each caption)")
+    p.add_argument("--exploits", type=int, default=192, help="of those, how many an optimiser bends (see `exploits`)")
+    p.add_argument("--exploit-steps", type=int, default=15, help="gradient-ascent steps on their latents")
     p.add_argument("--report-clips", type=int, default=384, help="rendered clips the report reads")
     p.add_argument("--report-samples", type=int, default=96, help="base-model samples the report reads (1 a caption)")
     p.add_argument("--seed", type=int, default=0)
@@ -118,40 +254,33 @@ def main(argv=None):
     from safetensors.torch import save_file
 
     from models import load_video_model
-    from toy.pretrain import cosine_lr
 
     torch.set_num_threads(1)
     t0 = time.time()
     model = load_video_model("toy")
     model.spec = replace(model.spec, num_steps=10, guidance=3.0)  # the toy registry entry's sampler
-    # The VAE costs more than the judge's step, so its reconstructions are made once, as a pool.
+    # Reconstructions, samples and morphs cost more than a step of the judge, so they are made
+    # once, as pools to draw from.
     clips, captions = next(world.batches(args.pool, seed=args.seed + 2, split="all"))  # (P, F, 3, H, W)
-    recon = reconstruct(model.vae, clips)
-    pools = [(recon, detected_labels(recon))]
-    samples, captions = model_samples(model, args.samples, SAMPLE_SEED)
-    pools.append((samples, detected_labels(samples)))
-    log(f"{len(samples)} base-model samples; caption kept for " + "  ".join(
-        f"{a} {(t >= 0).float().mean():.2f}" for a, t in pools[1][1].items()), t0)
+    samples, sample_captions = model_samples(model, args.samples, SAMPLE_SEED)  # (S, F, 3, H, W)
+    pools = [(videos, agreed_labels(videos, caps)) for videos, caps in
+             ((reconstruct(model.vae, clips), captions), (samples, sample_captions))]
+    bent = morphs(args.pool, torch.Generator().manual_seed(args.seed + 3))  # (P, F, 3, H, W)
+    pools.append((bent, detected_labels(bent)))
+    log(f"{len(samples)} base-model samples; the detector reads their caption's " + "  ".join(
+        f"{a} {(t != IGNORED).float().mean():.2f}" for a, t in pools[1][1].items()), t0)
 
     torch.manual_seed(args.seed)
     judge = Judge()
-    opt = torch.optim.AdamW(judge.parameters(), lr=args.lr)
-    sched = cosine_lr(opt, args.steps)
-    data, g = world.batches(args.batch, seed=args.seed, split="all"), torch.Generator().manual_seed(args.seed)
-    for step in range(args.steps):
-        clips, captions = next(data)  # (B, F, 3, H, W)
-        targets = labels(captions)
-        for pool, pool_targets in pools:
-            pick = torch.randint(len(pool), (args.batch,), generator=g)
-            clips = torch.cat([clips, pool[pick]])  # (B + ..., F, 3, H, W)
-            targets = {a: torch.cat([t, pool_targets[a][pick]]) for a, t in targets.items()}
-        loss = loss_fn(judge, clips, targets, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == args.steps - 1:
-            log(f"judge step {step:5d}  loss {loss.item():.4f}", t0)
+    g = torch.Generator().manual_seed(args.seed)
+    data = world.batches(args.batch, seed=args.seed, split="all")
+    train(judge, data, pools, args.steps, args.lr, args.batch, g, t0)
+    bent = exploits(judge, model.vae, samples[:args.exploits], sample_captions[:args.exploits], args.exploit_steps,
+                    EXPLOIT_LR, g)  # (E, F, 3, H, W)
+    pools.append((bent, detected_labels(bent)))
+    log(f"{len(bent)} exploits; the detector reads their caption's " + "  ".join(
+        f"{a} {v:.2f}" for a, v in world.accuracy(bent, sample_captions[:args.exploits]).items()), t0)
+    train(judge, data, pools, args.refine_steps, args.lr / 4, args.batch, g, t0)
     judge = judge.half().float().eval()  # the float16 judge that will be saved
     report(judge, model, model.vae, args, t0)
     with atomic_path(args.out) as tmp:
