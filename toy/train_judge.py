@@ -3,28 +3,29 @@
     python -m toy.train_judge                 # the committed judge (all defaults)
     python -m toy.train_judge --out FILE      # elsewhere
 
-A reward model learns from people's judgements of images (HPS and PickScore from people's
-choices between two images) and is only useful on the kind of image it will score. Here the
-weight-free detector plays the people: the judge learns to read what the detector reads, from
-four kinds of clip of every colour/shape pair, the pairs held out of the video model's
-pretraining included (the judge knows a blue triangle even though the video model does not):
-1. rendered clips (toy/world.py), labelled by their captions (which the detector reads right);
-2. the same clips through the toy model's VAE, blurred as every decoded video is;
-3. rendered clips with their outline moved (`distort`): rounded corners, grown, thinned, faded;
-4. the toy model's own samples, from seeds (SAMPLE_SEED onwards) that no evaluation uses.
-Kinds 2-4 are labelled by what the detector reads in them: a "blue triangle" the model drew as a
-round blob is labelled a circle, so the judge's reward for "triangle" pulls blobs towards
-corners. Where the detector reads nothing (a shape faded out, an empty frame) the target is
-uniform: an empty frame must not score as any caption, or an optimiser would erase shapes.
-The report reads fresh rendered clips against their captions, and base-model samples at other
-seeds (REPORT_SEED onwards) against the detector.
+A reward model is trained on people's judgements (HPS and PickScore on people's choices
+between two images) and is only to be trusted on the kind of image it was trained on. Here the
+captions and the weight-free detector play the people. The judge learns from four kinds of
+clip of every colour/shape pair, the pairs held out of the video model's pretraining included
+(the judge knows a blue triangle although the video model does not):
+1. rendered clips (toy/world.py), labelled by their captions;
+2. the same clips through the toy model's VAE, blurred as every decoded video is, and
+3. the toy model's own samples (seeds SAMPLE_SEED onwards, which no evaluation uses), both
+   labelled by their captions only where the detector reads the same: a "blue triangle" the
+   model drew as a round blob teaches nothing about shapes, its colour and size still count;
+4. morphs (`morph`): shapes blended into or joined with another (bells, vases, rounded
+   squares), the near misses a video model draws and an optimiser is drawn to, labelled by
+   what the detector reads, so the judge's "triangle" is not satisfied by a blob with a point.
+Where the detector reads nothing (a shape faded out, an empty frame) the target is uniform: an
+empty frame must not score as any caption, or an optimiser would erase the shapes it cannot fix.
+The report reads fresh rendered clips and their VAE reconstructions against their captions, and
+base-model samples at other seeds (REPORT_SEED onwards) against the detector.
 """
 import argparse
 import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from infra.files import atomic_path
 from toy import world
@@ -33,7 +34,6 @@ from toy.judge import ATTRIBUTES, JUDGE_FILE, Judge, classify, labels
 SAMPLE_SEED = 100_000  # base-model samples for training use seeds from here on
 REPORT_SEED = 200_000  # and those of the report from here
 FRAME_DROP = 0.5  # chance that a batch keeps a random subset of frames, as frame-subsampled decoding does
-EXPLOIT_LR = 0.05  # Adam's step on the latents in `exploits`: 15 steps turn blobs into vases
 
 
 def log(msg, t0):
@@ -46,12 +46,6 @@ def reconstruct(vae, videos, chunk=256):
     frames = videos.flatten(0, 1) * 2 - 1  # (B*F, 3, H, W) in [-1, 1]
     out = [vae.decode(vae.encode(x).latent_dist.mean).sample for x in frames.split(chunk)]  # each (n, 3, H, W)
     return (torch.cat(out) / 2 + 0.5).clamp(0, 1).view(videos.shape)  # (B, F, 3, H, W)
-
-
-def reconstruct_latents(vae, z, chunk=256):
-    """Unscaled latents (B, F, C, h, w) decoded to videos (B, F, 3, H, W) in [0, 1]."""
-    out = [vae.decode(x).sample for x in z.flatten(0, 1).split(chunk)]  # each (n, 3, H, W)
-    return (torch.cat(out) / 2 + 0.5).clamp(0, 1).view(*z.shape[:2], *out[0].shape[1:])  # (B, F, 3, H, W)
 
 
 @torch.no_grad()
@@ -166,32 +160,6 @@ def loss_fn(judge, videos, targets):
     return loss
 
 
-def exploits(judge, vae, videos, captions, steps, lr, generator, frames=2):
-    """What an optimiser makes of the judge: the latents of the model's samples (B, F, 3, H, W)
-    pushed by gradient ascent on the judge's reward for their captions, through the VAE decoder
-    (`frames` random frames a step, as VADER decodes), and decoded whole. The video model can
-    only draw what the decoder can, so these are the exploits alignment would find (round blobs
-    grown into vases that the judge calls triangles); labelled by the detector, they teach the
-    judge its own blind spots, as reward models are retrained on their policy's samples."""
-    from toy.judge import log_probs
-
-    b, f = videos.shape[:2]
-    with torch.no_grad():
-        z = vae.encode(videos.flatten(0, 1) * 2 - 1).latent_dist.mean  # (B*F, C, h, w)
-    z = z.view(b, f, *z.shape[1:]).requires_grad_(True)  # (B, F, C, h, w)
-    opt = torch.optim.Adam([z], lr=lr)
-    for _ in range(steps):
-        idx = torch.randperm(f, generator=generator)[:frames].sort().values
-        x = vae.decode(z[:, idx].flatten(0, 1)).sample  # (B*frames, 3, H, W)
-        x = (x / 2 + 0.5).clamp(0, 1).view(b, frames, *x.shape[1:])  # (B, frames, 3, H, W)
-        reward = torch.stack([v.mean(dim=1) for v in log_probs(judge, x, captions).values()]).mean(dim=0)  # (B,)
-        (grad,) = torch.autograd.grad(-reward.sum(), z)
-        z.grad = grad
-        opt.step()
-    with torch.no_grad():
-        return reconstruct_latents(vae, z)  # (B, F, 3, H, W)
-
-
 def accuracy(judge, videos, truth):
     """Per attribute, the fraction of videos whose judge reading matches `truth` (a list of Clip or None)."""
     read = classify(judge, videos)
@@ -218,7 +186,7 @@ def train(judge, data, pools, steps, lr, batch, generator, t0):
     from toy.pretrain import cosine_lr
 
     opt = torch.optim.AdamW(judge.parameters(), lr=lr)
-    sched = cosine_lr(opt, steps, warmup=min(50, steps))
+    sched = cosine_lr(opt, steps)
     judge.train()
     for step in range(steps):
         clips, captions = next(data)  # (B, F, 3, H, W)
@@ -239,14 +207,11 @@ def train(judge, data, pools, steps, lr, batch, generator, t0):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(JUDGE_FILE), help="safetensors file to write")
-    p.add_argument("--steps", type=int, default=600, help="steps before the exploits are made")
-    p.add_argument("--refine-steps", type=int, default=300, help="steps after, with the exploits")
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=16, help="clips of each kind per step")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--pool", type=int, default=768, help="clips in the pools of VAE reconstructions and of morphs")
     p.add_argument("--samples", type=int, default=288, help="base-model samples to learn from (3 of each caption)")
-    p.add_argument("--exploits", type=int, default=192, help="of those, how many an optimiser bends (see `exploits`)")
-    p.add_argument("--exploit-steps", type=int, default=15, help="gradient-ascent steps on their latents")
     p.add_argument("--report-clips", type=int, default=384, help="rendered clips the report reads")
     p.add_argument("--report-samples", type=int, default=96, help="base-model samples the report reads (1 a caption)")
     p.add_argument("--seed", type=int, default=0)
@@ -275,12 +240,6 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     data = world.batches(args.batch, seed=args.seed, split="all")
     train(judge, data, pools, args.steps, args.lr, args.batch, g, t0)
-    bent = exploits(judge, model.vae, samples[:args.exploits], sample_captions[:args.exploits], args.exploit_steps,
-                    EXPLOIT_LR, g)  # (E, F, 3, H, W)
-    pools.append((bent, detected_labels(bent)))
-    log(f"{len(bent)} exploits; the detector reads their caption's " + "  ".join(
-        f"{a} {v:.2f}" for a, v in world.accuracy(bent, sample_captions[:args.exploits]).items()), t0)
-    train(judge, data, pools, args.refine_steps, args.lr / 4, args.batch, g, t0)
     judge = judge.half().float().eval()  # the float16 judge that will be saved
     report(judge, model, model.vae, args, t0)
     with atomic_path(args.out) as tmp:
