@@ -12,7 +12,10 @@ and the last denoising steps into the LoRA weights. Reward models are frozen
 (`requires_grad_(False)`, `eval()`), so only the video model learns.
 
 A reward function may carry `min_frames` (how many decoded frames it needs at least);
-`train.py` checks `--decode-frames` against it before any work starts.
+`train.py` checks `--decode-frames` against it before any work starts. A measure with no
+gradient (the toy world's detector) carries `differentiable = False`: it cannot be trained on,
+only watched with `--eval-rewards`, and may report `parts(frames, prompts) -> {name: value}`,
+each logged as its own column.
 
 The rewards in this file need no weights, so the built-in tiny model has something real to
 optimise on a laptop CPU. The others are named in `_ELSEWHERE` by module path: the model-backed
@@ -56,6 +59,10 @@ _ELSEWHERE = {
     "contrast": ("toy.rewards:contrast", "toy world: the shape's mean RGB distance from the background, 0..1"),
     "motion": ("toy.rewards:motion",
                "toy world: centroid travel from first to last decoded frame / frame width, 0..1.4 (2+ frames)"),
+    "toy_judge": ("toy.judge:toy_judge",
+                  "toy world: mean log-probability the learned toy judge gives the caption's attributes, -inf..0"),
+    "detector": ("toy.rewards:detector",
+                 "toy world, evaluation only: the weight-free detector's accuracy on the caption's attributes, 0..1"),
 }
 
 
@@ -158,6 +165,9 @@ def load_reward(name, device="cpu", dtype=torch.float32, **options):
         for n in takers:
             per_term[n][option] = value
     fns = [(w, _build(n, device, dtype, per_term[n])) for n, w in terms]
+    for n, (_, fn) in zip(names, fns):
+        if not getattr(fn, "differentiable", True):
+            raise UserError(f"the {n} reward has no gradient, so it cannot be trained on; watch it with --eval-rewards {n}")
     if len(fns) == 1 and fns[0][0] == 1.0:
         return fns[0][1]
 
@@ -166,6 +176,17 @@ def load_reward(name, device="cpu", dtype=torch.float32, **options):
 
     weighted_sum.min_frames = max(fn.min_frames for _, fn in fns)
     return weighted_sum
+
+
+def load_eval_rewards(spec, device="cpu", dtype=torch.float32, build=True):
+    """--eval-rewards 'hps,dynamics' -> {name: reward}: second opinions on the held-out videos, which
+    show what the trained reward cannot (a learned reward gamed while another judge disagrees,
+    motion lost to an image reward). Every name is checked; with `build=False` none is loaded."""
+    names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
+    for n in names:
+        if n not in _FACTORIES:
+            raise UserError(f"--eval-rewards: unknown reward {n!r}; known rewards: {known_rewards()}")
+    return {n: _build(n, device, dtype, {}) for n in names} if build else {}
 
 
 def parse_options(text):
@@ -259,6 +280,18 @@ def compressibility(device="cpu", dtype=torch.float32):
     return per_frame(score)
 
 
+def frame_change(name, sign):
+    """sign * mean |frame[i+1] - frame[i]| over the decoded frames: a reward of 2+ frames."""
+
+    def reward(frames, prompts):  # frames (B, f, 3, H, W)
+        if frames.shape[1] < 2:
+            raise UserError(f"the {name} reward compares frames: use --decode-frames 2 or more")
+        return sign * (frames[:, 1:] - frames[:, :-1]).abs().mean(dim=(1, 2, 3, 4))  # (B,)
+
+    reward.min_frames = 2
+    return reward
+
+
 @register("smoothness", "negative mean change between consecutive decoded frames (needs 2+ frames)")
 def smoothness(device="cpu", dtype=torch.float32):
     """Temporal smoothness: -mean |frame[i+1] - frame[i]| over the decoded frames, range -1..0.
@@ -266,11 +299,11 @@ def smoothness(device="cpu", dtype=torch.float32):
     With frame subsampling the decoded frames are a sorted random subset, so "consecutive" means
     consecutive among those decoded; the reward still rewards less flicker and motion.
     """
+    return frame_change("smoothness", -1)
 
-    def reward(frames, prompts):  # frames (B, f, 3, H, W)
-        if frames.shape[1] < 2:
-            raise UserError("the smoothness reward compares frames: use --decode-frames 2 or more")
-        return -(frames[:, 1:] - frames[:, :-1]).abs().mean(dim=(1, 2, 3, 4))  # (B,)
 
-    reward.min_frames = 2
-    return reward
+@register("dynamics", "mean change between consecutive frames, 0..1: how much moves (needs 2+ frames)")
+def dynamics(device="cpu", dtype=torch.float32):
+    """The opposite of smoothness, as a measure to watch: image rewards scored frame by frame are
+    known to lower a video's motion, and a fall of this number on the held-out videos shows it."""
+    return frame_change("dynamics", 1)

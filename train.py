@@ -23,12 +23,12 @@ from tqdm import tqdm
 from infra.cli import UserError, run_cli, stop_signals
 from infra.distributed import all_average, all_gather, distributed_env, join_process_group
 from infra.files import atomic_write_text, read_json, read_prompts
-from infra.runlog import (METRICS, find_resume_point, metrics_text, open_tracker, plot_rewards, restore,
-                          save_checkpoint, tidy_run_folder)
+from infra.runlog import (METRICS, eval_columns, eval_summary, find_resume_point, metrics_text, open_tracker,
+                          plot_rewards, restore, save_checkpoint, tidy_run_folder)
 from infra.video import tile, write_video
 from lora import inject_lora, save_lora
 from models import MODELS, describe, load_video_model, resolve_device, resolve_dtype
-from rewards import load_reward, parse_options
+from rewards import load_eval_rewards, load_reward, parse_options
 from sampler import pick_grad_steps
 from vader import check_video_shape, encode_prompts, frame_pool, generate, loss_scaler, train_step
 
@@ -72,7 +72,9 @@ class Config:
     num_videos: int = opt(4, "Prompts shown in the before/after videos (the first ones of the file).")
     eval_every: int = opt(0, "Score held-out prompts every this many steps, and at the start and end (0: never).")
     eval_prompts: str = opt("", "Held-out prompts file; empty: hold out the last tenth of --prompts.")
-    eval_videos: int = opt(4, "How many held-out prompts to generate at each evaluation.")
+    eval_videos: int = opt(4, "Held-out videos at each evaluation: video i is prompt i (cycling) with seed i.")
+    eval_rewards: str = opt("dynamics", "More rewards that score the held-out videos, each in its own metrics.csv "
+                                        "column and panel of the curve (e.g. aesthetic,pickscore,dynamics); never trained on.")
     save_every: int = opt(0, "Save a checkpoint every this many steps (0: only at the end).")
     keep_checkpoints: int = opt(3, "Keep only the newest this many checkpoints (0: keep all).")
     max_bad_steps: int = opt(3, "Stop after this many steps in a row with a non-finite loss or gradient.")
@@ -170,10 +172,12 @@ def split_prompts(cfg):
 
 
 def load_models(cfg, given, device, dtype):
-    """The reward and the video model. A local folder or hub id's generation defaults (height,
-    frames, ...) and its family's recipe are known only once it is loaded, so they fill `cfg`
-    here (flags typed in `given`, and a resumed run's own settings, still win) and are checked."""
+    """The reward, the evaluation rewards and the video model. A local folder or hub id's
+    generation defaults (height, frames, ...) and its family's recipe are known only once it is
+    loaded, so they fill `cfg` here (flags typed in `given`, and a resumed run's own settings,
+    still win) and are checked."""
     reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
+    eval_fns = load_eval_rewards(cfg.eval_rewards, device, dtype, build=bool(cfg.eval_every))
     if cfg.decode_frames < reward_fn.min_frames:
         raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
     model = load_video_model(cfg.model, device, dtype)
@@ -185,7 +189,7 @@ def load_models(cfg, given, device, dtype):
             if k not in given:
                 setattr(cfg, k, v)
     validate(cfg, model)
-    return reward_fn, model
+    return reward_fn, eval_fns, model
 
 
 def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
@@ -204,15 +208,18 @@ def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
           f"output {cfg.output_dir}")
 
 
-def make_videos(model, cfg, prompts, cond, uncond, path_stem, reward_fn=None):
-    """Generate the first prompts with seeds 0..n-1, tiled side by side; returns their mean reward."""
-    n = min(cfg.num_videos if reward_fn is None else cfg.eval_videos, len(prompts))
-    video = generate(model, cond[:n], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
+def make_videos(model, cfg, prompts, cond, uncond, path_stem, reward_fn=None, eval_fns=None):
+    """Generate n videos, video i of prompt i (cycling through them) with seed i, tiled in rows of
+    at most 8; with a reward, returns the held-out columns: its mean and the evaluation rewards'."""
+    n = cfg.num_videos if reward_fn is None else cfg.eval_videos
+    idx = torch.arange(n) % len(prompts)
+    video = generate(model, cond[idx.to(cond.device)], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
                      cfg.guidance, seed=0)  # (n, F, 3, H, W)
-    write_video(tile(video), path_stem)  # (F, 3, H, n*W)
+    write_video(tile(video, per_row=8), path_stem, rows=-(-n // 8))  # (F, 3, rows*H, 8*W)
     if reward_fn is not None:
+        names = [prompts[i] for i in idx]
         with torch.no_grad():
-            return reward_fn(video, prompts[:n]).float().mean().item()
+            return {"eval_reward": reward_fn(video, names).float().mean().item(), **eval_columns(eval_fns, video, names)}
 
 
 def progress(bar, row, device):
@@ -233,7 +240,7 @@ def main(argv=None):
     rank, world, device = distributed_env(resolve_device(cfg.device))
     main_process = rank == 0
     dtype = resolve_dtype(cfg.dtype, device)
-    reward_fn, model = load_models(cfg, given, device, dtype)
+    reward_fn, eval_fns, model = load_models(cfg, given, device, dtype)
     join_process_group(world, device)
     out = Path(cfg.output_dir)
     if main_process:
@@ -263,10 +270,11 @@ def main(argv=None):
             make_videos(model, cfg, prompts, cond, uncond, out / "videos" / "before")
 
     def evaluate(step):
-        """Held-out reward at fixed seeds, with its videos; '' when this step has no evaluation."""
+        """Held-out rewards at fixed seeds, with their videos; {} when this step has no evaluation."""
         if not (main_process and held_out and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)):
-            return ""
-        return make_videos(model, cfg, held_out, held_cond, uncond, out / "videos" / f"eval-step-{step:06d}", reward_fn)
+            return {}
+        return make_videos(model, cfg, held_out, held_cond, uncond, out / "videos" / f"eval-step-{step:06d}",
+                           reward_fn, eval_fns)
 
     def checkpoint():
         if main_process:
@@ -280,7 +288,7 @@ def main(argv=None):
         return [prompts[i] for i in idx], cond[idx.to(cond.device)]  # B strings, (B, 77, D)
 
     if not rows and held_out and cfg.eval_every and main_process:
-        rows.append({**dict.fromkeys(METRICS, ""), "step": 0, "eval_reward": evaluate(0)})
+        rows.append({**dict.fromkeys(METRICS, ""), "step": 0, **evaluate(0)})
 
     #### Training loop
     # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the step in flight, then saves and exits.
@@ -299,9 +307,9 @@ def main(argv=None):
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
             step += 1
             r = all_gather(r.to(device), world)
-            rows.append(dict(step=step, reward_mean=r.mean().item(), reward_std=r.std(unbiased=False).item(),
-                             loss=loss, lr=cfg.lr, grad_norm=grad_norm, grad_steps=k, skipped=int(not finite),
-                             eval_reward=evaluate(step), seconds=round(time.time() - t0, 3)))
+            row = dict(step=step, reward_mean=r.mean().item(), reward_std=r.std(unbiased=False).item(), loss=loss,
+                       lr=cfg.lr, grad_norm=grad_norm, grad_steps=k, skipped=int(not finite), eval_reward="")
+            rows.append({**row, **evaluate(step), "seconds": round(time.time() - t0, 3)})
             if main_process:
                 atomic_write_text(out / "metrics.csv", metrics_text(rows))
                 if tracker:
@@ -336,9 +344,11 @@ def finish(cfg, out, model, rows, step, stop, checkpoint, after_videos):
         return
     after_videos()
     trained = [r for r in rows if r["reward_mean"] != ""]
-    print(f"done: reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "
+    print(f"done: training reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "
           f"{trained[-1]['reward_mean']:.4f} (step {step}); wrote {out}/lora.safetensors, metrics.csv, "
           "reward_curve.png, videos/before|after.mp4")
+    for line in eval_summary(rows):
+        print(line)
 
 
 if __name__ == "__main__":

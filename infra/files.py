@@ -123,16 +123,18 @@ def read_json(path, what, required=(), fix="restore it from a copy"):
     return value
 
 
-def read_csv(path, what, columns, fix="restore it from a copy"):
-    """Rows (dicts) of a CSV file whose header is exactly `columns`."""
+def read_csv(path, what, columns, fix="restore it from a copy", more=False):
+    """Rows (dicts) of a CSV file whose header is exactly `columns` (with `more`: starts with them)."""
     text = read_text(path, what, fix)
     reader = csv.DictReader(io.StringIO(text))
-    if tuple(reader.fieldnames or ()) != tuple(columns):
-        raise UserError(f"{what} {path} has the columns {reader.fieldnames}, expected {list(columns)}; {fix}")
+    header = tuple(reader.fieldnames or ())
+    if (header[:len(columns)] if more else header) != tuple(columns):
+        raise UserError(f"{what} {path} has the columns {reader.fieldnames}, expected {list(columns)}"
+                        f"{' first' if more else ''}; {fix}")
     rows = list(reader)
     for i, row in enumerate(rows, start=2):
         if None in row or None in row.values():  # a row with more or fewer cells than the header
-            raise UserError(f"{what} {path}: line {i} does not have {len(columns)} cells (a cut-off write?); {fix}")
+            raise UserError(f"{what} {path}: line {i} does not have {len(header)} cells (a cut-off write?); {fix}")
     return rows
 
 

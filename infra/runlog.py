@@ -203,9 +203,16 @@ def tidy_run_folder(out, names, overwrite):
 #### Logs: metrics.csv, the reward curve, optional trackers
 
 def metrics_text(rows):
-    """metrics.csv's contents; floats are written in full so a resumed run can match bit for bit."""
+    """metrics.csv's contents; floats are written in full so a resumed run can match bit for bit.
+
+    The columns are METRICS, then the evaluation rewards' (`eval_<name>`, `eval_<name>/<part>`)
+    in the order they first appear; a row without one (a step with no evaluation) leaves it empty.
+    """
+    columns = list(METRICS)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRICS)
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -214,25 +221,63 @@ def metrics_text(rows):
 def read_metrics(path):
     """Rows of a metrics.csv, numbers parsed, empty cells kept as ''."""
     ints = ("step", "grad_steps", "skipped")
-    rows = read_csv(path, "metrics log", METRICS)
+    rows = read_csv(path, "metrics log", METRICS, more=True)
     try:
         return [{k: v if v == "" else (int(v) if k in ints else float(v)) for k, v in row.items()} for row in rows]
     except ValueError as e:
         raise UserError(f"metrics log {path} holds a cell that is not a number ({e}); restore it from a copy") from None
 
 
+@torch.no_grad()
+def eval_columns(eval_rewards, frames, prompts):
+    """{column: value} of the evaluation rewards (rewards.load_eval_rewards) on videos (B, F, 3, H, W):
+    `eval_<name>`, the mean reward, or `eval_<name>/<part>` for each part of a reward with parts."""
+    out = {}
+    for name, fn in eval_rewards.items():
+        if hasattr(fn, "parts"):
+            out.update({f"eval_{name}/{part}": value for part, value in fn.parts(frames, prompts).items()})
+        else:
+            out[f"eval_{name}"] = fn(frames, prompts).float().mean().item()
+    return out
+
+
+def eval_groups(rows):
+    """{panel: [column, ...]}: "eval_reward" (the trained reward on the held-out videos) and one
+    panel per evaluation reward, its parts together."""
+    groups = {}
+    for k in rows[0] if rows else ():
+        if k.startswith("eval_") and any(r.get(k, "") != "" for r in rows):
+            groups.setdefault(k.split("/")[0], []).append(k)
+    return groups
+
+
+def eval_summary(rows):
+    """Lines 'column first -> last' for every held-out measurement, from the first evaluation to the last."""
+    held = [r for r in rows if r.get("eval_reward", "") != ""]
+    if len(held) < 2:
+        return []
+    first, last = held[0], held[-1]
+    columns = [c for cs in eval_groups(held).values() for c in cs if first[c] != "" and last[c] != ""]
+    width = max(map(len, columns))
+    return [f"held-out videos, step {first['step']} -> {last['step']}:"] + [
+        f"  {c:{width}s} {first[c]:8.3f} -> {last[c]:.3f}" for c in columns]
+
+
 def plot_rewards(out, rows, reward_name):
-    """reward_curve.png: training reward per step (mean ± std) and held-out reward where measured."""
+    """reward_curve.png: training reward per step (mean ± std) and held-out reward where measured,
+    beside one panel per evaluation reward, so the trained reward and its second opinions read together."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = {k: v for k, v in eval_groups(rows).items() if k != "eval_reward"}
+    fig, axes = plt.subplots(1, 1 + len(groups), figsize=(6 + 4.5 * len(groups), 4), squeeze=False)
+    ax = axes[0, 0]
     train = [r for r in rows if r["reward_mean"] != ""]
     steps = [r["step"] for r in train]
     mean = torch.tensor([r["reward_mean"] for r in train])
     std = torch.tensor([r["reward_std"] for r in train])
-    fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, mean, label="train reward (mean)")
     ax.fill_between(steps, mean - std, mean + std, alpha=0.2, label="±1 std")
     held = [r for r in rows if r["eval_reward"] != ""]
@@ -240,6 +285,14 @@ def plot_rewards(out, rows, reward_name):
         ax.plot([r["step"] for r in held], [r["eval_reward"] for r in held], "o-", label="held-out prompts")
     ax.set(xlabel="optimizer step", ylabel=reward_name, title=f"VADER: {reward_name}")
     ax.legend()
+    for ax, (group, columns) in zip(axes[0, 1:], groups.items()):
+        for c in columns:
+            points = [(r["step"], r[c]) for r in rows if r.get(c, "") != ""]
+            ax.plot(*zip(*points), "o-", label=c.split("/")[-1])
+        ax.set(xlabel="optimizer step", title=f"held-out: {group[len('eval_'):]}")
+        if len(columns) > 1:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
     with atomic_path(out / "reward_curve.png") as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)

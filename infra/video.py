@@ -11,24 +11,31 @@ FPS = 8  # ModelScope's clips are 16 frames of a ~2 s scene; 8 frames a second s
 MIN_SIDE = 128  # tiny videos are upscaled (nearest neighbour) to at least this height to be seen
 
 
-def tile(videos):
-    """Place B videos side by side: (B, F, 3, H, W) -> (F, 3, H, B*W)."""
-    return torch.cat(list(videos), dim=-1)  # (F, 3, H, B*W)
+def tile(videos, per_row=None):
+    """Place B videos side by side, in rows of `per_row` (default: one row), a short last row
+    padded with black: (B, F, 3, H, W) -> (F, 3, rows*H, per_row*W)."""
+    per_row = min(per_row or len(videos), len(videos))
+    pad = -len(videos) % per_row
+    videos = torch.cat([videos, videos.new_zeros(pad, *videos.shape[1:])])  # (rows*per_row, F, 3, H, W)
+    rows = [torch.cat(list(videos[i:i + per_row]), dim=-1) for i in range(0, len(videos), per_row)]  # each (F, 3, H, per_row*W)
+    return torch.cat(rows, dim=-2)  # (F, 3, rows*H, per_row*W)
 
 
-def to_uint8(video):
-    """(F, 3, H, W) in [0, 1] -> (F, H', W', 3) uint8, upscaled by a whole factor if small."""
-    scale = max(1, -(-MIN_SIDE // video.shape[-2]))  # ceil(MIN_SIDE / H)
+def to_uint8(video, rows=1):
+    """(F, 3, H, W) in [0, 1] -> (F, H', W', 3) uint8, upscaled by a whole factor if small: until
+    each of its `rows` rows of tiled videos is MIN_SIDE high."""
+    scale = max(1, -(-MIN_SIDE * rows // video.shape[-2]))  # ceil(MIN_SIDE / (H / rows))
     if scale > 1:
         video = torch.nn.functional.interpolate(video, scale_factor=scale, mode="nearest")  # (F, 3, sH, sW)
     return (video.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (F, H', W', 3)
 
 
-def write_video(video, stem):
-    """Write (F, 3, H, W) in [0, 1] to `stem`.mp4 and `stem`.gif (each atomically); returns the paths."""
+def write_video(video, stem, rows=1):
+    """Write (F, 3, H, W) in [0, 1], `rows` tiled videos high, to `stem`.mp4 and `stem`.gif (each
+    atomically); returns the paths."""
     import imageio
 
-    frames = to_uint8(video)
+    frames = to_uint8(video, rows)
     stem = Path(stem)
     mp4, gif = stem.with_suffix(".mp4"), stem.with_suffix(".gif")
     with atomic_path(mp4) as tmp:

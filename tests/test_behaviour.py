@@ -7,7 +7,9 @@ the reward registry, the packages below the tutorial), the new code repeated the
 written by the old code bit for bit. The reference was recorded again when guidance's two passes
 became two UNet calls in grad steps (sampler.guided_eps): the same arithmetic, rounded
 differently by a batched kernel (relative changes up to 7e-5 in metrics.csv, none in the K drawn
-each step). Floats are compared to 1e-5, so another CPU's kernels may differ in the last bits
+each step). The reference code had no evaluation rewards; the command
+now scores its held-out videos with two (`--eval-rewards`), and the LoRA and the training columns
+must still be the reference's: evaluation never touches the training. Floats are compared to 1e-5, so another CPU's kernels may differ in the last bits
 while a change of behaviour (one random draw more or less, a step taken differently) fails; the
 integer columns (K drawn each step, skipped steps) must match exactly.
 """
@@ -26,6 +28,7 @@ REFERENCE = ROOT / "tests" / "fixtures" / "tiny_reference"
 COMMAND = ["--model", "tiny", "--reward", "brightness", "--prompts", "animals.txt", "--num-steps", "4", "--frames", "4",
            "--num-videos", "2", "--max-steps", "4", "--grad-accum", "2", "--grad-steps", "2", "--random-grad-steps",
            "--decode-frames", "2", "--eval-every", "2", "--eval-videos", "2", "--lora-rank", "4"]
+EVAL_REWARDS = "colorfulness,dynamics"  # unknown to the reference code
 
 
 def rows(path):
@@ -35,9 +38,9 @@ def rows(path):
 
 def test_fixed_seed_run_matches_the_reference(tmp_path):
     out = tmp_path / "run"
-    run_cli(train.main, [*COMMAND, "--output-dir", str(out)])
+    run_cli(train.main, [*COMMAND, "--eval-rewards", EVAL_REWARDS, "--output-dir", str(out)])
     config, reference = (json.loads((d / "config.json").read_text()) for d in (out, REFERENCE))
-    assert {**config, "output_dir": ""} == {**reference, "output_dir": ""}
+    assert {**config, "output_dir": ""} == {**reference, "output_dir": "", "eval_rewards": EVAL_REWARDS}
     ours, theirs = rows(out / "metrics.csv"), rows(REFERENCE / "metrics.csv")
     assert [r["step"] for r in ours] == [r["step"] for r in theirs] == ["0", "1", "2", "3", "4"]
     for a, b in zip(ours, theirs):
@@ -46,6 +49,7 @@ def test_fixed_seed_run_matches_the_reference(tmp_path):
             assert (a[k] == "") == (b[k] == ""), k
             if a[k]:
                 torch.testing.assert_close(float(a[k]), float(b[k]), rtol=1e-5, atol=1e-7, msg=k)
+        assert (a["eval_colorfulness"] != "") == (a["eval_dynamics"] != "") == (b["eval_reward"] != "")
     lora, ref = load_file(out / "lora.safetensors"), load_file(REFERENCE / "lora.safetensors")
     assert lora.keys() == ref.keys()
     for k in ref:

@@ -51,7 +51,7 @@ def test_train_writes_every_file(run):
     assert gif.n_frames == 4 and gif.size == (2 * 128, 128)  # 2 prompts side by side, upscaled to 128
     rows = read_metrics(run)
     assert [int(r["step"]) for r in rows] == list(range(0, 9))  # step 0: the held-out baseline
-    assert set(rows[0]) == set(runlog.METRICS)
+    assert set(rows[0]) == set(runlog.METRICS) | {"eval_dynamics"}  # the default --eval-rewards
 
 
 def test_held_out_rewards_are_logged(run):
@@ -90,6 +90,8 @@ def bad(tmp_path, *args):
     (["--prompts", "EMPTY"], "has no prompts"),
     (["--model", "nope"], "unknown model 'nope'; known models: tiny"),
     (["--reward", "nope"], "unknown reward 'nope'; known rewards:"),
+    (["--eval-rewards", "colorfulness,nope"], "--eval-rewards: unknown reward 'nope'; known rewards:"),
+    (["--reward", "detector"], "has no gradient, so it cannot be trained on; watch it with --eval-rewards"),
     (["--grad-steps", "5"], "--grad-steps must be between 0 and --num-steps (4), got 5"),
     (["--grad-steps", "-1"], "--grad-steps must be between 0 and --num-steps (4), got -1"),
     (["--decode-frames", "5"], "--decode-frames must be between 1 and --frames (4), got 5"),

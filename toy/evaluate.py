@@ -1,6 +1,7 @@
 """How often a toy-world model draws what its captions ask for, read by the weight-free detector.
 
     python -m toy.evaluate                   # the committed toy model
+    python -m toy.evaluate --lora RUN/lora.safetensors    # the toy model aligned by train.py
     python -m toy.evaluate --model FOLDER    # a model toy/pretrain.py wrote elsewhere
 
 Every training caption and every held-out one (colour/shape pairs never seen in pretraining) is
@@ -12,6 +13,7 @@ from dataclasses import replace
 
 import torch
 
+from infra.cli import run_cli
 from toy.world import CHANCE, FRAMES, SIZE, accuracy, all_clips
 
 
@@ -33,14 +35,20 @@ def sample_model(model, captions, seed=0, batch=16, num_steps=None, guidance=Non
 def main(argv=None):
     p = argparse.ArgumentParser(description="Detector accuracy of a toy-world model's samples, per attribute.")
     p.add_argument("--model", default="toy", help="'toy' (the committed toy/model/) or a folder toy/pretrain.py wrote")
+    p.add_argument("--lora", help="a lora.safetensors that train.py wrote for this model; omit for the base model")
     p.add_argument("--repeats", type=int, default=2, help="videos per caption, each with its own seed")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from lora import load_lora, read_lora_file
     from models import load_video_model
 
+    if args.lora:
+        read_lora_file(args.lora)  # a bad file fails now, before the model loads
     torch.set_num_threads(1)
     model = load_video_model(args.model)
+    if args.lora:
+        load_lora(model.unet, args.lora)
     # The toy world's clip size and sampler (the registry's "toy" entry); a bare folder would
     # otherwise get ModelScope's defaults (16 frames, 25 steps, guidance 9).
     model.spec = replace(model.spec, height=SIZE, width=SIZE, frames=FRAMES, num_steps=10, guidance=3.0)
@@ -52,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -184,15 +184,22 @@ def train_unet(vae, table, steps, batch, lr, seed, t0):
 
 
 def write_prompts(folder):
-    """prompts/toy.txt: one training caption per non-red colour/shape pair (so `--reward redness`
-    has something to change); prompts/toy_heldout.txt: every caption of the held-out pairs."""
+    """The toy prompt files. toy.txt: one training caption per non-red colour/shape pair (so
+    `--reward redness` has something to change). toy_heldout.txt: every caption of the held-out
+    pairs, the pairs alternating (so the first videos of a run show both). toy_eval.txt: those
+    16 again, then two in every five training captions (32), to evaluate an alignment on the
+    held-out pairs and check that the seen ones did not suffer."""
     pairs = [(c, s) for c in world.COLOURS if c != "red" for s in world.SHAPES if (c, s) not in world.HELDOUT]
     sizes, dirs = list(world.SIZES), list(world.DIRECTIONS)
     demo = [world.Clip(c, s, sizes[i % 2], dirs[i % 4]).caption for i, (c, s) in enumerate(pairs)]
     atomic_write_text(folder / "toy.txt", "# Toy-world training captions (toy/world.py), none of them red.\n" + "\n".join(demo) + "\n")
-    held = [c.caption for c in world.all_clips("heldout")]
+    by_pair = [[c.caption for c in world.all_clips("heldout") if (c.colour, c.shape) == pair] for pair in world.HELDOUT]
+    held = [caption for group in zip(*by_pair) for caption in group]  # the pairs alternating
     atomic_write_text(folder / "toy_heldout.txt",
                       f"# Toy-world captions never seen in pretraining: the pairs {world.HELDOUT}.\n" + "\n".join(held) + "\n")
+    seen = [c.caption for i, c in enumerate(world.all_clips("train")) if i % 5 in (0, 2)]  # 32 of the 80
+    atomic_write_text(folder / "toy_eval.txt", "# Evaluation of an alignment on the held-out pairs: their 16 captions, "
+                      "then 32 captions of pairs seen in pretraining.\n" + "\n".join(held + seen) + "\n")
 
 
 def main(argv=None):
@@ -205,7 +212,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=4e-3, help="the UNet's learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts-dir", default=str(Path(__file__).parent / "prompts"),
-                   help="where to write toy.txt and toy_heldout.txt")
+                   help="where to write toy.txt, toy_heldout.txt and toy_eval.txt")
     args = p.parse_args(argv)
     from diffusers import DDIMScheduler
     from transformers import CLIPTokenizer

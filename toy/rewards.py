@@ -4,13 +4,14 @@ A toy clip is one coloured shape on a plain dark-grey background, so `world.fore
 differentiable mask of the pixels that differ from that background) finds the shape, and a
 statistic of its pixels is something a person can name: its colour, its size, how much it
 stands out, how far it moves. On other videos they measure whatever is not dark grey. They follow
-the reward contract of rewards.py, whose registry names them.
+the reward contract of rewards.py, whose registry names them. The last, `detector`, is no reward
+to train on but a second opinion to evaluate with: the weight-free detector's accuracy.
 """
 import torch
 
 from infra.cli import UserError
 from rewards import per_frame
-from toy.world import BACKGROUND, COLOURS, centroids, foreground
+from toy.world import BACKGROUND, CHANCE, COLOURS, HELDOUT, Clip, centroids, detect, foreground
 
 MIN_AREA = 20.0  # pixels; the smallest toy shape, a small triangle, covers about 50
 MAX_AREA = 300.0  # pixels; the biggest, a big square, covers 16 x 16 = 256
@@ -76,4 +77,39 @@ def motion(device="cpu", dtype=torch.float32):
         return (c[:, 1] - c[:, 0]).norm(dim=-1) / frames.shape[-1]  # (B,)
 
     reward.min_frames = 2
+    return reward
+
+
+def detector(device="cpu", dtype=torch.float32):
+    """Evaluation only: how often `world.detect` reads each caption's attributes in its video.
+
+    The detector thresholds pixels and reads shapes by rule, so it has no gradient to follow and
+    no learned weights to fool: it is the second opinion on the learned toy judge (toy/judge.py).
+    The reward is the fraction of the four attributes read right, per video (B,); `parts` gives
+    the accuracy of each attribute over the videos of the pairs held out of pretraining
+    (`heldout_shape`, ...) and over the pairs seen in it (`seen_shape`, ...), '' for a group
+    with no video. Videos must hold 2+ frames (the direction is read from the motion).
+    """
+
+    def hits(frames, prompts):
+        """(B, 4) 1.0 where the detector reads the caption's colour, shape, size, direction."""
+        out = []
+        for video, prompt in zip(frames.detach().float().cpu(), prompts):  # video (F, 3, H, W)
+            found, want = detect(video), Clip.parse(prompt)
+            out.append([float(found is not None and getattr(found, a) == getattr(want, a)) for a in CHANCE])
+        return torch.tensor(out).view(-1, len(CHANCE))  # (B, 4)
+
+    def reward(frames, prompts):
+        return hits(frames, prompts).mean(dim=1)  # (B,)
+
+    def parts(frames, prompts):
+        h = hits(frames, prompts)  # (B, 4)
+        heldout = torch.tensor([(Clip.parse(p).colour, Clip.parse(p).shape) in HELDOUT for p in prompts])
+        out = {}
+        for group, rows in (("heldout", heldout), ("seen", ~heldout)):
+            for i, a in enumerate(CHANCE):
+                out[f"{group}_{a}"] = h[rows, i].mean().item() if rows.any() else ""
+        return out
+
+    reward.parts, reward.differentiable, reward.min_frames = parts, False, 2
     return reward
