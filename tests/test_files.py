@@ -199,7 +199,7 @@ def wait_for(condition, timeout=120):
 
 
 def test_kill_9_at_any_moment_then_resume_gives_the_same_lora(four_steps, tmp_path):
-    """Exact resume under kill -9: SIGKILL during a checkpoint save and at two random moments;
+    """Exact resume under kill -9: SIGKILL during a checkpoint save and at a random moment;
     every resumed run ends with the LoRA, bit for bit, and the metrics.csv (the `seconds` column
     aside) of the run that was never killed (`four_steps`: checkpoints do not change what is
     trained), although its metrics.csv was ahead of its checkpoint; no temporary file is left."""
@@ -208,10 +208,9 @@ def test_kill_9_at_any_moment_then_resume_gives_the_same_lora(four_steps, tmp_pa
     moments = {  # when to kill: once the condition holds, or a random time after the first checkpoint
         "during the save of step 2": lambda out: (out / "checkpoints/step-000002.tmp/lora.safetensors").exists(),
         "at a random moment": rng.uniform(0.0, 3.0),
-        "at another random moment": rng.uniform(0.0, 3.0),
     }
 
-    def run_and_kill(i, when):  # the three runs go at once, each killed by its own thread
+    def run_and_kill(i, when):  # the runs go at once, each killed by its own thread
         out = tmp_path / f"killed-{i}"
         proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *args, "--output-dir", str(out)], cwd=ROOT,
                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -249,17 +248,17 @@ def test_a_full_disk_mid_save_keeps_the_previous_checkpoint(tmp_path, tiny_folde
     run = tmp_path / "run"
     # A folder: nothing to write before training, unlike --model tiny (with the tiny model's recipe).
     args = [*TINY, "--model", str(tiny_folder), "--guidance", "3", "--grad-accum", "1", "--batch-size", "2"]
-    run_cli(train.main, [*args, "--max-steps", "2", "--save-every", "2", "--output-dir", str(run)])
+    run_cli(train.main, [*args, "--max-steps", "1", "--save-every", "1", "--output-dir", str(run)])
     lora_size = (run / "lora.safetensors").stat().st_size  # the LoRA fits; the optimizer state, twice its size, does not
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run), "--max-steps", "4"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run), "--max-steps", "2"], cwd=ROOT,
                           env=ENV, capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size(lora_size + 4096))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-2000:]
     err = errors[0]
-    assert err.startswith("error: could not write ") and "step-000004" in err and "the disk holding" in err, err
-    assert "the previous checkpoint" in err and "step-000002 is intact" in err
-    assert [p.name for p in runlog.list_checkpoints(run)] == ["step-000002"] and leftovers(run) == []
-    runlog.check_checkpoint(run / "checkpoints/step-000002")
-    run_cli(train.main, ["--resume", str(run), "--max-steps", "4"])  # space again: the run goes on
-    assert [int(r["step"]) for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert err.startswith("error: could not write ") and "step-000002" in err and "the disk holding" in err, err
+    assert "the previous checkpoint" in err and "step-000001 is intact" in err
+    assert [p.name for p in runlog.list_checkpoints(run)] == ["step-000001"] and leftovers(run) == []
+    runlog.check_checkpoint(run / "checkpoints/step-000001")
+    run_cli(train.main, ["--resume", str(run), "--max-steps", "2"])  # space again: the run goes on
+    assert [int(r["step"]) for r in read_metrics(run)] == [1, 2]

@@ -32,10 +32,10 @@ def read_metrics(run):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One 8-step training run on the brightness reward, shared by the tests below."""
+    """One 6-step training run on the brightness reward, shared by the tests below."""
     out = tmp_path_factory.mktemp("runs") / "bright"
-    proc = run_script("train.py", *FAST, "--reward", "brightness", "--max-steps", "8", "--save-every", "4",
-                      "--eval-every", "4", "--eval-videos", "2", "--output-dir", str(out))
+    proc = run_script("train.py", *FAST, "--reward", "brightness", "--max-steps", "6", "--save-every", "3",
+                      "--eval-every", "3", "--eval-videos", "2", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -44,23 +44,23 @@ def test_train_writes_every_file(run):
     for name in ("lora.safetensors", "metrics.csv", "config.json", "reward_curve.png",
                  "videos/before.mp4", "videos/before.gif", "videos/after.mp4", "videos/after.gif"):
         assert (run / name).stat().st_size > 0, name
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
     config = json.loads((run / "config.json").read_text())
-    assert config["reward"] == "brightness" and config["max_steps"] == 8 and config["lr"] == 1e-2
+    assert config["reward"] == "brightness" and config["max_steps"] == 6 and config["lr"] == 1e-2
     gif = Image.open(run / "videos/after.gif")
     assert gif.n_frames == 4 and gif.size == (2 * 128, 128)  # 2 prompts side by side, upscaled to 128
     rows = read_metrics(run)
-    assert [int(r["step"]) for r in rows] == list(range(0, 9))  # step 0: the held-out baseline
+    assert [int(r["step"]) for r in rows] == list(range(0, 7))  # step 0: the held-out baseline
     assert set(rows[0]) == set(runlog.METRICS) | {"eval_dynamics"}  # the default --eval-rewards
 
 
 def test_held_out_rewards_are_logged(run):
     rows = read_metrics(run)
     scored = {int(r["step"]): float(r["eval_reward"]) for r in rows if r["eval_reward"]}
-    assert sorted(scored) == [0, 4, 8] and all(0 < v < 1 for v in scored.values())
+    assert sorted(scored) == [0, 3, 6] and all(0 < v < 1 for v in scored.values())
     assert all((run / f"videos/eval-step-{s:06d}.gif").exists() for s in scored)
     config = json.loads((run / "config.json").read_text())
-    assert config["eval_every"] == 4
+    assert config["eval_every"] == 3
 
 
 def test_reward_rises(run):
