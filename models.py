@@ -79,10 +79,11 @@ MODELS = {
     # the repository, so it draws real content offline. Its recipe is gentler than the random
     # model's: a pretrained model's LoRA needs small steps to change what it draws without
     # breaking it, and two grad steps give the gradient more of the chain to act on. Its
-    # held-out videos are also read by the toy world's weight-free detector (toy/rewards.py).
+    # held-out videos are also read by the toy world's weight-free detector (toy/rewards.py) and
+    # its learned judge (toy/judge.py), each apart for the held-out and the seen pairs.
     "toy": ModelSpec(str(TOY_FOLDER), 32, 32, 8, 10, 3.0,
                      recipe={"lr": 5e-4, "grad_steps": 2, "grad_accum": 1, "batch_size": 2,
-                             "eval_rewards": "detector,dynamics"}),
+                             "eval_rewards": "detector,toy_judge,dynamics"}),
     # VADER's ModelScope setting (Table 6 of 2407.08737 and its configs): 25 DDIM steps,
     # guidance 9; the pipeline's default resolution is 256x256 with 16 frames (VADER: 384x384).
     # Also reachable by its old id damo-vilab/text-to-video-ms-1.7b, which the hub redirects.

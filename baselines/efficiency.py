@@ -245,19 +245,25 @@ def run_efficiency(a):
                                                       if k.endswith("accuracy")) if detector else ""))
     lrs = {m: {"DDPO": a.ddpo_lr, "GRPO": a.grpo_lr}.get(m, a.vader_lr) for m in methods}
     out = Path(a.output_dir)
-    grid_table = ""
+    grid_table, tuned = "", {}  # tuned: (method, lr) -> the rows of its run on the first seed
     if a.lr_grid:
         print(f"tuning: each method at lr {', '.join(map(str, a.lr_grid))} on seed {a.seeds[0]}")
-        grid = [dict(method=m, lr=lr, final_reward=train_run(m, lr, a.seeds[0], model, reward_fn, prompts, cond, uncond,
-                                                             evaluate, a, ddpo_cfg, grpo_cfg)[-1]["eval_reward"])
-                for m in methods for lr in a.lr_grid]
+        for m in methods:
+            for lr in a.lr_grid:
+                tuned[m, lr] = train_run(m, lr, a.seeds[0], model, reward_fn, prompts, cond, uncond, evaluate, a,
+                                         ddpo_cfg, grpo_cfg)
+        grid = [dict(method=m, lr=lr, final_reward=r[-1]["eval_reward"]) for (m, lr), r in tuned.items()]
         lrs = {m: max((g for g in grid if g["method"] == m), key=lambda g: g["final_reward"])["lr"] for m in methods}
         write_csv(out / "efficiency_lr_grid.csv", grid)
         grid_table = lr_grid_table(grid, methods, a)
     rows = []
     for seed in a.seeds:
         for m in methods:
-            rows += train_run(m, lrs[m], seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg, grpo_cfg)
+            if seed == a.seeds[0] and (m, lrs[m]) in tuned:  # a run is deterministic: the grid's is this one
+                rows += tuned[m, lrs[m]]
+            else:
+                rows += train_run(m, lrs[m], seed, model, reward_fn, prompts, cond, uncond, evaluate, a, ddpo_cfg,
+                                  grpo_cfg)
     summary = summarise(rows, methods, a.seeds, base_reward)
     write_csv(out / "efficiency_curves.csv", rows)
     write_csv(out / "efficiency_summary.csv", summary)

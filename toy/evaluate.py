@@ -38,6 +38,8 @@ def main(argv=None):
     p.add_argument("--lora", help="a lora.safetensors that train.py wrote for this model; omit for the base model")
     p.add_argument("--repeats", type=int, default=2, help="videos per caption, each with its own seed")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--split", choices=("train", "heldout", "both"), default="both",
+                   help="the captions of the pairs seen in pretraining, of the held-out pairs, or both")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from lora import load_lora, read_lora_file
@@ -53,7 +55,7 @@ def main(argv=None):
     # otherwise get ModelScope's defaults (16 frames, 25 steps, guidance 9).
     model.spec = replace(model.spec, height=SIZE, width=SIZE, frames=FRAMES, num_steps=10, guidance=3.0)
     print("chance   " + "  ".join(f"{k} {v:.2f}" for k, v in CHANCE.items()))
-    for split in ("train", "heldout"):
+    for split in ("train", "heldout") if args.split == "both" else (args.split,):
         captions = [c.caption for c in all_clips(split)] * args.repeats
         acc = accuracy(sample_model(model, captions, args.seed, guidance=args.guidance), captions)
         print(f"{split:8s} " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()) + f"   ({len(captions)} videos)")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from infra.cli import UserError
-from toy.world import COLOURS, DIRECTIONS, SHAPES, SIZES, Clip
+from toy.world import COLOURS, DIRECTIONS, SHAPES, SIZES, Clip, by_group
 
 JUDGE_FILE = Path(__file__).resolve().parent / "judge.safetensors"  # float16, written by toy/train_judge.py
 # The attributes a caption names and their values, in the order of the judge's logits.
@@ -127,4 +127,7 @@ def toy_judge(device="cpu", dtype=torch.float32, weights=str(JUDGE_FILE)):
         scores = log_probs(judge, frames.to(dtype), prompts)  # {attribute: (B, f or f-1)}
         return torch.stack([s.float().mean(dim=1) for s in scores.values()]).mean(dim=0)  # (B,)
 
+    # As an evaluation reward (--eval-rewards toy_judge) it reports the videos of the held-out
+    # pairs and of the seen pairs apart: one mean would hide a gain on one paid for by the other.
+    reward.parts = lambda frames, prompts: by_group(reward(frames, prompts), prompts)
     return reward

@@ -11,7 +11,7 @@ import torch
 
 from infra.cli import UserError
 from rewards import per_frame
-from toy.world import BACKGROUND, CHANCE, COLOURS, HELDOUT, Clip, centroids, detect, foreground
+from toy.world import BACKGROUND, CHANCE, COLOURS, Clip, by_group, centroids, detect, foreground
 
 MIN_AREA = 20.0  # pixels; the smallest toy shape, a small triangle, covers about 50
 MAX_AREA = 300.0  # pixels; the biggest, a big square, covers 16 x 16 = 256
@@ -104,12 +104,8 @@ def detector(device="cpu", dtype=torch.float32):
 
     def parts(frames, prompts):
         h = hits(frames, prompts)  # (B, 4)
-        heldout = torch.tensor([(Clip.parse(p).colour, Clip.parse(p).shape) in HELDOUT for p in prompts])
-        out = {}
-        for group, rows in (("heldout", heldout), ("seen", ~heldout)):
-            for i, a in enumerate(CHANCE):
-                out[f"{group}_{a}"] = h[rows, i].mean().item() if rows.any() else ""
-        return out
+        groups = [by_group(h[:, i], prompts) for i in range(len(CHANCE))]  # per attribute {group: accuracy}
+        return {f"{g}_{a}": acc[g] for g in ("heldout", "seen") for a, acc in zip(CHANCE, groups)}
 
     reward.parts, reward.differentiable, reward.min_frames = parts, False, 2
     return reward

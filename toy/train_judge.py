@@ -2,6 +2,7 @@
 
     python -m toy.train_judge                 # the committed judge (all defaults)
     python -m toy.train_judge --out FILE      # elsewhere
+    python -m toy.train_judge --naive --out toy/judge_naive.safetensors   # captions only (see below)
 
 A reward model is trained on people's judgements (HPS and PickScore on people's choices
 between two images) and is only to be trusted on the kind of image it was trained on. Here the
@@ -18,6 +19,11 @@ clip of every colour/shape pair, the pairs held out of the video model's pretrai
    what the detector reads, so the judge's "triangle" is not satisfied by a blob with a point.
 Where the detector reads nothing (a shape faded out, an empty frame) the target is uniform: an
 empty frame must not score as any caption, or an optimiser would erase the shapes it cannot fix.
+
+`--naive` trains the judge a hurried reward-modelling team would: every clip labelled by its
+caption (the model's samples too, a round blob asked to be a triangle labelled "triangle"), no
+morphs, no uniform targets. It reads rendered clips almost as well, and it is the judge that
+`toy/judge_naive.safetensors` holds, for the README's reward-hacking command.
 The report reads fresh rendered clips and their VAE reconstructions against their captions, and
 base-model samples at other seeds (REPORT_SEED onwards) against the detector.
 """
@@ -215,6 +221,7 @@ def main(argv=None):
     p.add_argument("--report-clips", type=int, default=384, help="rendered clips the report reads")
     p.add_argument("--report-samples", type=int, default=96, help="base-model samples the report reads (1 a caption)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--naive", action="store_true", help="labels from captions alone: no detector, morphs or uniform targets")
     args = p.parse_args(argv)
     from safetensors.torch import save_file
 
@@ -228,11 +235,13 @@ def main(argv=None):
     # once, as pools to draw from.
     clips, captions = next(world.batches(args.pool, seed=args.seed + 2, split="all"))  # (P, F, 3, H, W)
     samples, sample_captions = model_samples(model, args.samples, SAMPLE_SEED)  # (S, F, 3, H, W)
-    pools = [(videos, agreed_labels(videos, caps)) for videos, caps in
+    label = (lambda videos, caps: labels(caps)) if args.naive else agreed_labels
+    pools = [(videos, label(videos, caps)) for videos, caps in
              ((reconstruct(model.vae, clips), captions), (samples, sample_captions))]
-    bent = morphs(args.pool, torch.Generator().manual_seed(args.seed + 3))  # (P, F, 3, H, W)
-    pools.append((bent, detected_labels(bent)))
-    log(f"{len(samples)} base-model samples; the detector reads their caption's " + "  ".join(
+    if not args.naive:
+        bent = morphs(args.pool, torch.Generator().manual_seed(args.seed + 3))  # (P, F, 3, H, W)
+        pools.append((bent, detected_labels(bent)))
+    log(f"{len(samples)} base-model samples; labels kept from their captions " + "  ".join(
         f"{a} {(t != IGNORED).float().mean():.2f}" for a, t in pools[1][1].items()), t0)
 
     torch.manual_seed(args.seed)

@@ -181,6 +181,18 @@ def detect(video, min_pixels=4):
     return Clip(colour, shape, size, direction)
 
 
+def heldout_mask(captions):
+    """(B,) bool: which captions name a HELDOUT colour/shape pair."""
+    return torch.tensor([(Clip.parse(c).colour, Clip.parse(c).shape) in HELDOUT for c in captions])
+
+
+def by_group(values, captions):
+    """{"heldout": mean, "seen": mean} of per-video values (B,) over the videos of held-out and of
+    seen pairs, '' for a group with no video: the two numbers an evaluation of the toy world reads."""
+    held = heldout_mask(captions)
+    return {g: values[rows].float().mean().item() if rows.any() else "" for g, rows in (("heldout", held), ("seen", ~held))}
+
+
 def accuracy(videos, captions):
     """Fraction of videos (B, F, 3, H, W) whose detected attribute matches the caption's, per attribute."""
     hits = {k: 0 for k in CHANCE}
