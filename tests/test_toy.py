@@ -18,7 +18,7 @@ from toy import pretrain as pretrain_toy
 from toy import train_judge
 from toy import world as toy
 from toy.evaluate import sample_model
-from toy.judge import ATTRIBUTES, classify, load_judge
+from toy.judge import ATTRIBUTES, JUDGE_FILE, NAIVE_JUDGE_FILE, classify, load_judge
 
 # What the base model's samples must reach on the detector, per attribute, well above chance
 # (toy.CHANCE: colour 0.25, shape 0.33, size 0.5, direction 0.25). BENCHMARKS.md has the
@@ -80,9 +80,11 @@ def test_toy_rewards_measure_what_they_name():
 
 def test_judge_reads_rendered_clips_and_its_reward_pulls_the_pixels():
     videos, captions = next(toy.batches(64, seed=5, split="all"))  # (64, F, 3, H, W), held-out pairs too
-    read, want = classify(load_judge(), videos), [toy.Clip.parse(c) for c in captions]
-    accuracy = {a: sum(getattr(r, a) == getattr(w, a) for r, w in zip(read, want)) / len(want) for a in ATTRIBUTES}
-    assert all(accuracy[a] >= floor for a, floor in JUDGE_FLOORS.items()), accuracy
+    want = [toy.Clip.parse(c) for c in captions]
+    for weights in (JUDGE_FILE, NAIVE_JUDGE_FILE):  # both committed judges read clean clips alike
+        read = classify(load_judge(weights), videos)
+        accuracy = {a: sum(getattr(r, a) == getattr(w, a) for r, w in zip(read, want)) / len(want) for a in ATTRIBUTES}
+        assert all(accuracy[a] >= floor for a, floor in JUDGE_FLOORS.items()), (weights.name, accuracy)
     judge = load_reward("toy_judge")
     caption = "a big blue triangle moving up"  # a held-out pair
     right, wrong = clip_video(caption), clip_video("a big blue circle moving up")

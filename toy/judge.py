@@ -24,6 +24,7 @@ from infra.cli import UserError
 from toy.world import COLOURS, DIRECTIONS, SHAPES, SIZES, Clip, by_group
 
 JUDGE_FILE = Path(__file__).resolve().parent / "judge.safetensors"  # float16, written by toy/train_judge.py
+NAIVE_JUDGE_FILE = JUDGE_FILE.with_name("judge_naive.safetensors")  # the same, trained with --naive
 # The attributes a caption names and their values, in the order of the judge's logits.
 ATTRIBUTES = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES), "direction": list(DIRECTIONS)}
 APPEARANCE = ("colour", "shape", "size")  # read from one frame; "direction" needs two
