@@ -286,9 +286,14 @@ def plot_rewards(out, rows, reward_name):
     ax.set(xlabel="optimizer step", ylabel=reward_name, title=f"VADER: {reward_name}")
     ax.legend()
     for ax, (group, columns) in zip(axes[0, 1:], groups.items()):
-        for c in columns:
+        # Parts named "<set>_<measure>" (the detector's heldout_shape, seen_shape): one colour per
+        # measure, one line style per set, so a measure's two sets read as a pair.
+        parts = [c.split("/")[-1].rpartition("_") for c in columns]  # (set, "_", measure)
+        sets, measures = list(dict.fromkeys(p[0] for p in parts)), list(dict.fromkeys(p[2] for p in parts))
+        for c, (kind, _, measure) in zip(columns, parts):
             points = [(r["step"], r[c]) for r in rows if r.get(c, "") != ""]
-            ax.plot(*zip(*points), "o-", label=c.split("/")[-1])
+            ax.plot(*zip(*points), marker="o", linestyle=("-", "--", ":", "-.")[sets.index(kind) % 4],
+                    color=f"C{measures.index(measure) % 10}", label=c.split("/")[-1])
         ax.set(xlabel="optimizer step", title=f"held-out: {group[len('eval_'):]}")
         if len(columns) > 1:
             ax.legend(fontsize="small")
