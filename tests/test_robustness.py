@@ -2,6 +2,7 @@
 and several processes under torchrun computing what one process would."""
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,14 +28,14 @@ def test_sigint_saves_a_checkpoint_and_exits_0(tmp_path):
                              "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     deadline = time.time() + 120
-    while not ((out / "metrics.csv").exists() and len(read_metrics(out)) >= 2) and time.time() < deadline:
+    while not ((out / "metrics.csv").exists() and len(read_metrics(out)) >= 1) and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     assert "stopped by SIGINT" in stdout and "Traceback" not in stderr
     steps = len(read_metrics(out))
-    assert 2 <= steps < 500
+    assert 1 <= steps < 500
     assert [p.name for p in runlog.list_checkpoints(out)] == [f"step-{steps:06d}"]
     assert (out / "lora.safetensors").exists()
 
@@ -104,13 +105,21 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
     assert all(torch.isfinite(v).all() for v in saved.values())
 
 
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory):
+    """A one-step run, copied by each test that may not change it."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    run_cli(train.main, [*TINY, "--max-steps", "1", "--num-videos", "1", "--output-dir", str(out)])
+    return out
+
+
 @pytest.mark.parametrize("args,message", [
     (["--lora-rank", "8"], "--resume cannot change --lora-rank"),
     (["--model", "modelscope"], "--resume cannot change --model"),
 ])
-def test_a_resume_cannot_change_the_model(args, message, tmp_path, capsys):
+def test_a_resume_cannot_change_the_model(args, message, one_step, tmp_path, capsys):
     out = tmp_path / "run"
-    run_cli(train.main, [*TINY, "--max-steps", "1", "--num-videos", "1", "--output-dir", str(out)])
+    shutil.copytree(one_step, out)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(SystemExit) as exit_:
         run_cli(train.main, ["--resume", str(out), *args])
