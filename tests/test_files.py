@@ -23,7 +23,7 @@ from infra import runlog
 from infra.cli import UserError, run_cli
 from infra.files import read_prompts
 
-TINY = [*FAST, "--reward", "brightness"]
+TINY = [*FAST, "--reward", "brightness", "--num-steps", "2", "--frames", "2"]  # file handling, not numerics: the smallest run
 
 
 def one_line_error(capsys, main, argv):

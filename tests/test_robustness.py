@@ -19,7 +19,7 @@ from infra import runlog
 from infra.cli import UserError, run_cli
 from rewards import register
 
-TINY = [*FAST, "--reward", "brightness"]
+TINY = [*FAST, "--reward", "brightness", "--num-steps", "2", "--frames", "2"]  # file handling, not numerics: the smallest run
 
 
 def test_sigint_saves_a_checkpoint_and_exits_0(tmp_path):
