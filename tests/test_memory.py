@@ -5,6 +5,7 @@ import pytest
 
 import bench
 import models
+from benchmarks import memory
 from benchmarks.memory import register_cpu_attention_flops, simulate
 from infra.cli import run_cli
 
@@ -46,8 +47,12 @@ def test_low_memory_is_not_larger(tiny_fake):
     assert low["step"]["peak_gib"] <= tiny_fake["step"]["peak_gib"]
 
 
-def test_the_command_writes_its_table_and_json(tmp_path, capsys):
+def test_the_command_writes_its_table_and_json(tiny_fake, tmp_path, capsys, monkeypatch):
+    """The command around `simulate` (tested above): its table row, its JSON and its errors."""
+    calls = []
+    monkeypatch.setattr(memory, "simulate", lambda *args, **kwargs: calls.append((args, kwargs)) or tiny_fake)
     run_cli(bench.main, ["memory", "--config", "tiny", "--num-steps", "1", "--output-dir", str(tmp_path)])
+    assert calls == [(("tiny", False), {"num_steps": 1})]
     assert "| tiny | no |" in capsys.readouterr().out
     record = json.loads((tmp_path / "memory-tiny.json").read_text())
     assert record["step"]["peak_gib"] > record["generation"]["peak_gib"] > 0
