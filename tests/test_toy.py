@@ -140,8 +140,8 @@ def test_committed_weights_are_small_half_precision_safetensors(toy_model):
 
 
 def test_base_model_draws_what_its_captions_ask_for(toy_model):
-    """Every third training caption (27: all colours, shapes, sizes and directions), one video each."""
-    captions = [c.caption for c in toy.all_clips("train")][::3]
+    """Every fifth training caption (16: all colours, shapes, sizes and directions), one video each."""
+    captions = [c.caption for c in toy.all_clips("train")][::5]
     videos = sample_model(toy_model, captions, seed=0)
     assert videos.shape == (len(captions), toy.FRAMES, 3, toy.SIZE, toy.SIZE)
     accuracy = toy.accuracy(videos, captions)
