@@ -309,7 +309,8 @@ def main(argv=None):
             r = all_gather(r.to(device), world)
             row = dict(step=step, reward_mean=r.mean().item(), reward_std=r.std(unbiased=False).item(), loss=loss,
                        lr=cfg.lr, grad_norm=grad_norm, grad_steps=k, skipped=int(not finite), eval_reward="")
-            rows.append({**row, **evaluate(step), "seconds": round(time.time() - t0, 3)})
+            seconds = round(time.time() - t0, 3)  # the step's own time: an evaluation after it is not counted
+            rows.append({**row, **evaluate(step), "seconds": seconds})
             if main_process:
                 atomic_write_text(out / "metrics.csv", metrics_text(rows))
                 if tracker:
