@@ -19,13 +19,14 @@ clip of every colour/shape pair, the pairs held out of the video model's pretrai
    what the detector reads, so the judge's "triangle" is not satisfied by a blob with a point.
 Where the detector reads nothing (a shape faded out, an empty frame) the target is uniform: an
 empty frame must not score as any caption, or an optimiser would erase the shapes it cannot fix.
+The report reads fresh rendered clips and their VAE reconstructions against their captions, and
+base-model samples at other seeds (REPORT_SEED onwards) against the detector.
 
 `--naive` trains the judge a hurried reward-modelling team would: every clip labelled by its
 caption (the model's samples too, a round blob asked to be a triangle labelled "triangle"), no
-morphs, no uniform targets. It reads rendered clips almost as well, and it is the judge that
-`toy/judge_naive.safetensors` holds, for the README's reward-hacking command.
-The report reads fresh rendered clips and their VAE reconstructions against their captions, and
-base-model samples at other seeds (REPORT_SEED onwards) against the detector.
+morphs, no uniform targets. It reads rendered clips as well, but it has learnt the base model's
+mistakes as right answers; `toy/judge_naive.safetensors` holds it, for the README's command that
+aligns the toy model to it.
 """
 import argparse
 import time
