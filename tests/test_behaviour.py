@@ -7,11 +7,13 @@ the reward registry, the packages below the tutorial), the new code repeated the
 written by the old code bit for bit. The reference was recorded again when guidance's two passes
 became two UNet calls in grad steps (sampler.guided_eps): the same arithmetic, rounded
 differently by a batched kernel (relative changes up to 7e-5 in metrics.csv, none in the K drawn
-each step). The reference code had no evaluation rewards; the command
-now scores its held-out videos with two (`--eval-rewards`), and the LoRA and the training columns
-must still be the reference's: evaluation never touches the training. Floats are compared to 1e-5, so another CPU's kernels may differ in the last bits
-while a change of behaviour (one random draw more or less, a step taken differently) fails; the
-integer columns (K drawn each step, skipped steps) must match exactly.
+each step). It was recorded a third time at 16x16 pixels instead of 32x32, by the code that had
+just repeated the 32x32 reference, so that the test runs in a third of the time. The reference
+scored its held-out videos with the default evaluation reward (`dynamics`), the command here with
+two (`--eval-rewards`): the LoRA and the training columns must still be the reference's, since
+evaluation never touches the training. Floats are compared to 1e-5, so another CPU's kernels may
+differ in the last bits while a change of behaviour (one random draw more or less, a step taken
+differently) fails; the integer columns (K drawn each step, skipped steps) must match exactly.
 """
 
 import csv
@@ -27,8 +29,9 @@ from infra.cli import run_cli
 REFERENCE = ROOT / "tests" / "fixtures" / "tiny_reference"
 COMMAND = ["--model", "tiny", "--reward", "brightness", "--prompts", "animals.txt", "--num-steps", "4", "--frames", "4",
            "--num-videos", "2", "--max-steps", "4", "--grad-accum", "2", "--grad-steps", "2", "--random-grad-steps",
-           "--decode-frames", "2", "--eval-every", "2", "--eval-videos", "2", "--lora-rank", "4"]
-EVAL_REWARDS = "colorfulness,dynamics"  # unknown to the reference code
+           "--decode-frames", "2", "--eval-every", "2", "--eval-videos", "2", "--lora-rank", "4", "--height", "16",
+           "--width", "16"]
+EVAL_REWARDS = "colorfulness,dynamics"  # the reference's: "dynamics"
 
 
 def rows(path):

@@ -15,7 +15,10 @@ import train
 from infra.cli import run_cli
 from conftest import ROOT
 
-FAST = ["--model", "tiny", "--prompts", "animals.txt", "--num-steps", "4", "--frames", "4", "--num-videos", "2"]
+# 16x16 pixels (the tiny model's default is 32x32): a quarter of the convolutions and a sixteenth
+# of the attention, and everything these tests check is the same at any size.
+FAST = ["--model", "tiny", "--prompts", "animals.txt", "--num-steps", "4", "--frames", "4", "--num-videos", "2",
+        "--height", "16", "--width", "16"]
 
 
 def run_script(script, *args):
@@ -72,7 +75,7 @@ def test_reward_rises(run):
 def test_sample_side_by_side(run, tmp_path):
     out = tmp_path / "samples"
     run_cli(sample.main, ["--model", "tiny", "--lora", str(run / "lora.safetensors"), "--prompts", "animals.txt",
-                          "--num-prompts", "2", "--num-steps", "4", "--frames", "4", "--side-by-side",
+                          "--num-prompts", "2", "--num-steps", "4", "--frames", "4", "--height", "16", "--width", "16", "--side-by-side",
                           "--output-dir", str(out)])
     gifs = sorted(out.glob("*.gif"))
     assert len(gifs) == 2 and len(list(out.glob("*.mp4"))) == 2
