@@ -154,6 +154,12 @@ def test_missing_weights_say_how_to_get_them(monkeypatch, tmp_path):
         load_video_model("toy")
 
 
+@pytest.mark.parametrize("flag", ["--repeats", "--num-steps"])
+def test_evaluate_refuses_no_videos_or_no_steps(flag):
+    with pytest.raises(UserError, match=f"^{flag} must be 1 or more, got 0$"):
+        toy_evaluate.main([flag, "0"])
+
+
 def test_pretraining_script_writes_a_loadable_model(tmp_path):
     """Two steps of each stage: the script runs end to end and its folder loads like the committed one."""
     out = tmp_path / "toy_model"
@@ -186,7 +192,8 @@ def test_short_alignment_to_the_judge_draws_held_out_shapes_better(tmp_path, cap
     with safe_open(out / "lora.safetensors", "pt") as f:
         loud = {k: f.get_tensor(k) * (30 if ".lora_B." in k else 1) for k in f.keys()}
         save_file(loud, tmp_path / "loud.safetensors", metadata=f.metadata())
-    toy_evaluate.main(["--lora", str(tmp_path / "loud.safetensors"), "--split", "heldout", "--repeats", "1"])
+    toy_evaluate.main(["--lora", str(tmp_path / "loud.safetensors"), "--split", "heldout", "--repeats", "1",
+                       "--num-steps", "4"])
     line = capsys.readouterr().out.splitlines()[-1]  # "heldout  colour 1.00  shape 0.44 ...   (16 videos)"
     assert line.startswith("heldout") and line.endswith("(16 videos)"), line
     assert sum(map(float, line.split()[2:9:2])) < 2.5, line

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from infra.cli import run_cli
+from infra.cli import UserError, run_cli
 from toy.world import CHANCE, FRAMES, SIZE, accuracy, all_clips
 
 
@@ -38,12 +38,18 @@ def main(argv=None):
     p.add_argument("--lora", help="a lora.safetensors that train.py wrote for this model; omit for the base model")
     p.add_argument("--repeats", type=int, default=2, help="videos per caption, each with its own seed")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--num-steps", type=int, default=None,
+                   help="DDIM steps per video (default: the model's 10); fewer are faster and draw worse")
     p.add_argument("--split", choices=("train", "heldout", "both"), default="both",
                    help="the captions of the pairs seen in pretraining, of the held-out pairs, or both")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from lora import load_lora, read_lora_file
     from models import load_video_model
+
+    for flag, value in (("--repeats", args.repeats), ("--num-steps", args.num_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be 1 or more, got {value}")
 
     if args.lora:
         read_lora_file(args.lora)  # a bad file fails now, before the model loads
@@ -57,7 +63,8 @@ def main(argv=None):
     print("chance   " + "  ".join(f"{k} {v:.2f}" for k, v in CHANCE.items()))
     for split in ("train", "heldout") if args.split == "both" else (args.split,):
         captions = [c.caption for c in all_clips(split)] * args.repeats
-        acc = accuracy(sample_model(model, captions, args.seed, guidance=args.guidance), captions)
+        videos = sample_model(model, captions, args.seed, num_steps=args.num_steps, guidance=args.guidance)
+        acc = accuracy(videos, captions)
         print(f"{split:8s} " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()) + f"   ({len(captions)} videos)")
 
 
