@@ -264,7 +264,8 @@ def eval_summary(rows):
 
 
 def plot_rewards(out, rows, reward_name):
-    """reward_curve.png: training reward per step (mean ± std) and held-out reward where measured,
+    """reward_curve.png: training reward per step (mean ± std, and its trailing mean over 10 steps)
+    and held-out reward where measured,
     beside one panel per evaluation reward, so the trained reward and its second opinions read together."""
     import matplotlib
 
@@ -278,11 +279,16 @@ def plot_rewards(out, rows, reward_name):
     steps = [r["step"] for r in train]
     mean = torch.tensor([r["reward_mean"] for r in train])
     std = torch.tensor([r["reward_std"] for r in train])
-    ax.plot(steps, mean, label="train reward (mean)")
-    ax.fill_between(steps, mean - std, mean + std, alpha=0.2, label="±1 std")
+    ax.plot(steps, mean, color="C0", linewidth=0.8, alpha=0.6, label="train reward (mean of the batch)")
+    ax.fill_between(steps, mean - std, mean + std, color="C0", alpha=0.15, label="±1 std")
+    w = min(10, len(train))
+    if w > 1:  # a batch of two videos is noisy; the trailing mean over w steps shows the trend
+        total = torch.cat([torch.zeros(1, dtype=mean.dtype), mean.cumsum(0)])  # (n + 1,)
+        ax.plot(steps[w - 1:], (total[w:] - total[:-w]) / w, color="C0", linewidth=2.5,
+                label=f"train reward (mean of {w} steps)")
     held = [r for r in rows if r["eval_reward"] != ""]
     if held:
-        ax.plot([r["step"] for r in held], [r["eval_reward"] for r in held], "o-", label="held-out prompts")
+        ax.plot([r["step"] for r in held], [r["eval_reward"] for r in held], "o-", color="C1", label="held-out prompts")
     ax.set(xlabel="optimizer step", ylabel=reward_name, title=f"VADER: {reward_name}")
     ax.legend()
     for ax, (group, columns) in zip(axes[0, 1:], groups.items()):

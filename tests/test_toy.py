@@ -18,7 +18,7 @@ from toy import pretrain as pretrain_toy
 from toy import train_judge
 from toy import world as toy
 from toy.evaluate import sample_model
-from toy.judge import ATTRIBUTES, JUDGE_FILE, NAIVE_JUDGE_FILE, classify, load_judge
+from toy.judge import ATTRIBUTES, JUDGE_FILE, NAIVE_JUDGE_FILE, UNHARDENED_JUDGE_FILE, classify, load_judge
 
 # What the base model's samples must reach on the detector, per attribute, well above chance
 # (toy.CHANCE: colour 0.25, shape 0.33, size 0.5, direction 0.25). BENCHMARKS.md has the
@@ -81,7 +81,7 @@ def test_toy_rewards_measure_what_they_name():
 def test_judge_reads_rendered_clips_and_its_reward_pulls_the_pixels():
     videos, captions = next(toy.batches(64, seed=5, split="all"))  # (64, F, 3, H, W), held-out pairs too
     want = [toy.Clip.parse(c) for c in captions]
-    for weights in (JUDGE_FILE, NAIVE_JUDGE_FILE):  # both committed judges read clean clips alike
+    for weights in (JUDGE_FILE, NAIVE_JUDGE_FILE, UNHARDENED_JUDGE_FILE):  # the committed judges read clean clips alike
         read = classify(load_judge(weights), videos)
         accuracy = {a: sum(getattr(r, a) == getattr(w, a) for r, w in zip(read, want)) / len(want) for a in ATTRIBUTES}
         assert all(accuracy[a] >= floor for a, floor in JUDGE_FLOORS.items()), (weights.name, accuracy)
@@ -102,6 +102,20 @@ def test_judge_reads_rendered_clips_and_its_reward_pulls_the_pixels():
     assert judge(blank, [caption]).item() < r[0].item() - 0.5  # erasing a shape never pays
 
 
+def test_only_the_unhardened_judge_pays_for_erasing_a_shape_it_cannot_fix():
+    """The exploit the README's reward-hacking run finds. On one decoded frame (as training scores
+    it) of "a small blue triangle", the base model's usual mistake is a blue circle; the judge
+    trained without morphs and uniform targets scores an empty frame above it, so an optimiser
+    erases the shape. The committed judge scores the empty frame below the circle."""
+    caption = "a small blue triangle moving up"
+    wrong = clip_video("a small blue circle moving up")
+    frames = torch.stack([wrong, torch.full_like(wrong, toy.BACKGROUND[0])])[:, :1]  # (2, 1, 3, H, W): circle, empty
+    circle, empty = load_reward("toy_judge", weights=str(UNHARDENED_JUDGE_FILE))(frames, [caption] * 2)
+    assert empty > circle + 0.5, (circle, empty)
+    circle, empty = load_reward("toy_judge")(frames, [caption] * 2)
+    assert empty < circle - 0.5, (circle, empty)
+
+
 def test_detector_splits_held_out_and_seen_pairs():
     captions = ["a big blue triangle moving up", "a small red circle moving left", "a big red square moving down"]
     videos = torch.stack([clip_video(c) for c in captions])  # (3, F, 3, H, W)
@@ -113,11 +127,12 @@ def test_detector_splits_held_out_and_seen_pairs():
     assert detector.parts(videos[1:], captions[1:])["heldout_shape"] == ""  # no held-out video
 
 
-def test_judge_training_script_writes_a_loadable_judge(tmp_path):
+@pytest.mark.parametrize("kind", [[], ["--naive"], ["--unhardened"]])
+def test_judge_training_script_writes_a_loadable_judge(tmp_path, kind):
     """Two steps on a few clips and samples: the script runs end to end and its file loads."""
     out = tmp_path / "judge.safetensors"
     train_judge.main(["--out", str(out), "--steps", "2", "--batch", "2", "--pool", "2", "--samples", "2",
-                      "--report-clips", "4", "--report-samples", "2"])
+                      "--report-clips", "4", "--report-samples", "2", *kind])
     assert out.stat().st_size < 2**20
     assert {t.dtype for t in load_file(out).values()} == {torch.float16}
     assert len(classify(load_judge(out), clip_video("a big red circle moving left")[None])) == 1

@@ -7,8 +7,9 @@ anything else arbitrarily, so an optimiser that pushes hard enough finds pixels 
 highly that no person would. The judge is the same thing in the toy world: a few convolutions
 trained (toy/train_judge.py) to read a clip's colour, shape, size and direction from its
 pixels. The weight-free detector in world.py reads the same four attributes by rule, so it
-gives a second opinion that cannot be fooled in the same way; BENCHMARKS.md shows the judge's
-reward rising while the detector's accuracy falls once the judge is over-optimised.
+gives a second opinion that cannot be fooled in the same way. A judge never trained on what an
+optimiser makes (toy/judge_unhardened.safetensors) is fooled: the README's reward-hacking run
+shows its reward rising while the detector's accuracy falls.
 
     reward "toy_judge": mean log-probability the judge gives the caption's attributes, -inf..0
 
@@ -25,6 +26,7 @@ from toy.world import COLOURS, DIRECTIONS, SHAPES, SIZES, Clip, by_group
 
 JUDGE_FILE = Path(__file__).resolve().parent / "judge.safetensors"  # float16, written by toy/train_judge.py
 NAIVE_JUDGE_FILE = JUDGE_FILE.with_name("judge_naive.safetensors")  # the same, trained with --naive
+UNHARDENED_JUDGE_FILE = JUDGE_FILE.with_name("judge_unhardened.safetensors")  # and with --unhardened
 # The attributes a caption names and their values, in the order of the judge's logits.
 ATTRIBUTES = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES), "direction": list(DIRECTIONS)}
 APPEARANCE = ("colour", "shape", "size")  # read from one frame; "direction" needs two

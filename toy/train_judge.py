@@ -3,6 +3,7 @@
     python -m toy.train_judge                 # the committed judge (all defaults)
     python -m toy.train_judge --out FILE      # elsewhere
     python -m toy.train_judge --naive --out toy/judge_naive.safetensors   # captions only (see below)
+    python -m toy.train_judge --unhardened --out toy/judge_unhardened.safetensors   # no morphs (see below)
 
 A reward model is trained on people's judgements (HPS and PickScore on people's choices
 between two images) and is only to be trusted on the kind of image it was trained on. Here the
@@ -27,6 +28,12 @@ caption (the model's samples too, a round blob asked to be a triangle labelled "
 morphs, no uniform targets. It reads rendered clips as well, but it has learnt the base model's
 mistakes as right answers; `toy/judge_naive.safetensors` holds it, for the README's command that
 aligns the toy model to it.
+
+`--unhardened` keeps the detector's labels but leaves out the morphs and with them the uniform
+targets: a judge trained carefully on the right data, but never on what an optimiser makes. It
+reads rendered clips and the model's samples as well as the committed judge, and it has never
+been told that an empty frame is no blue triangle; `toy/judge_unhardened.safetensors` holds it,
+for the README's reward-hacking command.
 """
 import argparse
 import time
@@ -222,7 +229,10 @@ def main(argv=None):
     p.add_argument("--report-clips", type=int, default=384, help="rendered clips the report reads")
     p.add_argument("--report-samples", type=int, default=96, help="base-model samples the report reads (1 a caption)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--naive", action="store_true", help="labels from captions alone: no detector, morphs or uniform targets")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--naive", action="store_true", help="labels from captions alone: no detector, morphs or uniform targets")
+    kind.add_argument("--unhardened", action="store_true",
+                      help="the detector's labels, but no morphs or uniform targets: never trained against an optimiser")
     args = p.parse_args(argv)
     from safetensors.torch import save_file
 
@@ -239,7 +249,7 @@ def main(argv=None):
     label = (lambda videos, caps: labels(caps)) if args.naive else agreed_labels
     pools = [(videos, label(videos, caps)) for videos, caps in
              ((reconstruct(model.vae, clips), captions), (samples, sample_captions))]
-    if not args.naive:
+    if not (args.naive or args.unhardened):
         bent = morphs(args.pool, torch.Generator().manual_seed(args.seed + 3))  # (P, F, 3, H, W)
         pools.append((bent, detected_labels(bent)))
     log(f"{len(samples)} base-model samples; labels kept from their captions " + "  ".join(
