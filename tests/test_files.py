@@ -1,6 +1,7 @@
 """Damaged, hostile and odd files: each costs one line naming the file and the fix, never a
 traceback or a run. Resume survives a damaged newest checkpoint, kill -9 at any moment, and a
 disk that fills up mid-save."""
+import contextlib
 import os
 import random
 import resource
@@ -236,25 +237,32 @@ def test_kill_9_at_any_moment_then_resume_gives_the_same_lora(four_steps, tmp_pa
         assert leftovers(out) == [], when
 
 
-def limit_file_size(limit):
-    """For the child process: files may grow to `limit` bytes; a bigger write fails with EFBIG, as on a full disk."""
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
+@contextlib.contextmanager
+def file_size_limit(limit):
+    """In this process: files may grow to `limit` bytes; a bigger write fails with EFBIG, as on a
+    full disk. Only the soft limit is lowered, so it can be raised back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
-def test_a_full_disk_mid_save_keeps_the_previous_checkpoint(tmp_path, tiny_folder):
+def test_a_full_disk_mid_save_keeps_the_previous_checkpoint(tmp_path, tiny_folder, capsys):
     run = tmp_path / "run"
     # A folder: nothing to write before training, unlike --model tiny (with the tiny model's recipe).
     args = [*TINY, "--model", str(tiny_folder), "--guidance", "3", "--grad-accum", "1", "--batch-size", "2"]
     run_cli(train.main, [*args, "--max-steps", "1", "--save-every", "1", "--output-dir", str(run)])
     lora_size = (run / "lora.safetensors").stat().st_size  # the LoRA fits; the optimizer state, twice its size, does not
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run), "--max-steps", "2"], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size(lora_size + 4096))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-2000:]
+    capsys.readouterr()
+    with file_size_limit(lora_size + 4096), pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, ["--resume", str(run), "--max-steps", "2"])
+    stderr = capsys.readouterr().err  # the progress bar's, then the error's line
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert exit_.value.code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
     err = errors[0]
     assert err.startswith("error: could not write ") and "step-000002" in err and "the disk holding" in err, err
     assert "the previous checkpoint" in err and "step-000001 is intact" in err
