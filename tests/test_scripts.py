@@ -75,8 +75,8 @@ def test_reward_rises(run):
 def test_sample_side_by_side(run, tmp_path):
     out = tmp_path / "samples"
     run_cli(sample.main, ["--model", "tiny", "--lora", str(run / "lora.safetensors"), "--prompts", "animals.txt",
-                          "--num-prompts", "2", "--num-steps", "4", "--frames", "4", "--height", "16", "--width", "16", "--side-by-side",
-                          "--output-dir", str(out)])
+                          "--num-prompts", "2", "--num-steps", "4", "--frames", "4", "--height", "16", "--width", "16",
+                          "--side-by-side", "--output-dir", str(out)])
     gifs = sorted(out.glob("*.gif"))
     assert len(gifs) == 2 and len(list(out.glob("*.mp4"))) == 2
     assert Image.open(gifs[0]).size == (2 * 128, 128)  # base | aligned

@@ -230,7 +230,8 @@ def main(argv=None):
     p.add_argument("--report-samples", type=int, default=96, help="base-model samples the report reads (1 a caption)")
     p.add_argument("--seed", type=int, default=0)
     kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--naive", action="store_true", help="labels from captions alone: no detector, morphs or uniform targets")
+    kind.add_argument("--naive", action="store_true",
+                      help="labels from captions alone: no detector, morphs or uniform targets")
     kind.add_argument("--unhardened", action="store_true",
                       help="the detector's labels, but no morphs or uniform targets: never trained against an optimiser")
     args = p.parse_args(argv)
