@@ -14,6 +14,7 @@ from conftest import ROOT
 from safetensors.torch import load_file
 from test_scripts import FAST, read_metrics
 
+import rewards
 import train
 from infra import runlog
 from infra.cli import UserError, run_cli
@@ -80,8 +81,11 @@ def test_keeps_only_the_newest_checkpoints(tiny_model, tmp_path):
     assert [p.name for p in runlog.list_checkpoints(tmp_path)] == ["step-000004", "step-000005"]
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, capsys, monkeypatch):
     calls = []
+    # The test's reward is registered in copies of the registry, so no later test sees it.
+    monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))
+    monkeypatch.setattr(rewards, "_FACTORIES", dict(rewards._FACTORIES))
 
     @register("test_nan_after_1", "test only: finite once, then NaN")
     def nan_after_1(device="cpu", dtype=torch.float32):
