@@ -6,7 +6,7 @@
     python bench.py efficiency ...   VADER against the gradient-free baselines (DDPO, GRPO), per reward query
                                      (baselines/efficiency.py)
 
-Both run vader.train_step, the step train.py runs. Results are printed and written as tables
+Both run train.train_step, the step train.py runs. Results are printed and written as tables
 under --output-dir; BENCHMARKS.md collects them with the command, date and device.
 """
 import argparse

@@ -12,10 +12,9 @@ for all N steps costs N UNet activations; VADER, like AlignProp (2310.03739) and
 (2309.17400), keeps gradients only for the last K steps ("truncated backpropagation"): the first
 N - K steps run under `torch.no_grad()`, and only the last K build an autograd graph.
 
-What a grad step keeps for backward is set outside this file: by default the UNet's blocks are
-checkpointed (models.checkpoint_blocks), so a grad step keeps only each block's inputs; with
-`checkpoint_steps=True` (train.py --low-memory) each grad step is also checkpointed whole and
-keeps only its input latent. vader.py's "Precision and memory" section compares the two.
+What a grad step keeps for backward is set outside this file (the model's own checkpointing,
+and with `checkpoint_steps=True`, --low-memory, the whole step): vader.py's "Precision and
+memory" section says what each keeps.
 
 Two samplers share the loop: DDIM for the UNet models (ModelScope, AnimateDiff), and the Euler
 solver of a flow-matching ODE for Wan2.1 (`FlowSchedule`, at the end). Each schedule gives
@@ -114,34 +113,27 @@ class Schedule:
             raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
         return [int(x) for x in t]
 
-    def alpha_pairs(self, num_steps):
-        """[(t, ᾱ_t, ᾱ_prev)] for every step of an N-step DDIM run.
+    def steps(self, num_steps):
+        """[(t, (ᾱ_t, ᾱ_prev))] for every step of an N-step DDIM run.
 
         Quirk kept for parity with diffusers: the previous timestep is always t - T // N, even
         when the spacing ("linspace", "trailing") puts the next visited timestep elsewhere.
         """
         ac = self.alphas_cumprod()
         final = torch.tensor(1.0) if self.set_alpha_to_one else ac[0]
-        pairs = []
-        for t in self.timesteps(num_steps):
-            prev = t - self.num_train_timesteps // num_steps
-            pairs.append((t, ac[t], ac[prev] if prev >= 0 else final))
-        return pairs
-
-    def steps(self, num_steps):
-        """[(t, (ᾱ_t, ᾱ_prev))]: the sampler loop's view of `alpha_pairs`."""
-        return [(t, (a_t, a_prev)) for t, a_t, a_prev in self.alpha_pairs(num_steps)]
+        prev = [t - self.num_train_timesteps // num_steps for t in self.timesteps(num_steps)]
+        return [(t, (ac[t], ac[p] if p >= 0 else final)) for t, p in zip(self.timesteps(num_steps), prev)]
 
     def update(self, x_t, model_output, coeffs, eta=0.0, noise=None):
         """One DDIM step with this schedule's prediction type."""
         return ddim_step(x_t, model_output, *coeffs, eta, noise, self.prediction_type)
 
 
-def guided_eps(unet, x, t, cond, uncond, guidance):
-    """Classifier-free guidance (Ho & Salimans, 2207.12598): eps_u + w (eps_c - eps_u).
+def guided_output(unet, x, t, cond, uncond, guidance):
+    """Classifier-free guidance (Ho & Salimans, 2207.12598): out_u + w (out_c - out_u).
 
     The same linear combination serves every output a denoiser predicts: ε, v, or a flow
-    model's velocity (Wan2.1's pipeline guides its velocity exactly so).
+    model's velocity (Wan2.1's pipeline guides its velocity exactly so); the names below say ε.
 
     x: latents (B, C, F, h, w); cond: text embeddings (B, L, D); uncond: (B, L, D) or the one
     empty-prompt embedding (1, L, D), broadcast to the batch. With guidance 1 the
@@ -172,8 +164,9 @@ def pick_grad_steps(num_steps, grad_steps, random_k=False, generator=None):
     """How many final steps keep gradients this training step.
 
     Fixed mode returns K. Random mode draws K uniformly from 1..K afresh every training step,
-    so over training every depth of the chain up to K is trained; VADER's "backprop_mode:
-    rand" is this with K = N (a cut-off drawn anywhere in the chain).
+    so over training every depth of the chain up to K is trained, at the mean cost of
+    (K + 1) / 2 grad steps (AlignProp's randomised truncation, 2310.03739). With K = 1 both
+    modes return 1.
     """
     if not 0 <= grad_steps <= num_steps:
         raise ValueError(f"grad_steps must be in 0..{num_steps}, got {grad_steps}")
@@ -183,7 +176,7 @@ def pick_grad_steps(num_steps, grad_steps, random_k=False, generator=None):
 
 
 def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_steps=0, eta=0.0,
-           generator=None, checkpoint_steps=False, on_step=None):
+           generator=None, checkpoint_steps=False):
     """Run N steps of `schedule`'s sampler from z_T; gradients flow only through the last `grad_steps` (K).
 
     z_T: (B, C, F, h, w) initial noise. cond/uncond: (B, L, D) text embeddings (uncond may be
@@ -192,9 +185,7 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
     "truncation" of truncated backprop. The last K record a graph. With `checkpoint_steps`, each
     of them is checkpointed whole: only its input x_t is stored, and the step (UNet included) is
     run again during backward, so memory stays flat in K at one more UNet forward per grad step.
-    `on_step(i, t, coeffs, x_t, model_output, x_next)`, if given, sees every step as it is taken:
-    the policy-gradient baselines (baselines/) record the chain and its log-probabilities with it,
-    so every method runs this one loop. With eta > 0 the noise is drawn on the CPU from
+    With eta > 0 the noise is drawn on the CPU from
     `generator`, so a seed gives the same chain on any device.
     """
     x = z_T
@@ -208,19 +199,16 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
         # read them when called, and a checkpoint calls it again during backward, after the loop
         # has moved on: every recomputation would then use the last step's t.
         def step(x_t, t=t, coeffs=coeffs, noise=noise):
-            out = guided_eps(unet, x_t, t, cond, uncond, guidance)
-            return schedule.update(x_t, out, coeffs, eta, noise), out
+            out = guided_output(unet, x_t, t, cond, uncond, guidance)
+            return schedule.update(x_t, out, coeffs, eta, noise)
 
         if not keep_grad:
             with torch.no_grad():
-                x_next, out = step(x)
+                x = step(x)
         elif checkpoint_steps:
-            x_next, out = checkpoint(step, x, use_reentrant=False)
+            x = checkpoint(step, x, use_reentrant=False)
         else:
-            x_next, out = step(x)
-        if on_step is not None:
-            on_step(i, t, coeffs, x, out, x_next)
-        x = x_next
+            x = step(x)
     return x
 
 

@@ -4,33 +4,28 @@
     python train.py --model tiny --reward colorfulness --prompts animals.txt --max-steps 30   # CPU
     torchrun --nproc_per_node=4 train.py --reward aesthetic                   # several GPUs
 
-One optimizer step: for each of `grad_accum` micro-batches, sample `batch_size` prompts, run
-the sampler (DDIM, or flow-matching Euler for Wan) with gradients through the last K steps, decode f frames, score them, backpropagate
--mean(reward); then clip the LoRA gradients and take an AdamW step. The run's folder gets
+`train_step` is one optimizer step of VADER, and `main`'s loop takes them; the run's folder gets
 config.json, metrics.csv, reward_curve.png, lora.safetensors, checkpoints/ and videos/.
 """
 import argparse
 import importlib.util
-import json
+import math
 import time
-from dataclasses import asdict, dataclass, field, fields
-from functools import partial
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from infra.cli import UserError, run_cli, stop_signals
-from infra.distributed import all_average, all_gather, distributed_env, join_process_group
-from infra.files import atomic_write_text, read_json, read_prompts
-from infra.runlog import (METRICS, eval_columns, eval_summary, find_resume_point, metrics_text, open_tracker,
-                          plot_rewards, restore, save_checkpoint, tidy_run_folder)
-from infra.video import tile, write_video
-from lora import inject_lora, save_lora
-from models import MODELS, describe, load_video_model, resolve_device, resolve_dtype
+from infra.cli import UserError, run_cli
+from infra.distributed import average_gradients, distributed_env, join_process_group
+from infra.files import read_json, read_prompts
+from infra.run import Run, make_videos, print_banner
+from infra.runlog import find_resume_point
+from lora import inject_lora
+from models import load_video_model, resolve_device, resolve_dtype, spec_of
 from rewards import load_eval_rewards, load_reward, parse_options
-from sampler import pick_grad_steps
-from vader import check_video_shape, encode_prompts, frame_pool, generate, loss_scaler, train_step
+from sampler import pick_grad_steps, sample
+from vader import check_video_shape, decode_random_frames, encode_prompts, loss_scaler, noise_share, saved_on_cpu
 
 
 def opt(default, help):
@@ -43,8 +38,8 @@ class Config:
     """Every setting of a run. Defaults are VADER's ModelScope settings (2407.08737, its configs).
 
     Fields left at None take the model's value (models.MODELS): resolution, frames, sampler steps
-    and guidance from its spec, and training values from its recipe (the tiny model's are
-    tuned for a CPU). A flag given on the command line always wins.
+    and guidance from its registry entry, and training values from its recipe (the tiny and toy
+    models' are tuned for a CPU). A flag given on the command line always wins.
     """
 
     model: str = opt("modelscope", "Video model: a name in models.MODELS, a local diffusers folder, or a hub id.")
@@ -58,10 +53,11 @@ class Config:
     num_steps: int = opt(None, "Sampler steps N, DDIM or Euler (None: the model's; VADER uses 25).")
     guidance: float = opt(None, "Classifier-free guidance weight (None: the model's; VADER uses 9).")
     grad_steps: int = opt(1, "K, the last sampler steps that keep gradients (VADER: 1).")
-    random_grad_steps: bool = opt(False, "Draw K uniformly from 1..K afresh every step (VADER's rand mode).")
+    random_grad_steps: bool = opt(False, "Draw K afresh each step, uniformly from 1..--grad-steps (AlignProp's "
+                                                 "randomised truncation); with --grad-steps 1 it changes nothing.")
     decode_frames: int = opt(1, "f, how many of the F frames the VAE decodes for the reward (random each step).")
     max_steps: int = opt(200, "Optimizer steps to train for.")
-    batch_size: int = opt(1, "Videos per micro-batch on each process (VADER: 1 on a 24 GB GPU).")
+    batch_size: int = opt(1, "Videos per micro-batch on each process (VADER: 1).")
     grad_accum: int = opt(16, "Micro-batches per optimizer step (VADER: 16).")
     lr: float = opt(2e-4, "AdamW learning rate (VADER: 2e-4).")
     weight_decay: float = opt(1e-2, "AdamW weight decay (PyTorch's default).")
@@ -88,7 +84,7 @@ class Config:
     overwrite: bool = opt(False, "Replace the run already in --output-dir.")
 
 
-GENERATION = ("height", "width", "frames", "num_steps", "guidance")  # defaults come from the model spec
+GENERATION = ("height", "width", "frames", "num_steps", "guidance")  # defaults come from the registry entry
 LOCKED = ("model", "height", "width", "frames", "lora_rank", "lora_alpha", "lora_dropout")  # fixed by a run
 RUN_FILES = ("config.json", "metrics.csv", "reward_curve.png", "lora.safetensors", "checkpoints", "videos")
 LOWER_MEMORY = ("--decode-frames 1, --grad-steps 1, a smaller --height/--width or --frames, "
@@ -96,7 +92,8 @@ LOWER_MEMORY = ("--decode-frames 1, --grad-steps 1, a smaller --height/--width o
 
 
 def parse_config(argv=None):
-    """Build the Config: dataclass defaults < model spec and recipe < resumed run < typed flags."""
+    """Build the Config once: dataclass defaults < the model's registry entry and recipe < a resumed
+    run's own settings < typed flags. Returns (cfg, the flags typed)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
@@ -108,56 +105,45 @@ def parse_config(argv=None):
             p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=help)
     given = vars(p.parse_args(argv))  # only the flags actually typed
     cfg = Config(**given)
-    if cfg.model in MODELS:
-        spec = MODELS[cfg.model]
-        for k in GENERATION:
-            if given.get(k) is None:
-                setattr(cfg, k, getattr(spec, k))
-        for k, v in spec.recipe.items():
-            if k not in given:
-                setattr(cfg, k, v)
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
-    if cfg.resume:
-        run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume, LOCKED)
-        known = {f.name for f in fields(Config)}  # a newer or older version's extra fields are dropped
-        old = {k: v for k, v in read_json(ckpt / "config.json", "checkpoint config", LOCKED).items() if k in known}
-        for k in LOCKED:
-            if k in given and given[k] != old[k]:
-                raise UserError(f"--resume cannot change --{k.replace('_', '-')} (the run has {old[k]}); "
-                                "start a new run with another --output-dir")
-        changed = {k: (old[k], v) for k, v in given.items() if k in old and old[k] != v and k not in ("resume",)}
-        cfg = Config(**{**old, **given, "output_dir": str(run_dir), "resume": str(ckpt), "overwrite": False})
-        for k, (a, b) in changed.items():
-            print(f"resume: {k} {a} -> {b}")
-    return cfg, given
+    if not cfg.resume:
+        spec = spec_of(cfg.model)  # a folder's or hub id's family and size are read off its configs
+        defaults = {**{k: getattr(spec, k) for k in GENERATION}, **spec.recipe}
+        return Config(**{**vars(cfg), **{k: v for k, v in defaults.items() if k not in given}}), given
+    run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume, LOCKED)
+    known = {f.name for f in fields(Config)}  # a newer or older version's extra fields are dropped
+    old = {k: v for k, v in read_json(ckpt / "config.json", "checkpoint config", LOCKED).items() if k in known}
+    for k in LOCKED:
+        if k in given and given[k] != old[k]:
+            raise UserError(f"--resume cannot change --{k.replace('_', '-')} (the run has {old[k]}); "
+                            "start a new run with another --output-dir")
+    for k, v in given.items():
+        if k in old and old[k] != v and k != "resume":
+            print(f"resume: {k} {old[k]} -> {v}")
+    return Config(**{**old, **given, "output_dir": str(run_dir), "resume": str(ckpt), "overwrite": False}), given
 
 
-def validate(cfg, model=None):
-    """Check the settings; raise UserError naming the flag. Runs before anything is written."""
+def validate(cfg):
+    """Check the settings; raise UserError naming the flag. Runs before anything is loaded or written."""
     for k in ("max_steps", "batch_size", "grad_accum", "lora_rank", "num_steps", "frames", "height", "width",
               "max_bad_steps"):
-        if getattr(cfg, k) is not None and getattr(cfg, k) < 1:  # None: the model's value, known after loading
+        if getattr(cfg, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(cfg, k)}")
-    if cfg.num_steps is not None and not 0 <= cfg.grad_steps <= cfg.num_steps:
+    if not 0 <= cfg.grad_steps <= cfg.num_steps:
         raise UserError(f"--grad-steps must be between 0 and --num-steps ({cfg.num_steps}), got {cfg.grad_steps}")
-    if cfg.frames is not None and not 1 <= cfg.decode_frames <= cfg.frames:
+    if not 1 <= cfg.decode_frames <= cfg.frames:
         raise UserError(f"--decode-frames must be between 1 and --frames ({cfg.frames}), got {cfg.decode_frames}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
     if cfg.report_to not in ("", "wandb", "tensorboard"):
         raise UserError(f"--report-to takes wandb or tensorboard, got {cfg.report_to!r}")
-    needs = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(cfg.report_to)
-    if needs and importlib.util.find_spec(needs) is None:
-        raise UserError(f"--report-to {cfg.report_to} needs the {needs} package: pip install {needs}")
+    if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
+        raise UserError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
     out = Path(cfg.output_dir)
     if out.is_dir() and any((out / n).exists() for n in RUN_FILES) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                         "or another --output-dir")
-    if model is not None:
-        check_video_shape(model, cfg.frames, cfg.height, cfg.width)
 
-
-#### Helpers of main
 
 def split_prompts(cfg):
     """(training prompts, held-out prompts): --eval-prompts, or the last tenth of --prompts under --eval-every."""
@@ -171,185 +157,105 @@ def split_prompts(cfg):
     return prompts, held_out
 
 
-def load_models(cfg, given, device, dtype):
-    """The reward, the evaluation rewards and the video model. A local folder or hub id's
-    generation defaults (height, frames, ...) and its family's recipe are known only once it is
-    loaded, so they fill `cfg` here (flags typed in `given`, and a resumed run's own settings,
-    still win) and are checked."""
+def load_models(cfg, device, dtype):
+    """The reward (checked against --decode-frames), the evaluation rewards and the video model."""
     reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
     eval_fns = load_eval_rewards(cfg.eval_rewards, device, dtype, build=bool(cfg.eval_every))
     if cfg.decode_frames < reward_fn.min_frames:
         raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
     model = load_video_model(cfg.model, device, dtype)
-    for k in GENERATION:
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, getattr(model.spec, k))
-    if cfg.model not in MODELS and not cfg.resume:
-        for k, v in model.spec.recipe.items():
-            if k not in given:
-                setattr(cfg, k, v)
-    validate(cfg, model)
+    check_video_shape(model, cfg.frames, cfg.height, cfg.width)
     return reward_fn, eval_fns, model
 
 
-def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
-    """The derived numbers of the run, printed once at start-up."""
-    print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} sampler steps, "
-          f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}"
-          + (f" x {world} processes" if world > 1 else ""))
-    print(f"registry entry {describe(model.spec)}" + (" | --low-memory" if cfg.low_memory else ""))
-    print(f"reward {cfg.reward} | {len(prompts)} prompts ({len(held_out)} held out) | "
-          f"{cfg.batch_size * cfg.grad_accum * world} videos per optimizer step ({cfg.batch_size} x "
-          f"{cfg.grad_accum} accumulated x {world} processes) | grad through the last "
-          f"{'1..' if cfg.random_grad_steps else ''}{cfg.grad_steps} of {cfg.num_steps} steps | "
-          f"{cfg.decode_frames} of {cfg.frames} frames decoded"
-          + (f" (from the first {frame_pool(model, cfg.frames, cfg.decode_frames)}: causal VAE)" if model.wan else ""))
-    print(f"LoRA rank {cfg.lora_rank}: {sum(p.numel() for p in params):,} trainable parameters | lr {cfg.lr} | "
-          f"output {cfg.output_dir}")
+#### One optimizer step of VADER
 
+def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, cfg, generator, k, shard=(0, 1)):
+    """Sample with gradients through the last k steps, decode f frames, score them, and ascend the reward.
 
-def make_videos(model, cfg, prompts, cond, uncond, path_stem, reward_fn=None, eval_fns=None):
-    """Generate n videos, video i of prompt i (cycling through them) with seed i, tiled in rows of
-    at most 8; with a reward, returns the held-out columns: its mean and the evaluation rewards'."""
-    n = cfg.num_videos if reward_fn is None else cfg.eval_videos
-    idx = torch.arange(n) % len(prompts)
-    video = generate(model, cond[idx.to(cond.device)], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
-                     cfg.guidance, seed=0)  # (n, F, 3, H, W)
-    write_video(tile(video, per_row=8), path_stem, rows=-(-n // 8))  # (F, 3, rows*H, 8*W)
-    if reward_fn is not None:
-        names = [prompts[i] for i in idx]
-        with torch.no_grad():
-            return {"eval_reward": reward_fn(video, names).float().mean().item(), **eval_columns(eval_fns, video, names)}
-
-
-def progress(bar, row, device):
-    """The progress bar's reward, loss and (on a GPU) peak memory after a step."""
-    post = dict(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.4f}")
-    if device.startswith("cuda"):
-        post["peak_GB"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
-    bar.set_postfix(post)
-    bar.update(1)
+    For each of `cfg.grad_accum` micro-batches `draw_batch()` gives (B prompts, their cached
+    embeddings (B, L, D)); the loss -mean(r) is VADER's "-r" form. The LoRA gradients (`params`)
+    are averaged over processes under torchrun, unscaled (fp16), clipped to `cfg.grad_clip`, and
+    AdamW steps, unless the loss or the gradient is not finite: such an update would poison
+    AdamW's moments for good, so it is skipped. Returns (loss, rewards (grad_accum * B,),
+    gradient norm before clipping, finite). The benchmarks time and simulate this very function.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    rewards, loss_sum = [], 0.0
+    for _ in range(cfg.grad_accum):
+        prompts, cond = draw_batch()
+        with saved_on_cpu(cfg.low_memory, cond.device):
+            z_T = noise_share(model, len(prompts), cfg, generator, cond.device, shard)  # (B, C, F_lat, h, w)
+            z0 = sample(model.unet, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, k,
+                        checkpoint_steps=cfg.low_memory)  # (B, C, F_lat, h, w): a graph through the last k steps only
+            frames = decode_random_frames(model, z0, cfg.frames, cfg.decode_frames, generator,
+                                          cfg.low_memory)  # (B, f, 3, H, W)
+            r = reward_fn(frames, prompts).float()  # (B,)
+        loss = -r.mean()
+        scaler.scale(loss / cfg.grad_accum).backward()  # fp16: scaled up; the mean over micro-batches
+        rewards.append(r.detach())
+        loss_sum += loss.item() / cfg.grad_accum
+    loss = average_gradients(params, loss_sum, shard[1])  # DDP's all-reduce: every process, the same gradients
+    scaler.unscale_(optimizer)  # fp16: divide the gradients by the loss scale before clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    finite = math.isfinite(loss) and torch.isfinite(grad_norm).item()
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()  # fp16: halve the loss scale after an overflow, grow it after many clean steps
+    return loss, torch.cat(rewards), grad_norm.item(), finite
 
 
 #### Main
 
 def main(argv=None):
     cfg, given = parse_config(argv)
-    prompts, held_out = split_prompts(cfg)
     validate(cfg)
+    prompts, held_out = split_prompts(cfg)
     rank, world, device = distributed_env(resolve_device(cfg.device))
-    main_process = rank == 0
     dtype = resolve_dtype(cfg.dtype, device)
-    reward_fn, eval_fns, model = load_models(cfg, given, device, dtype)
+    reward_fn, eval_fns, model = load_models(cfg, device, dtype)
     join_process_group(world, device)
-    out = Path(cfg.output_dir)
-    if main_process:
-        tidy_run_folder(out, RUN_FILES, cfg.overwrite)
+    run = Run(cfg, Path(cfg.output_dir), rank, world, device, RUN_FILES)
 
-    # Text embeddings once per prompt, in one call (Wan's text encoder visits the GPU once); the
-    # text encoder is not needed again.
+    # Text embeddings once per prompt, in one call; the text encoder is not needed again.
     cond, held_cond, uncond = encode_prompts(model, prompts + held_out + [""]).split(
         [len(prompts), len(held_out), 1])  # (P, L, D), (P_eval, L, D), (1, L, D)
-    held_cond = held_cond if held_out else None
-    model.text_encoder.to("cpu")
     torch.manual_seed(cfg.seed)  # LoRA's random A: the same on every process and in every run of this seed
     params = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, targets=model.spec.lora_targets,
                          dropout=cfg.lora_dropout)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = loss_scaler(dtype, device)  # dynamic loss scaling for an fp16 base; does nothing for bf16/fp32
     generator = torch.Generator().manual_seed(cfg.seed)  # noise, prompt order, K and decoded frames
-    step, rows = restore(cfg.resume, cfg.lr, model.unet, optimizer, generator)
-    config_text = json.dumps(asdict(cfg), indent=2) + "\n"
-    tracker = None
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", config_text)
-        tracker = open_tracker(cfg, out)
-        print_banner(cfg, model, dtype, device, world, prompts, held_out, params)
-        if not (out / "videos" / "before.mp4").exists():
-            make_videos(model, cfg, prompts, cond, uncond, out / "videos" / "before")
-
-    def evaluate(step):
-        """Held-out rewards at fixed seeds, with their videos; {} when this step has no evaluation."""
-        if not (main_process and held_out and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)):
-            return {}
-        return make_videos(model, cfg, held_out, held_cond, uncond, out / "videos" / f"eval-step-{step:06d}",
-                           reward_fn, eval_fns)
-
-    def checkpoint():
-        if main_process:
-            save_checkpoint(out, step, model.unet, optimizer, generator, config_text, metrics_text(rows),
-                            cfg.keep_checkpoints, model.lora_prefix)
 
     def draw_batch():
         """This process's share of one global micro-batch of prompts, drawn from the run's generator."""
         idx = torch.randint(len(prompts), (cfg.batch_size * world,), generator=generator)
         idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-        return [prompts[i] for i in idx], cond[idx.to(cond.device)]  # B strings, (B, 77, D)
+        return [prompts[i] for i in idx], cond[idx.to(cond.device)]  # B strings, (B, L, D)
 
-    if not rows and held_out and cfg.eval_every and main_process:
-        rows.append({**dict.fromkeys(METRICS, ""), "step": 0, **evaluate(0)})
+    def videos(name, n, scored):
+        """n videos of the training prompts (before/after) or, scored, of the held-out ones."""
+        which = (held_out, held_cond, reward_fn, eval_fns) if scored else (prompts, cond, None, None)
+        return make_videos(model, cfg, which[0], which[1], uncond, run.out / "videos" / name, n, *which[2:])
+
+    step = run.start(model, optimizer, generator, videos, params,
+                     lambda params: print_banner(cfg, model, dtype, device, world, prompts, held_out, params))
 
     #### Training loop
-    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the step in flight, then saves and exits.
-    with stop_signals() as stop, tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step",
-                                      disable=not main_process) as bar:  # closed before an error's line is printed
-        bad_in_a_row = 0
+    with run.training(step):  # Ctrl-C or SIGTERM ends the step in flight, then saves and exits
         while step < cfg.max_steps:
             t0 = time.time()
             k = pick_grad_steps(cfg.num_steps, cfg.grad_steps, cfg.random_grad_steps, generator)
             try:
-                loss, r, grad_norm, finite = train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond,
-                                                        cfg, generator, k, (rank, world), partial(all_average, world=world))
+                loss, rewards, grad_norm, finite = train_step(model, reward_fn, params, optimizer, scaler, draw_batch,
+                                                              uncond, cfg, generator, k, (rank, world))
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"out of GPU memory at {cfg.frames}x{cfg.height}x{cfg.width}; lower it with "
                                 f"{LOWER_MEMORY}") from None
-            bad_in_a_row = 0 if finite else bad_in_a_row + 1
             step += 1
-            r = all_gather(r.to(device), world)
-            row = dict(step=step, reward_mean=r.mean().item(), reward_std=r.std(unbiased=False).item(), loss=loss,
-                       lr=cfg.lr, grad_norm=grad_norm, grad_steps=k, skipped=int(not finite), eval_reward="")
-            seconds = round(time.time() - t0, 3)  # the step's own time: an evaluation after it is not counted
-            rows.append({**row, **evaluate(step), "seconds": seconds})
-            if main_process:
-                atomic_write_text(out / "metrics.csv", metrics_text(rows))
-                if tracker:
-                    tracker(rows[-1])
-                progress(bar, rows[-1], device)
-            if bad_in_a_row >= cfg.max_bad_steps:
-                checkpoint()
-                raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}); "
-                                "their updates were skipped. Lower --lr or check the reward; resume with --resume")
-            if not finite:
-                tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
-            interrupted = bool(all_gather(torch.tensor([float(bool(stop))], device=device), world).max())
-            if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
-                checkpoint()
-            if interrupted:
+            if run.record(step, loss, rewards, grad_norm, k, finite, seconds=time.time() - t0):
                 break
-
-    if main_process:
-        finish(cfg, out, model, rows, step, stop, checkpoint,
-               lambda: make_videos(model, cfg, prompts, cond, uncond, out / "videos" / "after"))
-
-
-def finish(cfg, out, model, rows, step, stop, checkpoint, after_videos):
-    """The end of a run on the main process: last checkpoint, LoRA, reward curve, after-videos."""
-    if not stop and not (cfg.save_every and step % cfg.save_every == 0):
-        checkpoint()
-    save_lora(model.unet, out / "lora.safetensors", prefix=model.lora_prefix)
-    plot_rewards(out, rows, cfg.reward)
-    if stop:
-        print(f"stopped by {stop[0]} after step {step}; checkpoint saved. Continue with: "
-              f"python train.py --resume {out}")
-        return
-    after_videos()
-    trained = [r for r in rows if r["reward_mean"] != ""]
-    print(f"done: training reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "
-          f"{trained[-1]['reward_mean']:.4f} (step {step}); wrote {out}/lora.safetensors, metrics.csv, "
-          "reward_curve.png, videos/before|after.mp4")
-    for line in eval_summary(rows):
-        print(line)
+    run.finish(step)
 
 
 if __name__ == "__main__":

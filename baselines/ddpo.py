@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sampler import ddim_sigma, ddim_step, guided_eps, sample
-from vader import choose_frames, decode_frames, initial_noise
+from sampler import ddim_sigma, ddim_step, guided_output
+from vader import choose_frames, initial_noise
 
 
 @dataclass
@@ -75,25 +75,27 @@ def sample_with_logprobs(unet, z_T, cond, uncond, schedule, num_steps, guidance,
 
     z_T: (B, C, F, h, w). Returns xs (B, N+1, C, F, h, w), the chain z_T ... z_0, and
     old_logp (B, N), log π_θold of each transition. No graph: DDPO needs none while sampling.
-    The steps are sampler.sample's own (the loop VADER trains through); a hook records them.
+    The steps are sampler.sample's loop without gradients, the same draws in the same order
+    (tests/test_ddpo.py checks that the two end at the same z_0), with every state kept.
     """
-    if any(ddim_sigma(a_t, a_prev, eta) <= 0 for _, a_t, a_prev in schedule.alpha_pairs(num_steps)):
+    steps = schedule.steps(num_steps)
+    if any(ddim_sigma(*coeffs, eta) <= 0 for _, coeffs in steps):
         raise ValueError("DDPO needs σ_t > 0 at every step: eta > 0, and a schedule with set_alpha_to_one False")
     xs, logps = [z_T], []
-
-    def record(i, t, coeffs, x_t, eps, x_next):  # eps (B, C, F, h, w): the guided model output of this step
-        xs.append(x_next)
-        logps.append(ddim_logprob(x_next, x_t, eps, *coeffs, eta, schedule.prediction_type))
-
-    sample(unet, z_T, cond, uncond, schedule, num_steps, guidance, eta=eta, generator=generator, on_step=record)
+    for t, coeffs in steps:
+        x_t = xs[-1]
+        noise = torch.randn(x_t.shape, generator=generator).to(x_t.device, x_t.dtype)
+        eps = guided_output(unet, x_t, t, cond, uncond, guidance)  # (B, C, F, h, w): the guided model output
+        xs.append(schedule.update(x_t, eps, coeffs, eta, noise))
+        logps.append(ddim_logprob(xs[-1], x_t, eps, *coeffs, eta, schedule.prediction_type))
     return torch.stack(xs, dim=1), torch.stack(logps, dim=1)  # (B, N+1, C, F, h, w), (B, N)
 
 
 def policy_logprob(model, xs, j, cond, uncond, gen, eta):
     """log π_θ of the stored transition xs[:, j] -> xs[:, j+1] under the *current* LoRA weights (B,), with grad."""
-    t, a_t, a_prev = model.schedule.alpha_pairs(gen.num_steps)[j]
-    eps = guided_eps(model.unet, xs[:, j], t, cond, uncond, gen.guidance)  # (B, C, F, h, w)
-    return ddim_logprob(xs[:, j + 1], xs[:, j], eps, a_t, a_prev, eta, model.schedule.prediction_type)
+    t, coeffs = model.schedule.steps(gen.num_steps)[j]
+    eps = guided_output(model.unet, xs[:, j], t, cond, uncond, gen.guidance)  # (B, C, F, h, w)
+    return ddim_logprob(xs[:, j + 1], xs[:, j], eps, *coeffs, eta, model.schedule.prediction_type)
 
 
 #### The learning signal: normalised rewards and PPO's clipped objective
@@ -147,7 +149,7 @@ def rollout(model, reward_fn, batch_prompts, batch_cond, uncond, z_T, gen, eta, 
                                         gen.guidance, eta, generator)  # (B, N+1, C, F, h, w), (B, N)
     frame_idx = choose_frames(gen.frames, gen.decode_frames, generator).to(z_T.device)
     with torch.no_grad():
-        rewards = reward_fn(decode_frames(model, xs[:, -1], frame_idx), batch_prompts).float()  # (B,)
+        rewards = reward_fn(model.decode_frames(xs[:, -1], frame_idx), batch_prompts).float()  # (B,)
     return xs, old_logp, rewards
 
 
@@ -183,7 +185,7 @@ def ddpo_epoch(model, reward_fn, params, optimizer, stats, prompts, cond, uncond
     """One DDPO epoch: sample `cfg.samples_per_epoch` videos, query the reward once each, take PPO steps.
 
     cond: (P, L, D) embeddings of `prompts`; uncond: (1, L, D). `gen` supplies frames, height,
-    width, num_steps, guidance, decode_frames (as for `vader.vader_loss`).
+    width, num_steps, guidance, decode_frames (as for `train.train_step`).
     Returns (rewards (B,), info): info["first_ratio"] is ρ (b, N) of the first optimizer step's
     samples and timesteps (1 up to rounding: θ = θ_old until the first update), and
     info["clip_fraction"] the share of all transitions whose ρ left [1 - ε, 1 + ε].

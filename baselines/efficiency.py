@@ -105,11 +105,11 @@ def check_efficiency_args(a):
 
 
 def vader_update(model, reward_fn, params, optimizer, scaler, prompts, cond, uncond, a, generator, k):
-    """One optimizer step of train.py (vader.train_step) on one micro-batch of `a.batch_size` prompts.
+    """One optimizer step of train.py (train.train_step) on one micro-batch of `a.batch_size` prompts.
 
     Returns the rewards (B,) of the videos it queried.
     """
-    from vader import train_step
+    from train import train_step
 
     def draw_batch():
         idx = torch.randint(len(prompts), (a.batch_size,), generator=generator)

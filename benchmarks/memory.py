@@ -3,7 +3,7 @@
 No GPU is needed to know what a training step keeps alive. Every configuration of
 `bench.py speed` is built at real size on the meta device, its weights turned into fake tensors
 (`torch._subclasses.fake_tensor.FakeTensorMode`: shapes, dtypes and strides, no data), and then
-the step train.py takes (vader.train_step, through `benchmarks.speed.prepare`) and the plain
+the step train.py takes (train.train_step, through `benchmarks.speed.prepare`) and the plain
 generation of the same video run on them. Every operator still runs, as metadata, so autograd,
 checkpointing and the optimizer behave exactly as on a GPU; `LiveBytes` below counts the bytes of
 the tensor storages alive after every operator, and the peak is the prediction.
@@ -147,19 +147,6 @@ def is_fake(t):
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor)
-
-
-def materialize_fake(module):
-    """Give every parameter and buffer of a meta-device module a fake CPU tensor of its shape and
-    dtype, in place (called inside FakeTensorMode; `.to()` on a module built under the mode fails
-    with 'Couldn't swap ... has weakref')."""
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                m._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)
-        for name, b in list(m._buffers.items()):
-            if b is not None:
-                m._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
 
 
 def name_modules(prefix, module):

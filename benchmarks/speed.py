@@ -3,7 +3,7 @@
 A configuration is a model family at one resolution with VADER's settings: 25 DDIM steps,
 guidance, gradients through the last K steps, f = 1 decoded frame, the aesthetic reward, one
 video per micro-batch, LoRA r = 16. One run measures (a) the peak GPU memory and the time of one
-optimizer step (vader.train_step, the step train.py runs: DDIM, decode, reward, backward, clip,
+optimizer step (train.train_step, the step train.py runs: DDIM, decode, reward, backward, clip,
 AdamW) and (b), in the same process, plain no-grad generation of the same video with the same
 DDIM steps, all F frames decoded. Absolute seconds belong to one GPU; the ratio (a) / (b)
 travels between machines. The weights are random, built from the real configs
@@ -115,27 +115,40 @@ def random_aesthetic(config, device, dtype):
 def speed_model(family, device, dtype):
     """A VideoModel: the tiny one, or a family's real architecture with random weights on `device`."""
     from benchmarks.architectures import build_architecture
-    from models import MODELS, MODELSCOPE_SCHEDULER, WAN_SCHEDULER, VideoModel, checkpoint_family, load_video_model
-    from sampler import FlowSchedule, Schedule
+    from infra.tiny import MODELSCOPE_SCHEDULER, WAN_SCHEDULER
+    from models import MODELS, family_class, load_video_model
 
     if family in SMALL:
         return load_video_model(family, "cpu" if device == "meta" else device, dtype)
     spec = MODELS[{"unet3d": "modelscope"}.get(family, family)]  # the registry entry of the family
     unet, vae, text = build_architecture(family, device, dtype)
-    checkpoint_family(unet, vae, family)
-    if family == "wan":
-        return VideoModel(unet, vae, text, None, FlowSchedule.from_config(WAN_SCHEDULER), spec, device)
-    return VideoModel(unet, vae, text, None, Schedule.from_config({**MODELSCOPE_SCHEDULER, **spec.scheduler}), spec,
-                      device)
+    cls = family_class(family)
+    scheduler = WAN_SCHEDULER if family == "wan" else MODELSCOPE_SCHEDULER  # the real configs' values
+    model = cls(unet, vae, text, None, cls.schedule_class.from_config({**scheduler, **spec.scheduler}), spec, device)
+    model.enable_checkpointing()
+    return model
+
+
+def materialize_fake(module):
+    """Give every parameter and buffer of a meta-device module a fake CPU tensor of its shape and
+    dtype, in place (called inside FakeTensorMode; `.to()` on a module built under the mode fails
+    with 'Couldn't swap ... has weakref')."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
 
 
 def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_steps=SPEED_STEPS):
     """What one configuration's measurements need: (train_step(), generation(), parts).
 
-    `train_step()` is one optimizer step exactly as train.py takes it (vader.train_step on one
+    `train_step()` is one optimizer step exactly as train.py takes it (train.train_step on one
     micro-batch) and `generation()` the plain generation of the same video. The memory simulator
     passes a FakeTensorMode: the models are then built on the meta device and given fake weights
-    (benchmarks.memory.materialize_fake), and `foreach=True`, AdamW's choice on a GPU.
+    (`materialize_fake`), and `foreach=True`, AdamW's choice on a GPU.
     """
     family = SPEED_CONFIGS[name][0]
     build_on = device if fake_mode is None else "meta"
@@ -144,8 +157,6 @@ def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_s
                                                  build_on, dtype)
     with fake_mode or contextlib.nullcontext():
         if fake_mode is not None:
-            from benchmarks.memory import materialize_fake
-
             for module in (model.unet, model.vae, model.text_encoder, *reward_modules):
                 materialize_fake(module)
         step, generation, parts = _step_and_generation(model, reward_fn, name, device, dtype, low_memory, foreach,
@@ -155,7 +166,8 @@ def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_s
 
 def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, foreach, num_steps):
     from lora import inject_lora
-    from vader import generate, loss_scaler, train_step
+    from train import train_step
+    from vader import generate, loss_scaler
 
     family, height, width, frames, k = SPEED_CONFIGS[name]
     # train.py's defaults for everything the step reads but the configuration does not set.
@@ -165,8 +177,8 @@ def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, fore
     # As train.py: the text encoder runs once (random tokens: its cost does not depend on them), then leaves.
     with torch.no_grad():
         tokens = torch.randint(0, model.text_encoder.config.vocab_size, (2, model.text_length),
-                               generator=torch.Generator().manual_seed(0)).to(device)
-        cond, uncond = model.text_encoder(tokens)[0].chunk(2)  # (1, L, D) each
+                               generator=torch.Generator().manual_seed(0))
+        cond, uncond = model.text_encoder(tokens.to(model.text_encoder.device))[0].to(device).chunk(2)  # (1, L, D) each
     if device != "cpu":
         model.text_encoder.to("cpu")
     params = inject_lora(model.unet, rank=Config.lora_rank, targets=model.spec.lora_targets)

@@ -53,3 +53,17 @@ def all_gather(tensor, world):
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor)
     return torch.cat(parts)
+
+
+def average_gradients(params, loss, world):
+    """DDP's all-reduce of the LoRA gradients (and the loss, for the log), in one call; returns the loss.
+
+    A parameter no gradient reached (possible under dropout or a reward that ignores some
+    frames) takes part as zeros, so every process sends tensors of the same sizes.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    loss_t = torch.tensor([loss], device=grads[0].device)
+    all_average(grads + [loss_t], world)
+    for p, g in zip(params, grads):
+        p.grad = g
+    return loss_t.item()

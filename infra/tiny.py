@@ -5,14 +5,25 @@ temporary folder and then loaded by models.py through the very `from_pretrained`
 takes, so the whole pipeline, loading included, runs on a CPU in seconds with nothing downloaded.
 They draw noise, not content: the toy world (toy/) is the small model that has learned something.
 """
+import contextlib
 import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-from infra.cli import quiet_libraries
-from models import MODELSCOPE_SCHEDULER, WAN_SCHEDULER
+from infra.cli import UserError, quiet_libraries
+from infra.files import first_line
+
+# ModelScope's scheduler settings (its hub folder's scheduler/scheduler_config.json), so the tiny
+# model samples like the real one.
+MODELSCOPE_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+    clip_sample=False,
+)
+# Wan2.1's scheduler/ (UniPC on flow sigmas, shift 3 for 480p); sampler.FlowSchedule reads its flow_shift.
+WAN_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 
 TINY_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
@@ -101,3 +112,20 @@ def build_tiny_wan(folder, seed=0):
         UMT5EncoderModel(UMT5Config(**TINY_UMT5)).save_pretrained(folder / "text_encoder")
     UniPCMultistepScheduler(**WAN_SCHEDULER).save_pretrained(folder / "scheduler")
     write_clip_tokenizer(folder)
+
+
+TINY_BUILDERS = {"tiny": build_tiny_model, "tiny-wan": build_tiny_wan}
+
+
+@contextlib.contextmanager
+def tiny_folder(name):
+    """A temporary folder holding the tiny model `name`, removed when the block ends."""
+    from safetensors import SafetensorError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            TINY_BUILDERS[name](tmp)
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+            raise UserError(f"could not write the tiny model to {tmp} ({first_line(e)}); free some space "
+                            "in the temporary folder (or point TMPDIR elsewhere)") from None
+        yield tmp

@@ -5,7 +5,7 @@ command below wrote. The command covers gradient accumulation, random K, two dec
 guidance and held-out evaluation. When the files took their present layout (one step function,
 the reward registry, the packages below the tutorial), the new code repeated the reference
 written by the old code bit for bit. The reference was recorded again when guidance's two passes
-became two UNet calls in grad steps (sampler.guided_eps): the same arithmetic, rounded
+became two UNet calls in grad steps (sampler.guided_output): the same arithmetic, rounded
 differently by a batched kernel (relative changes up to 7e-5 in metrics.csv, none in the K drawn
 each step). It was recorded a third time at 16x16 pixels instead of 32x32, by the code that had
 just repeated the 32x32 reference, so that the test runs in a third of the time. The reference

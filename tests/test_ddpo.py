@@ -28,10 +28,10 @@ def test_logprob_is_the_gaussian_density_of_diffusers_ddim_step(prediction_type,
     """Mean and σ_t from diffusers' DDIMScheduler (an independent implementation), density from torch."""
     ref = DDIMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, **MODELSCOPE)
     ref.set_timesteps(10)
-    pairs = Schedule.from_config(ref.config).alpha_pairs(10)
+    pairs = Schedule.from_config(ref.config).steps(10)
     torch.manual_seed(0)
     for step in (0, 5, 9):  # noisy, middle, and the last step (to ᾱ_0, the smallest σ)
-        t, a_t, a_prev = pairs[step]
+        t, (a_t, a_prev) = pairs[step]
         x_t, out = torch.randn(3, 4, 2, 8, 8), torch.randn(3, 4, 2, 8, 8)  # (B, C, F, h, w)
         mean = ref.step(out, t, x_t, eta=eta, variance_noise=torch.zeros_like(x_t)).prev_sample
         sigma = ref.step(out, t, x_t, eta=eta, variance_noise=torch.ones_like(x_t)).prev_sample - mean  # σ_t
@@ -53,7 +53,7 @@ def test_policy_is_the_sampler(tiny_model):
     torch.testing.assert_close(xs[:, -1], z0)
     # x_prev = μ + σ z, so each stored log π is the mean over 2,048 entries of -z²/2 - log σ - log sqrt(2π):
     # -1/2 - log σ - log sqrt(2π) up to ~0.02 of sampling noise. Wrong σ or a wrong state would miss it.
-    for j, (t, a_t, a_prev) in enumerate(tiny_model.schedule.alpha_pairs(3)):
+    for j, (t, (a_t, a_prev)) in enumerate(tiny_model.schedule.steps(3)):
         expected = -0.5 - math.log(ddim_sigma(a_t, a_prev, 1.0)) - math.log(math.sqrt(2 * math.pi))
         assert logp[0, j].item() == pytest.approx(expected, abs=0.1)
 

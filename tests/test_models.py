@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import models
 import sample
 from lora import TARGETS, inject_lora, load_lora, lora_layers, save_lora
 from benchmarks.architectures import build_architecture
-from infra.tiny import build_tiny_model
+from infra.tiny import MODELSCOPE_SCHEDULER, build_tiny_model
 from models import MODELS, checkpoint_blocks, load_video_model
 from rewards import load_reward
-from vader import loss_scaler, vader_loss
+from train import train_step
+from vader import loss_scaler
 
 # A tiny SD 1.5-style image UNet and a motion adapter that fits it (same blocks, layers a block).
 TINY_SD_UNET = dict(
@@ -25,7 +25,8 @@ TINY_SD_UNET = dict(
 )
 TINY_ADAPTER = dict(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
                     motion_norm_num_groups=8)
-CFG = SimpleNamespace(frames=2, height=32, width=32, num_steps=2, guidance=3.0, decode_frames=2)
+CFG = SimpleNamespace(frames=2, height=32, width=32, num_steps=2, guidance=3.0, decode_frames=2, grad_accum=1,
+                      grad_clip=1.0, low_memory=False)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,10 @@ def unet_out(unet, frames=3, seed=0):
     return unet(x.to(unet.dtype), 500, encoder_hidden_states=text.to(unet.dtype)).sample  # (B, C, F, h, w)
 
 
+def replace_ns(ns, **changes):
+    return SimpleNamespace(**{**vars(ns), **changes})
+
+
 def randomise(params, scale=0.05, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -56,16 +61,14 @@ def randomise(params, scale=0.05, seed=1):
 
 
 def train_a_few_steps(model, steps=2):
-    """vader_loss + backward + AdamW: returns the LoRA parameters and their values before training."""
+    """train.train_step with AdamW: returns the LoRA parameters and their values before training."""
     params = inject_lora(model.unet, rank=4, targets=model.spec.lora_targets)
     before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-2)
     cond, uncond = torch.randn(1, 77, 32), torch.randn(1, 77, 32)
     for _ in range(steps):
-        opt.zero_grad()
-        loss, r, _ = vader_loss(model, load_reward("brightness"), ["a"], cond, uncond, CFG, torch.Generator(), 1)
-        loss.backward()
-        opt.step()
+        train_step(model, load_reward("brightness"), params, opt, loss_scaler(torch.float32, "cpu"),
+                   lambda: (["a"], cond), uncond, CFG, torch.Generator(), 1)
     return params, before
 
 
@@ -166,12 +169,11 @@ def test_low_memory_gives_the_same_gradients(tiny_model):
     cond, uncond = torch.randn(1, 77, 32), torch.randn(1, 77, 32)
 
     def grads(low_memory):
-        for p in params:
-            p.grad = None
-        loss, _, _ = vader_loss(tiny_model, load_reward("brightness"), ["a"], cond, uncond, CFG,
-                                torch.Generator().manual_seed(0), 2, low_memory=low_memory)
-        loss.backward()
-        return loss.detach(), [p.grad for p in params]
+        """One train_step at lr 0 (the LoRA stays put): its loss and the (clipped) gradients it left."""
+        loss, *_ = train_step(tiny_model, load_reward("brightness"), params, torch.optim.SGD(params, lr=0.0),
+                              loss_scaler(torch.float32, "cpu"), lambda: (["a"], cond), uncond,
+                              replace_ns(CFG, low_memory=low_memory), torch.Generator().manual_seed(0), 2)
+        return loss, [p.grad.clone() for p in params]
 
     (a, ga), (b, gb) = grads(False), grads(True)
     torch.testing.assert_close(a, b)
@@ -189,14 +191,12 @@ def test_mixed_precision_keeps_lora_in_float32(tiny_folder, dtype):
     scaler = loss_scaler(dtype, "cpu")  # fp16: dynamic loss scaling; bf16: a pass-through
     assert scaler.is_enabled() == (dtype == torch.float16)
     cond, uncond = torch.randn(1, 77, 32, dtype=dtype), torch.randn(1, 77, 32, dtype=dtype)
-    loss, _, _ = vader_loss(model, load_reward("brightness"), ["a"], cond, uncond, CFG, torch.Generator(), 1)
-    scaler.scale(loss).backward()
+    *_, finite = train_step(model, load_reward("brightness"), params, opt, scaler, lambda: (["a"], cond), uncond,
+                            CFG, torch.Generator(), 1)  # scale, backward, unscale, clip, step
+    assert finite
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in params)
     assert all(p.dtype == dtype and p.grad is None for p in model.unet.parameters() if not p.requires_grad)
-    scaler.unscale_(opt)
     assert all(torch.isfinite(p.grad).all() for p in params) and any(p.grad.abs().sum() > 0 for p in params)
-    scaler.step(opt)
-    scaler.update()
     assert any(not torch.equal(p, b) for p, b in zip(params, before))
 
 
@@ -229,6 +229,6 @@ def test_export_merged_loads_in_plain_diffusers(tiny_model, tiny_folder, tmp_pat
         torch.testing.assert_close(unet_out(unet), unet_out(tiny_model.unet), rtol=1e-4, atol=1e-5)
     pipe = TextToVideoSDPipeline(vae=tiny_model.vae, text_encoder=tiny_model.text_encoder,
                                  tokenizer=tiny_model.tokenizer, unet=unet,
-                                 scheduler=DDIMScheduler(**models.MODELSCOPE_SCHEDULER))
+                                 scheduler=DDIMScheduler(**MODELSCOPE_SCHEDULER))
     video = pipe("a cat", num_inference_steps=2, height=32, width=32, num_frames=3, output_type="pt").frames
     assert video.shape == (1, 3, 3, 32, 32) and torch.isfinite(video).all()  # (B, F, 3, H, W)

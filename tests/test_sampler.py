@@ -48,7 +48,7 @@ def test_ddim_step_matches_diffusers(prediction_type, eta):
     x = torch.randn(2, 4, 3, 8, 8, generator=g)  # (B, C, F, h, w)
     out = torch.randn(2, 4, 3, 8, 8, generator=g)
     noise = torch.randn(2, 4, 3, 8, 8, generator=g)
-    for t, a_t, a_prev in ours("modelscope", prediction_type).alpha_pairs(25)[::6]:
+    for t, (a_t, a_prev) in ours("modelscope", prediction_type).steps(25)[::6]:
         expected = ref.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
         got = ddim_step(x, out, a_t, a_prev, eta=eta, noise=noise, prediction_type=prediction_type)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -62,7 +62,7 @@ def test_full_trajectory_matches_diffusers(name, prediction_type, eta):
     g = torch.Generator().manual_seed(1)
     x_ref = x = torch.randn(1, 4, 2, 6, 6, generator=g)
     noises = [torch.randn(1, 4, 2, 6, 6, generator=g) for _ in range(20)]
-    for (t, a_t, a_prev), noise in zip(ours(name, prediction_type).alpha_pairs(20), noises):
+    for (t, (a_t, a_prev)), noise in zip(ours(name, prediction_type).steps(20), noises):
         x = ddim_step(x, fake_model(x, t), a_t, a_prev, eta, noise, prediction_type)
         x_ref = ref.step(fake_model(x_ref, t), t, x_ref, eta=eta, variance_noise=noise).prev_sample
     torch.testing.assert_close(x, x_ref, rtol=1e-4, atol=1e-4)
@@ -110,10 +110,10 @@ def test_truncated_gradient_equals_last_k_steps_alone():
     unet.w.grad = None
     with torch.no_grad():  # the first N - K steps, by hand
         x = z
-        for t, a_t, a_prev in schedule.alpha_pairs(n)[: n - k]:
+        for t, (a_t, a_prev) in schedule.steps(n)[: n - k]:
             x = ddim_step(x, unet(x, t, cond).sample, a_t, a_prev)
     x = x.detach()
-    for t, a_t, a_prev in schedule.alpha_pairs(n)[n - k:]:
+    for t, (a_t, a_prev) in schedule.steps(n)[n - k:]:
         x = ddim_step(x, unet(x, t, cond).sample, a_t, a_prev)
     x.square().mean().backward()
     torch.testing.assert_close(full_grad, unet.w.grad)
@@ -125,7 +125,7 @@ def test_classifier_free_guidance_combines_the_two_passes():
     z = torch.randn(1, 4, 2, 4, 4)
     cond, uncond = torch.ones(1, 3, 5), torch.zeros(1, 3, 5)
     schedule = ours("modelscope")
-    (t, a_t, a_prev), = schedule.alpha_pairs(1)
+    (t, (a_t, a_prev)), = schedule.steps(1)
     got = sample(unet, z, cond, uncond, schedule, 1, guidance=7.5)
     eps_c, eps_u = unet(z, t, cond).sample, unet(z, t, uncond).sample
     torch.testing.assert_close(got, ddim_step(z, eps_u + 7.5 * (eps_c - eps_u), a_t, a_prev))

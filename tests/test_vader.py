@@ -6,7 +6,7 @@ from infra.cli import UserError
 from rewards import load_reward
 from infra.files import read_prompts
 from models import load_video_model
-from vader import choose_frames, decode_frames
+from vader import choose_frames
 
 
 def test_decodes_only_the_chosen_frames_and_grads_reach_only_them(tiny_model):
@@ -15,11 +15,11 @@ def test_decodes_only_the_chosen_frames_and_grads_reach_only_them(tiny_model):
     tiny_model.vae.decode = lambda z: calls.append(z.shape) or decode(z)
     z0 = torch.randn(2, 4, 6, 8, 8, requires_grad=True)  # (B, C, F, h, w)
     idx = torch.tensor([1, 4])
-    frames = decode_frames(tiny_model, z0, idx)  # (B, f, 3, H, W)
+    frames = tiny_model.decode_frames(z0, idx)  # (B, f, 3, H, W)
     assert frames.shape == (2, 2, 3, 16, 16)
     assert calls == [(4, 4, 8, 8)]  # one call, B * f = 4 latents, not B * F = 12
     # Each decoded frame equals decoding that frame on its own.
-    alone = decode_frames(tiny_model, z0[:, :, 4:5].detach(), torch.tensor([0]))
+    alone = tiny_model.decode_frames(z0[:, :, 4:5].detach(), torch.tensor([0]))
     torch.testing.assert_close(frames[:, 1:2].detach(), alone, rtol=1e-4, atol=1e-5)
 
     load_reward("brightness")(frames, ["a", "b"]).sum().backward()

@@ -18,7 +18,9 @@ from lora import inject_lora, lora_layers, merge_lora, save_lora
 from models import MODELS, VideoModel, load_video_model
 from rewards import load_reward
 from sampler import FlowSchedule, sample as run_sampler
-from vader import decode_causal, decode_frames, encode_prompts, frame_pool, vader_loss
+from train import train_step
+from vader import decode_random_frames, encode_prompts, loss_scaler
+from wan import WanModel
 
 FAST = ["--model", "tiny-wan", "--reward", "brightness", "--prompts", "animals.txt", "--num-steps", "3",
         "--frames", "5", "--decode-frames", "5", "--num-videos", "1", "--eval-videos", "2",
@@ -78,7 +80,7 @@ def test_sampling_and_decoding_match_wan_pipeline(wan):
     z_T = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(3))  # (B, C, F_lat, h, w)
     cond, uncond = encode_prompts(wan, ["a cat", ""]).split(1)
     z0 = run_sampler(wan.unet, z_T, cond, uncond, wan.schedule, 4, guidance=5.0)
-    ours = decode_frames(wan, z0, torch.arange(9))  # (1, 9, 3, 32, 32)
+    ours = wan.decode_frames(z0, torch.arange(9))  # (1, 9, 3, 32, 32)
     theirs = pipeline(wan)("a cat", height=32, width=32, num_frames=9, num_inference_steps=4, guidance_scale=5.0,
                            latents=z_T.clone(), output_type="pt").frames  # (1, 9, 3, 32, 32)
     assert ours.shape == theirs.shape == (1, 9, 3, 32, 32)
@@ -88,19 +90,19 @@ def test_sampling_and_decoding_match_wan_pipeline(wan):
 #### The causal VAE
 
 def test_frame_pool_is_the_shortest_prefix_holding_f_frames(wan):
-    assert [frame_pool(wan, 33, f) for f in (1, 2, 5, 6, 33)] == [1, 5, 5, 9, 33]
-    assert frame_pool(SimpleNamespace(wan=False), 16, 3) == 16  # SD's VAE: any frame
+    assert [wan.frame_pool(33, f) for f in (1, 2, 5, 6, 33)] == [1, 5, 5, 9, 33]
+    assert VideoModel.frame_pool(None, 16, 3) == 16  # SD's VAE: any frame
 
 
 def test_decoding_a_prefix_gives_the_full_decode_s_frames(wan):
     z0 = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # 3 latent frames: 9 pixel frames
-    full = decode_frames(wan, z0, torch.arange(9))  # (2, 9, 3, 32, 32)
+    full = wan.decode_frames(z0, torch.arange(9))  # (2, 9, 3, 32, 32)
     for m, idx in ((1, [0]), (2, [0, 3, 4]), (2, [2])):
-        part = decode_causal(wan, z0[:, :, :m], torch.tensor(idx))  # (2, f, 3, 32, 32)
+        part = wan.decode_frames(z0[:, :, :m], torch.tensor(idx))  # (2, f, 3, 32, 32)
         assert part.shape == (2, len(idx), 3, 32, 32)
         torch.testing.assert_close(part, full[:, idx], rtol=0, atol=1e-6)
     # Decoding latent frame 1 alone (as if it were first) is not the same video: why a prefix is needed.
-    alone = decode_causal(wan, z0[:, :, 1:2], torch.tensor([0]))
+    alone = wan.decode_frames(z0[:, :, 1:2], torch.tensor([0]))
     assert (alone - full[:, [1]]).abs().max() > 1e-2
 
 
@@ -110,7 +112,7 @@ def test_the_vae_cache_holds_nothing_after_backward(wan):
     z0 = torch.randn(1, 4, 2, 8, 8, requires_grad=True)
 
     def cached_after_backward():
-        decode_causal(wan, z0, torch.tensor([0, 3])).mean().backward()
+        wan.decode_frames(z0, torch.tensor([0, 3])).mean().backward()
         return [f for f in wan.vae._feat_map if torch.is_tensor(f)]
 
     assert cached_after_backward() == [] and z0.grad.abs().sum() > 0
@@ -131,7 +133,7 @@ class Placed(torch.nn.Module):
 
 
 def test_the_text_encoder_visits_the_device_alone():
-    model = VideoModel(Placed("cuda"), Placed("cuda"), Placed("cpu"), None, FlowSchedule(), MODELS["wan"], "cuda")
+    model = WanModel(Placed("cuda"), Placed("cuda"), Placed("cpu"), None, FlowSchedule(), MODELS["wan"], "cuda")
     places = lambda: (model.text_encoder.where, model.unet.where, model.vae.where)  # noqa: E731
     with model.text_encoder_on_device():
         assert places() == ("cuda", "cpu", "cpu")
@@ -144,13 +146,16 @@ def test_gradients_reach_the_lora_through_flow_steps_and_the_decoder(wan):
     inject_lora(wan.unet, rank=4)
     layers = lora_layers(wan.unet)
     assert len(layers) == 2 * 2 * 4  # 2 blocks x (attn1, attn2) x (q, k, v, out)
-    cfg = SimpleNamespace(frames=9, height=32, width=32, num_steps=3, guidance=5.0, decode_frames=2)
+    cfg = SimpleNamespace(frames=9, height=32, width=32, num_steps=3, guidance=5.0, decode_frames=2, grad_accum=1,
+                          grad_clip=1e9, low_memory=False)
     cond, uncond = encode_prompts(wan, ["a cat", ""]).split(1)
     first = layers["blocks.0.attn1.to_q"]
     first.lora_B.weight.data.normal_(std=0.01)  # with B = 0, A gets no gradient (B is zero-initialised)
-    loss, r, frames = vader_loss(wan, load_reward("brightness"), ["a cat"], cond, uncond, cfg, torch.Generator(), 1)
-    loss.backward()
-    assert frames.shape == (1, 2, 3, 32, 32)  # 2 of the first 5 frames (2 latent frames)
+    params = [p for layer in layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    train_step(wan, load_reward("brightness"), params, torch.optim.SGD(params, lr=0.0),
+               loss_scaler(torch.float32, "cpu"), lambda: (["a cat"], cond), uncond, cfg, torch.Generator(), 1)
+    z0 = torch.randn(1, 4, 3, 8, 8)  # 3 latent frames: 9 pixel frames
+    assert decode_random_frames(wan, z0, 9, 2, torch.Generator()).shape == (1, 2, 3, 32, 32)  # 2 of the first 5
     assert all(layer.lora_B.weight.grad.abs().sum() > 0 for layer in layers.values())
     assert first.lora_A.weight.grad.abs().sum() > 0
 
@@ -224,10 +229,9 @@ def test_wan_trains_with_whole_step_checkpointing_unless_told_not_to(wan_folder,
     assert train.parse_config(["--model", "wan"])[0].low_memory is True
     assert train.parse_config(["--model", "wan", "--no-low-memory"])[0].low_memory is False
     assert train.parse_config(["--model", "modelscope"])[0].low_memory is False
-    for flags, expected in (([], True), (["--no-low-memory"], False)):  # a folder: the recipe once it is loaded
-        cfg, given = train.parse_config(["--model", str(wan_folder), "--reward", "brightness", "--frames", "5",
-                                         "--height", "32", "--width", "32", "--output-dir", str(tmp_path), *flags])
-        train.load_models(cfg, given, "cpu", torch.float32)
+    for flags, expected in (([], True), (["--no-low-memory"], False)):  # a folder: its family's recipe, from its configs
+        cfg, _ = train.parse_config(["--model", str(wan_folder), "--reward", "brightness", "--frames", "5",
+                                     "--height", "32", "--width", "32", "--output-dir", str(tmp_path), *flags])
         assert cfg.low_memory is expected
     assert low_memory_for("wan-480-81", None) is True and low_memory_for("wan-480-81", False) is False
     assert low_memory_for("modelscope-256", None) is False

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from infra.files import atomic_write_text
-from infra.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, write_clip_tokenizer
-from models import MODELSCOPE_SCHEDULER, TOY_FOLDER
+from infra.tiny import MODELSCOPE_SCHEDULER, TINY_TEXT, TINY_UNET, TINY_VAE, write_clip_tokenizer
+from models import TOY_FOLDER
 from sampler import Schedule
 from toy import world
 

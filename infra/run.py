@@ -1,0 +1,161 @@
+"""A training run's bookkeeping, kept out of train.py's loop: the folder, the logs, the videos, the stops.
+
+`Run` owns what happens around the optimizer steps: the start-up banner, config.json, the
+before/after videos and the held-out evaluations, one metrics.csv row a step, the count of
+non-finite steps in a row, the checkpoint cadence, Ctrl-C and SIGTERM, and the end of the run.
+"""
+import contextlib
+import json
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from infra.cli import UserError, stop_signals
+from infra.distributed import all_gather
+from infra.files import atomic_write_text
+from infra.runlog import (METRICS, eval_columns, eval_summary, metrics_text, open_tracker, plot_rewards, restore,
+                          save_checkpoint, tidy_run_folder)
+from infra.video import tile, write_video
+from lora import save_lora
+from vader import generate
+
+
+def describe(spec):
+    """A registry entry in one line, for the start-up banner."""
+    source = spec.source or "built in, random weights"
+    if spec.adapter:
+        source += f" + motion adapter {spec.adapter}"
+    scheduler = ", ".join(f"{k}={v}" for k, v in spec.scheduler.items()) or "the source's own"
+    recipe = ", ".join(f"{k}={v}" for k, v in spec.recipe.items()) or "the paper's"
+    return (f"{spec.family}: {source} | scheduler: {scheduler} | LoRA targets {', '.join(spec.lora_targets)} "
+            f"| training defaults: {recipe}")
+
+
+def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
+    """The derived numbers of the run, printed once at start-up."""
+    print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} sampler steps, "
+          f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}"
+          + (f" x {world} processes" if world > 1 else ""))
+    print(f"registry entry {describe(model.spec)}" + (" | --low-memory" if cfg.low_memory else ""))
+    pool = model.frame_pool(cfg.frames, cfg.decode_frames)
+    print(f"reward {cfg.reward} | {len(prompts)} prompts ({len(held_out)} held out) | "
+          f"{cfg.batch_size * cfg.grad_accum * world} videos per optimizer step ({cfg.batch_size} x "
+          f"{cfg.grad_accum} accumulated x {world} processes) | grad through the last "
+          f"{'1..' if cfg.random_grad_steps else ''}{cfg.grad_steps} of {cfg.num_steps} steps | "
+          f"{cfg.decode_frames} of {cfg.frames} frames decoded"
+          + (f" (from the first {pool}: the VAE decodes a frame only after those before it)" if pool < cfg.frames else ""))
+    print(f"LoRA rank {cfg.lora_rank}: {sum(p.numel() for p in params):,} trainable parameters | lr {cfg.lr} | "
+          f"output {cfg.output_dir}")
+
+
+def make_videos(model, cfg, prompts, cond, uncond, path_stem, n, reward_fn=None, eval_fns=None):
+    """Generate n videos, video i of prompt i (cycling through them) with seed i, tiled in rows of
+    at most 8; with a reward, returns the held-out columns: its mean and the evaluation rewards'."""
+    idx = torch.arange(n) % len(prompts)
+    video = generate(model, cond[idx.to(cond.device)], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
+                     cfg.guidance, seed=0)  # (n, F, 3, H, W)
+    write_video(tile(video, per_row=8), path_stem, rows=-(-n // 8))  # (F, 3, rows*H, 8*W)
+    if reward_fn is not None:
+        names = [prompts[i] for i in idx]
+        with torch.no_grad():
+            return {"eval_reward": reward_fn(video, names).float().mean().item(), **eval_columns(eval_fns, video, names)}
+
+
+class Run:
+    """The run folder and everything written into it, on the main process; the other processes
+    only take part in the all-gathers."""
+
+    def __init__(self, cfg, out, rank, world, device, run_files):
+        self.cfg, self.out, self.world, self.device = cfg, out, world, device
+        self.main = rank == 0
+        self.rows, self.bad_in_a_row, self.stop, self.bar = [], 0, [], None
+        if self.main:
+            tidy_run_folder(out, run_files, cfg.overwrite)
+
+    def start(self, model, optimizer, generator, videos, lora_params, banner):
+        """Restore a resumed run's state, write config.json, print the banner, make the before-videos
+        and the step-0 evaluation. `videos(name, n, scored)` generates and writes n videos. Returns the step."""
+        self.model, self.optimizer, self.generator, self.videos = model, optimizer, generator, videos
+        step, self.rows = restore(self.cfg.resume, self.cfg.lr, model.unet, optimizer, generator)
+        self.config_text = json.dumps(asdict(self.cfg), indent=2) + "\n"
+        self.tracker = None
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.json", self.config_text)
+            self.tracker = open_tracker(self.cfg, self.out)
+            banner(lora_params)
+            if not (self.out / "videos" / "before.mp4").exists():
+                videos("before", self.cfg.num_videos, False)
+            if not self.rows and self.cfg.eval_every:
+                self.rows.append({**dict.fromkeys(METRICS, ""), "step": 0, **self.evaluate(0)})
+        return step
+
+    def evaluate(self, step):
+        """Held-out rewards at fixed seeds, with their videos; {} when this step has no evaluation."""
+        cfg = self.cfg
+        if not (self.main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)):
+            return {}
+        return self.videos(f"eval-step-{step:06d}", cfg.eval_videos, True) or {}
+
+    def checkpoint(self, step):
+        if self.main:
+            save_checkpoint(self.out, step, self.model.unet, self.optimizer, self.generator, self.config_text,
+                            metrics_text(self.rows), self.cfg.keep_checkpoints, self.model.lora_prefix)
+
+    @contextlib.contextmanager
+    def training(self, step):
+        """Catch Ctrl-C and SIGTERM (a cluster's pre-emption) until the loop ends, and show a progress bar."""
+        with stop_signals() as self.stop, tqdm(total=self.cfg.max_steps, initial=step, desc="training", unit="step",
+                                               disable=not self.main) as self.bar:
+            yield
+
+    def record(self, step, loss, rewards, grad_norm, k, finite, seconds):
+        """After a step: its metrics row (and evaluation), the non-finite count, checkpoints, signals.
+        Returns True when the run must stop now (a signal arrived; a checkpoint has been saved)."""
+        cfg = self.cfg
+        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+        r = all_gather(rewards.to(self.device), self.world)
+        row = dict(step=step, reward_mean=r.mean().item(), reward_std=r.std(unbiased=False).item(), loss=loss,
+                   lr=cfg.lr, grad_norm=grad_norm, grad_steps=k, skipped=int(not finite), eval_reward="")
+        self.rows.append({**row, **self.evaluate(step), "seconds": round(seconds, 3)})
+        if self.main:
+            atomic_write_text(self.out / "metrics.csv", metrics_text(self.rows))
+            if self.tracker:
+                self.tracker(self.rows[-1])
+            post = dict(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.4f}")
+            if self.device.startswith("cuda"):
+                post["peak_GB"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
+            self.bar.set_postfix(post)
+            self.bar.update(1)
+        if self.bad_in_a_row >= cfg.max_bad_steps:
+            self.checkpoint(step)
+            raise UserError(f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}); "
+                            "their updates were skipped. Lower --lr or check the reward; resume with --resume")
+        if not finite:
+            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({self.bad_in_a_row} in a row)")
+        interrupted = bool(all_gather(torch.tensor([float(bool(self.stop))], device=self.device), self.world).max())
+        if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
+            self.checkpoint(step)
+        return interrupted
+
+    def finish(self, step):
+        """The end of a run on the main process: last checkpoint, LoRA, reward curve, after-videos."""
+        if not self.main:
+            return
+        cfg, out = self.cfg, self.out
+        if not self.stop and not (cfg.save_every and step % cfg.save_every == 0):
+            self.checkpoint(step)
+        save_lora(self.model.unet, out / "lora.safetensors", prefix=self.model.lora_prefix)
+        plot_rewards(out, self.rows, cfg.reward)
+        if self.stop:
+            print(f"stopped by {self.stop[0]} after step {step}; checkpoint saved. Continue with: "
+                  f"python train.py --resume {out}")
+            return
+        self.videos("after", cfg.num_videos, False)
+        trained = [r for r in self.rows if r["reward_mean"] != ""]
+        print(f"done: training reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "
+              f"{trained[-1]['reward_mean']:.4f} (step {step}); wrote {out}/lora.safetensors, metrics.csv, "
+              "reward_curve.png, videos/before|after.mp4")
+        for line in eval_summary(self.rows):
+            print(line)

@@ -1,0 +1,144 @@
+"""Wan2.1: a flow-matching transformer, a causal video VAE, and a text encoder too big to keep.
+
+Read after the ModelScope path: VADER's step (train.py, vader.py) is the same; what changes is
+behind the family interface of models.py, and this file is all of it.
+- The denoiser, `WanTransformer3DModel`: 30 blocks (for the 1.3B) of self-attention over every
+  latent patch of every frame, cross-attention to the text, and an FFN. It predicts the
+  velocity of a flow-matching ODE, sampled by sampler.FlowSchedule's Euler steps; classifier-free
+  guidance combines velocities exactly as it combines ε.
+- The VAE, `AutoencoderKLWan`, compresses 8x in space and 4x in time, and is causal in time:
+  F = 1 + 4k pixel frames <-> 1 + k latent frames, and a latent frame is decoded from itself
+  and a cache of what the frames before it left behind (`decode_frames`).
+- The text encoder, UMT5-XXL: 5.7 B parameters that outweigh the transformer and VAE together,
+  reading 512 tokens with an attention mask. It lives in CPU memory and visits the GPU alone.
+"""
+import contextlib
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from models import VideoModel
+from sampler import FlowSchedule
+
+TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
+
+
+class WanModel(VideoModel):
+    """Wan2.1's transformer (in the field `unet`), causal VAE, UMT5 encoder and tokenizer."""
+
+    lora_prefix = "transformer."  # diffusers' WanPipeline loads a LoRA's "transformer." keys
+    schedule_class = FlowSchedule
+    parts = "transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
+
+    @property
+    def vae_factor(self):
+        return self.vae.config.scale_factor_spatial
+
+    @property
+    def size_multiple(self):
+        """The VAE's factor times the transformer's 2x2 patches of latent cells."""
+        return self.vae_factor * self.unet.config.patch_size[1]
+
+    @property
+    def temporal_factor(self):
+        return self.vae.config.scale_factor_temporal
+
+    @property
+    def text_length(self):
+        return TEXT_LENGTH
+
+    def embed(self, prompts):
+        """Prompts -> (b, 512, 4096). UMT5 reads the prompt with its attention mask, and WanPipeline
+        zeroes the embeddings of the padding tokens before the transformer sees them; so here."""
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=TEXT_LENGTH,
+                                return_tensors="pt")
+        mask = tokens.attention_mask.to(self.text_encoder.device)  # (b, 512): 1 for the prompt's tokens
+        emb = self.text_encoder(tokens.input_ids.to(mask.device), attention_mask=mask).last_hidden_state
+        return emb * mask[..., None].to(emb.dtype)  # (b, 512, D), padding zeroed
+
+    @contextlib.contextmanager
+    def text_encoder_on_device(self):
+        """The transformer and the VAE step out to CPU memory while UMT5 encodes on the device, so
+        the three never share the GPU and a card holds each in turn."""
+        if self.device == "cpu":
+            yield
+            return
+        for m in (self.unet, self.vae):
+            m.to("cpu")
+        self.text_encoder.to(self.device)
+        try:
+            yield
+        finally:
+            self.text_encoder.to("cpu")
+            for m in (self.unet, self.vae):
+                m.to(self.device)
+
+    def frame_pool(self, frames, f):
+        """The shortest prefix of the video that holds f frames: a frame can only be decoded exactly
+        by decoding every latent frame before it, so the f frames come from the first
+        m = 1 + ceil((f - 1) / 4) latent frames, 1 + 4 (m - 1) pixel frames (f = 1: pixel frame 0
+        alone, the cheapest; f = 5: 2 latent frames). The reward then sees only the start of the
+        video, the price of exactness."""
+        r = self.temporal_factor
+        return min(frames, 1 + r * math.ceil((f - 1) / r))
+
+    def decode_frames(self, z0, frame_idx, use_checkpoint=True, one_at_a_time=False):
+        """Decode all m latent frames of z0 (B, C, m, h, w), keep pixel frames `frame_idx` of the 1 + 4 (m - 1).
+
+        z0 may be the first m latent frames of a longer video (the prefix `frame_pool` names): the
+        frames returned equal those of a full decode, exactly, because the decoder only looks back.
+        The whole decode is one checkpoint, recomputed in backward. Its blocks cannot be
+        checkpointed one by one as SD's are: each call advances a feature cache shared by the whole
+        decode, so a block run again on its own would read the cache of a later frame.
+
+        The checkpoint runs with `early_stop=False`. By default a recomputation stops as soon as
+        it has rebuilt the tensors backward needs, here before the decode's final `clear_cache()`,
+        and the causal cache would keep the recomputed activations alive through the rest of
+        backward (the transformer's). With `one_at_a_time` each video is its own checkpoint.
+        """
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean, device=z0.device).view(1, -1, 1, 1, 1)  # (1, C, 1, 1, 1)
+        std = torch.tensor(config.latents_std, device=z0.device).view(1, -1, 1, 1, 1)
+        z = (z0 * std + mean).to(self.vae.dtype)  # (B, C, m, h, w): undo Wan's per-channel normalisation
+
+        def decode(z):
+            return self.vae.decode(z).sample  # (n, 3, 1 + 4 (m - 1), H, W) in [-1, 1]
+
+        def run(z):
+            if use_checkpoint and torch.is_grad_enabled():
+                return checkpoint(decode, z, use_reentrant=False, early_stop=False)
+            return decode(z)
+
+        x = torch.cat([run(zi) for zi in z.split(1)]) if one_at_a_time else run(z)  # (B, 3, 1 + 4 (m - 1), H, W)
+        x = x[:, :, frame_idx.to(x.device)]  # (B, 3, f, H, W)
+        return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, f, 3, H, W) in [0, 1]
+
+    def enable_checkpointing(self):
+        """diffusers' own checkpointing of each transformer block (non-reentrant, only while autograd
+        records); the VAE is checkpointed whole in `decode_frames`. Also the timestep hook."""
+        self.unet.enable_gradient_checkpointing()
+        self.unet.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
+
+    @classmethod
+    def load_components(cls, source, spec, dtype):
+        """As WanPipeline.from_pretrained reads them. `from_pretrained` keeps the transformer's norms,
+        time embedding and modulation tables in float32 (its `_keep_in_fp32_modules`)."""
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        transformer = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype)
+        vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
+        text_encoder = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
+        return transformer, vae, text_encoder, AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+
+
+def _timestep_per_video(transformer, args, kwargs):
+    """Forward pre-hook: the sampler's timestep, a Python number, as the (B,) tensor Wan's embedding needs.
+
+    UNets take a number and broadcast it themselves; WanTransformer3DModel reads `timestep.ndim`.
+    """
+    if len(args) < 2 or torch.is_tensor(args[1]):  # called by keyword (WanPipeline), or with a tensor already
+        return args, kwargs
+    x, t = args[0], args[1]  # (B, C, F, h, w), a float T·σ
+    return (x, torch.full((x.shape[0],), float(t), device=x.device), *args[2:]), kwargs  # timestep (B,)
