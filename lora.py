@@ -6,8 +6,8 @@ a frozen weight W0 (out, in) is adapted as
     h = W0 x + (alpha / r) · B A x        A: (r, in), B: (out, r), r << min(in, out)
 
 A starts random and B starts at zero, so B A = 0 and the model is exactly unchanged until the
-first update. Only A and B train: for ModelScope at r = 16 that is 6.65 M parameters against the
-UNet's 1.41 B, which is what lets alignment fit one GPU.
+first update. Only A and B train, a few million parameters against the denoiser's billion or
+more, which is what lets alignment fit one GPU.
 
 Manual mixed precision. The frozen base may sit in bf16 or fp16 (half the memory, and it never
 receives updates, so rounding cannot accumulate in it). The LoRA weights, their gradients and
@@ -66,11 +66,13 @@ class LoRALinear(nn.Module):
 class LoRAUpdate(torch.autograd.Function):
     """(alpha / r) B A x computed in float32 for an x in bf16 or fp16, saving x itself for backward.
 
-    Written plainly, `lora_A(x.float())` makes autograd keep the float32 copy of x until backward:
-    twice x's own size, once for every adapted projection (to_q, to_k and to_v read the same x
-    and would keep three copies), 28% of what a recomputed UNet block holds at 384x384. Here
-    backward casts x again instead; x is kept anyway by the frozen base layer, so the adapter adds
-    only h = A x (rank-wide, small). The arithmetic is that of autograd on the plain form.
+    Written plainly, `lora_A(x.float())` makes autograd keep the float32 copy of x until backward,
+    twice x's own size, and one for every adapted projection: to_q, to_k and to_v read the same x
+    and would keep three copies. Here each adapter saves x as it is, in bf16, and the three save
+    the same tensor, so one shared bf16 copy replaces three float32 ones. It is still memory the
+    frozen layer alone would not keep: a linear whose weight needs no gradient saves only its
+    weight (grad_x = grad_y W), not x (tests/test_lora.py holds this to autograd). Backward casts
+    x again; the arithmetic is that of autograd on the plain form.
     """
 
     @staticmethod

@@ -113,3 +113,30 @@ def test_mixed_precision_keeps_lora_in_float32():
     for p in (layer.lora_A.weight, layer.lora_B.weight):
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
     assert base.weight.grad is None
+
+
+def saved_by(fn):
+    """The tensors autograd saves for backward while fn() runs."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def test_what_a_frozen_linear_and_the_lora_update_save():
+    """The claim of lora.LoRAUpdate: a frozen base layer keeps only its weight, and the adapter
+    keeps its bf16 input itself (one shared tensor for q, k and v), not a float32 copy."""
+    base = torch.nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    assert [t.data_ptr() for t in saved_by(lambda: base(x))] == [base.weight.data_ptr()]
+    layers = [LoRALinear(torch.nn.Linear(8, 8).to(torch.bfloat16), rank=2) for _ in range(3)]  # q, k, v
+    saved = saved_by(lambda: [layer(x) for layer in layers])
+    inputs = [t for t in saved if t.shape == x.shape]
+    assert len(inputs) == 3 and all(t.dtype == torch.bfloat16 and t.data_ptr() == x.data_ptr() for t in inputs)
+    plain = saved_by(lambda: layers[0].lora_A(x.float()))  # the plain form keeps a float32 copy of x
+    assert any(t.shape == x.shape and t.dtype == torch.float32 for t in plain)
