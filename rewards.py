@@ -1,4 +1,4 @@
-"""Reward models: one registry, one signature.
+"""Rewards: the contract, one reward written out (aesthetic), and the registry.
 
 Every reward is made by a small factory picked by name (the ddpo-pytorch pattern) and has the
 signature
@@ -9,35 +9,166 @@ where `frames` is a float tensor (B, f, 3, H, W) in [0, 1] (the f decoded frames
 B videos) and `prompts` a list of B strings. The reward must be differentiable with respect to
 `frames`: VADER's whole point is that the reward's gradient flows back through the VAE decoder
 and the last denoising steps into the LoRA weights. Reward models are frozen
-(`requires_grad_(False)`, `eval()`), so only the video model learns.
+(`requires_grad_(False)`, `eval()`), so only the video model learns. A reward may carry
+`min_frames` (train.py checks --decode-frames against it); a measure with no gradient (the toy
+world's detector) carries `differentiable = False` and can only be watched (--eval-rewards).
 
-A reward function may carry `min_frames` (how many decoded frames it needs at least);
-`train.py` checks `--decode-frames` against it before any work starts. A measure with no
-gradient (the toy world's detector) carries `differentiable = False`: it cannot be trained on,
-only watched with `--eval-rewards`, and may report `parts(frames, prompts) -> {name: value}`,
-each logged as its own column.
-
-The rewards in this file need no weights, so the built-in tiny model has something real to
-optimise on a laptop CPU. The others are named in `_ELSEWHERE` by module path: the model-backed
-rewards in reward_models/ (aesthetic, hps, pickscore, clip, aesthetic_hps in image.py; actpred,
-object, video_text, temporal in video.py) and the toy world's in toy/rewards.py. Their module is
-imported only when one of their rewards is built, and their libraries and weights are loaded
-only then too.
+The reward of the headline command, `aesthetic`, is written out below: CLIP ViT-L/14's vision
+tower and LAION's aesthetic MLP, with the preprocessing rebuilt in torch. The other rewards live
+below this file (reward_models/ for the model-backed and weight-free ones, toy/ for the toy
+world's) and are imported only when asked for.
 """
 import importlib
-import inspect
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from infra.cli import UserError
+from reward_models.common import freeze, from_pretrained, load_checkpoint, weights_file
+from reward_models.options import check_options, parse_options, parse_reward_spec, route_options
 
-REWARDS: dict[str, str] = {}  # name -> one-line description, shown by --help and in errors
-_FACTORIES = {}  # name -> factory(device, dtype, **options) -> reward function, or "module:function"
+__all__ = ["REWARDS", "load_reward", "load_eval_rewards", "parse_options", "per_frame", "register"]
 
-# Rewards defined in other modules: name -> ("module:function", description).
+CLIP_L14 = "openai/clip-vit-large-patch14"  # the backbone of the aesthetic head (and of the `clip` reward)
+AESTHETIC_REPO, AESTHETIC_FILE = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"
+
+
+def per_frame(score_images):
+    """Lift an image score (N, 3, H, W) -> (N,) to a video reward: score each frame, then average.
+
+    Image reward models see every decoded frame on its own; the video's reward is the mean over
+    its f frames, as VADER does for its image rewards.
+    """
+
+    def reward(frames, prompts):
+        b, f = frames.shape[:2]
+        scores = score_images(frames.flatten(0, 1))  # (B*f, 3, H, W) -> (B*f,)
+        return scores.view(b, f).mean(dim=1)  # (B,)
+
+    return reward
+
+
+#### Differentiable preprocessing
+#
+# The official image processors (CLIPImageProcessor and its kin) convert frames to uint8 PIL
+# images or arrays, resize them, and round again: the rounding has no gradient, so a reward
+# computed through them would hand VADER zeros. The same resize / crop / normalise is written here
+# with float tensor ops, so d(reward)/d(pixels) exists. One deliberate difference: the official
+# path clamps the resized image to [0, 255]; we keep floats, so the bicubic filter's small
+# overshoot at sharp edges survives (clamping would zero those pixels' gradient).
+# tests/test_reward_models.py bounds the difference against the official processors.
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP, OpenCLIP ViT-H-14, OWLv2
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize(images, mean, std):
+    """(N, 3, H, W) in [0, 1] -> (x - mean) / std per channel."""
+    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    return (images - mean) / std
+
+
+def resize(images, size, mode):
+    """(N, 3, H, W) -> (N, 3, h, w) with an antialiased filter (as PIL and torchvision do)."""
+    return F.interpolate(images, size=tuple(size), mode=mode, antialias=True, align_corners=False)
+
+
+def resize_short_side(images, size, mode):
+    """Resize so the short side is `size`; the long side is int(size * long / short), the rule
+    of torchvision's Resize(int) and transformers' {"shortest_edge": size}."""
+    h, w = images.shape[-2:]
+    new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    return resize(images, new, mode)  # (N, 3, h', w')
+
+
+def center_crop(images, size):
+    """(N, 3, H, W) -> (N, 3, size, size), offsets rounded as in torchvision's center_crop."""
+    h, w = images.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return images[..., top : top + size, left : left + size]
+
+
+def clip_pixels(images, size):
+    """CLIPImageProcessor: short side -> size (bicubic), centre crop, OpenAI mean/std.
+
+    (N, 3, H, W) in [0, 1] -> (N, 3, size, size). VADER squashes frames to size x size instead;
+    for square frames the two agree.
+    """
+    x = center_crop(resize_short_side(images, size, "bicubic"), size)  # (N, 3, size, size)
+    return normalize(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+#### The aesthetic reward
+
+class AestheticHead(nn.Module):
+    """LAION aesthetic predictor v2 ("sac+logos+ava1-l14-linearMSE"): a purely linear MLP
+    768 -> 1024 -> 128 -> 64 -> 16 -> 1 on unit-norm CLIP ViT-L/14 image embeddings. The dropouts
+    do nothing in eval mode but keep the indices, so the keys match layers.{0,2,4,6,7}.*."""
+
+    def __init__(self, dim=768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024), nn.Dropout(0.2),
+            nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )  # fmt: skip
+
+    def forward(self, embeds):  # (N, 768) -> (N,)
+        return self.layers(embeds).squeeze(-1)
+
+
+def aesthetic(device="cpu", dtype=torch.float32, weights=None, clip_model=CLIP_L14):
+    """The aesthetic score VADER (and DDPO, AlignProp) maximise, per frame, range about 1..10.
+
+    weights: path to aesthetic-model.pth (default: downloaded from trl-lib/ddpo-aesthetic-predictor,
+    the LAION file under another name); clip_model: hub id or folder of the CLIP backbone.
+    Only CLIP's vision tower and projection are loaded (304 M of ViT-L/14's 428 M parameters):
+    the head never reads the text tower, so it would hold 0.23 GiB of bf16 weights for nothing.
+    `CLIPVisionModelWithProjection` reads them from the whole CLIP checkpoint, and its
+    `image_embeds` are `CLIPModel.get_image_features`.
+    """
+    from transformers import CLIPConfig, CLIPVisionModelWithProjection
+
+    def load_vision(source):
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()  # the text tower's weights are skipped on purpose: no report of them
+        config = CLIPConfig.from_pretrained(source)
+        config.vision_config.projection_dim = config.projection_dim  # kept at the top level of a CLIP config
+        return CLIPVisionModelWithProjection.from_pretrained(source, config=config.vision_config)
+
+    path = weights_file(weights, AESTHETIC_REPO, AESTHETIC_FILE, "weights")  # fail fast, before CLIP
+    clip = freeze(from_pretrained(load_vision, clip_model, "clip_model"), device, dtype)
+    head = AestheticHead(clip.config.projection_dim)
+    load_checkpoint(head, path, "weights", "aesthetic head")
+    head = freeze(head, device, dtype)
+    size = clip.config.image_size  # 224
+
+    def score(images):  # (N, 3, H, W) -> (N,)
+        embeds = clip(pixel_values=clip_pixels(images, size).to(dtype)).image_embeds  # (N, 768)
+        return head(F.normalize(embeds, dim=-1)).float()  # the head was trained on unit-norm embeds
+
+    return per_frame(score)
+
+
+#### The registry
+
+REWARDS: dict[str, str] = {"aesthetic": "LAION aesthetic predictor v2 on CLIP ViT-L/14 frames, ~1..10 "
+                                        "(trl-lib/ddpo-aesthetic-predictor)"}  # name -> one line, for --help and errors
+_FACTORIES = {"aesthetic": aesthetic}  # name -> factory(device, dtype, **options), or "module:function"
+
+# Rewards defined below this file: name -> ("module:function", description).
 _ELSEWHERE = {
-    "aesthetic": ("reward_models.image:aesthetic",
-                  "LAION aesthetic predictor v2 on CLIP ViT-L/14 frames, ~1..10 (trl-lib/ddpo-aesthetic-predictor)"),
+    "dynamics": ("reward_models.pixels:dynamics", "mean change between consecutive frames, 0..1: how much moves (needs 2+ frames)"),
+    "smoothness": ("reward_models.pixels:smoothness", "negative mean change between consecutive decoded frames (needs 2+ frames)"),
+    "compressibility": ("reward_models.pixels:compressibility", "negative total variation, a differentiable stand-in for JPEG size"),
+    "colorfulness": ("reward_models.pixels:colorfulness", "Hasler-Suesstrunk colourfulness, ~0..1 (weight-free; for the tiny model)"),
+    "darkness": ("reward_models.pixels:darkness", "1 - mean luma, 0..1 (weight-free; the opposite of brightness)"),
+    "brightness": ("reward_models.pixels:brightness", "mean luma of the frames, 0..1 (weight-free; for the tiny model)"),
     "hps": ("reward_models.image:hps",
             "HPSv2.1 human preference: cosine of OpenCLIP ViT-H-14 frame and prompt, ~0.2..0.35 (xswu/HPSv2)"),
     "pickscore": ("reward_models.image:pickscore",
@@ -64,6 +195,8 @@ _ELSEWHERE = {
     "detector": ("toy.rewards:detector",
                  "toy world, evaluation only: the weight-free detector's accuracy on the caption's attributes, 0..1"),
 }
+REWARDS.update({name: description for name, (_, description) in _ELSEWHERE.items()})
+_FACTORIES.update({name: path for name, (path, _) in _ELSEWHERE.items()})
 
 
 def register(name, description):
@@ -77,12 +210,10 @@ def register(name, description):
     return add
 
 
-REWARDS.update({name: description for name, (_, description) in _ELSEWHERE.items()})
-_FACTORIES.update({name: path for name, (path, _) in _ELSEWHERE.items()})
-
-
 def _factory(name):
     """The factory of a registered reward, importing its module the first time it is asked for."""
+    if name not in _FACTORIES:
+        raise UserError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
     factory = _FACTORIES[name]
     if isinstance(factory, str):
         module, _, function = factory.partition(":")
@@ -90,80 +221,24 @@ def _factory(name):
     return factory
 
 
-def known_rewards():
-    """The registered names, for error messages."""
-    return ", ".join(sorted(REWARDS))
-
-
-def _options_of(name):
-    """The option names a reward's factory takes, or None when it passes **options through."""
-    params = inspect.signature(_factory(name)).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params) - {"device", "dtype"}
-
-
 def _build(name, device, dtype, options):
-    """Build one registered reward, checking its options first."""
-    accepted = _options_of(name)
-    unknown = set() if accepted is None else set(options) - accepted
-    if unknown:
-        raise UserError(
-            f"reward {name!r} takes no option {', '.join(sorted(unknown))}; "
-            f"its options: {', '.join(sorted(accepted)) or 'none'}"
-        )
+    check_options(name, _factory(name), options)
     fn = _factory(name)(device=device, dtype=dtype, **options)
     fn.min_frames = getattr(fn, "min_frames", 1)
     return fn
 
 
-def parse_reward_spec(spec):
-    """'aesthetic:1.0,hps:2.0' -> [('aesthetic', 1.0), ('hps', 2.0)]; 'hps' -> [('hps', 1.0)]."""
-    terms = []
-    for part in spec.split(","):
-        name, has_weight, weight = part.strip().partition(":")
-        try:
-            terms.append((name.strip(), float(weight) if has_weight else 1.0))
-        except ValueError:
-            raise UserError(
-                f"reward weight {weight!r} in {spec!r} is not a number; write e.g. aesthetic:1.0,hps:2.0"
-            ) from None
-    return terms
-
-
 def load_reward(name, device="cpu", dtype=torch.float32, **options):
-    """Build the reward `name` on `device`; `options` go to its factory.
+    """Build the reward `name` on `device`; `options` go to its factory (reward_models.options).
 
     `name` may be one registered reward ("hps") or a weighted sum ("aesthetic:1.0,hps:2.0"),
-    whose reward is sum_i w_i * r_i(frames, prompts). Options reach a sum's terms by name:
-    "hps.version" goes to the hps term only (and wins over a plain one); a plain option
-    ("weights") goes to every term that takes it and is an error when none does; `device` and
-    `dtype` go to every term. A single reward takes its options plainly ("version") or
-    qualified ("hps.version").
-    Raises `UserError` for an unknown name, a bad weight, or an option no term takes.
+    whose reward is sum_i w_i * r_i(frames, prompts).
     """
     terms = parse_reward_spec(name)
     names = [n for n, _ in terms]
     for n in names:
-        if n not in _FACTORIES:
-            raise UserError(f"unknown reward {n!r}; known rewards: {known_rewards()}")
-    per_term = {n: {} for n in names}
-    for key, value in sorted(options.items(), key=lambda kv: "." in kv[0]):  # qualified ones win
-        target, dot, option = key.rpartition(".")
-        if dot and target in per_term:
-            takers = [target]
-        elif dot:  # "hps.version" for a term that is itself a sum (aesthetic_hps) goes on whole
-            takers, option = [n for n in names if _options_of(n) is None], key
-            if not takers:
-                raise UserError(f"option {key!r} names no term of reward {name!r} (terms: {', '.join(names)})")
-        elif len(names) == 1:
-            takers = names  # a lone reward reports its own "takes no option" error in _build
-        else:
-            takers = [n for n in names if _options_of(n) is None or option in _options_of(n)]
-        if not takers:
-            raise UserError(f"no term of reward {name!r} takes option {key!r}")
-        for n in takers:
-            per_term[n][option] = value
+        _factory(n)  # an unknown name fails here, before anything is built
+    per_term = route_options(name, names, options, _factory)
     fns = [(w, _build(n, device, dtype, per_term[n])) for n, w in terms]
     for n, (_, fn) in zip(names, fns):
         if not getattr(fn, "differentiable", True):
@@ -185,125 +260,5 @@ def load_eval_rewards(spec, device="cpu", dtype=torch.float32, build=True):
     names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
     for n in names:
         if n not in _FACTORIES:
-            raise UserError(f"--eval-rewards: unknown reward {n!r}; known rewards: {known_rewards()}")
+            raise UserError(f"--eval-rewards: unknown reward {n!r}; known rewards: {', '.join(sorted(REWARDS))}")
     return {n: _build(n, device, dtype, {}) for n in names} if build else {}
-
-
-def parse_options(text):
-    """--reward-options 'label=dancing,log_prob=true' -> {'label': 'dancing', 'log_prob': True} (numbers, booleans parsed)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep:
-            raise UserError(f"--reward-options wants key=value pairs, got {item!r}")
-        if value.lower() in ("true", "false"):
-            out[key] = value.lower() == "true"
-            continue
-        for cast in (int, float, str):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                pass
-    return out
-
-
-def per_frame(score_images):
-    """Lift an image score (N, 3, H, W) -> (N,) to a video reward: score each frame, then average.
-
-    Image reward models see every decoded frame on its own; the video's reward is the mean over
-    its f frames, as VADER does for its image rewards.
-    """
-
-    def reward(frames, prompts):
-        b, f = frames.shape[:2]
-        scores = score_images(frames.flatten(0, 1))  # (B*f, 3, H, W) -> (B*f,)
-        return scores.view(b, f).mean(dim=1)  # (B,)
-
-    return reward
-
-
-# Rec. 601 luma weights: Y = 0.299 R + 0.587 G + 0.114 B.
-LUMA = (0.299, 0.587, 0.114)
-
-
-def luma(images):
-    """(..., 3, H, W) in [0, 1] -> (..., H, W) luma."""
-    w = torch.tensor(LUMA, device=images.device, dtype=images.dtype)
-    return torch.einsum("...chw,c->...hw", images, w)
-
-
-@register("brightness", "mean luma of the frames, 0..1 (weight-free; for the tiny model)")
-def brightness(device="cpu", dtype=torch.float32):
-    return per_frame(lambda img: luma(img).mean(dim=(-2, -1)))
-
-
-@register("darkness", "1 - mean luma, 0..1 (weight-free; the opposite of brightness)")
-def darkness(device="cpu", dtype=torch.float32):
-    return per_frame(lambda img: 1 - luma(img).mean(dim=(-2, -1)))
-
-
-@register("colorfulness", "Hasler-Suesstrunk colourfulness, ~0..1 (weight-free; for the tiny model)")
-def colorfulness(device="cpu", dtype=torch.float32):
-    """Hasler & Suesstrunk (2003), "Measuring colourfulness in natural images", Eq. (3).
-
-    With opponent channels rg = R - G and yb = (R + G)/2 - B over the pixels of a frame:
-        C = sqrt(std(rg)^2 + std(yb)^2) + 0.3 * sqrt(mean(rg)^2 + mean(yb)^2).
-    Computed on [0, 1] pixels (the paper uses 0..255, so its thresholds are 255 times ours).
-    A tiny epsilon keeps the square roots differentiable at a grey frame.
-    """
-
-    def score(img):  # (N, 3, H, W)
-        r, g, b = img.unbind(dim=1)  # each (N, H, W)
-        rg, yb = r - g, 0.5 * (r + g) - b
-        spread = (rg.var(dim=(-2, -1)) + yb.var(dim=(-2, -1)) + 1e-8).sqrt()
-        offset = (rg.mean(dim=(-2, -1)) ** 2 + yb.mean(dim=(-2, -1)) ** 2 + 1e-8).sqrt()
-        return spread + 0.3 * offset  # (N,)
-
-    return per_frame(score)
-
-
-@register("compressibility", "negative total variation, a differentiable stand-in for JPEG size")
-def compressibility(device="cpu", dtype=torch.float32):
-    """DDPO's "compressibility" reward is minus the JPEG file size, which has no gradient.
-
-    Total variation (the mean absolute difference between neighbouring pixels) tracks how much
-    high-frequency detail an image has, which is what JPEG spends its bits on; its negative is a
-    differentiable proxy. Range about -1..0; 0 is a flat image.
-    """
-
-    def score(img):  # (N, 3, H, W)
-        dy = (img[..., 1:, :] - img[..., :-1, :]).abs().mean(dim=(-3, -2, -1))
-        dx = (img[..., :, 1:] - img[..., :, :-1]).abs().mean(dim=(-3, -2, -1))
-        return -(dx + dy)  # (N,)
-
-    return per_frame(score)
-
-
-def frame_change(name, sign):
-    """sign * mean |frame[i+1] - frame[i]| over the decoded frames: a reward of 2+ frames."""
-
-    def reward(frames, prompts):  # frames (B, f, 3, H, W)
-        if frames.shape[1] < 2:
-            raise UserError(f"the {name} reward compares frames: use --decode-frames 2 or more")
-        return sign * (frames[:, 1:] - frames[:, :-1]).abs().mean(dim=(1, 2, 3, 4))  # (B,)
-
-    reward.min_frames = 2
-    return reward
-
-
-@register("smoothness", "negative mean change between consecutive decoded frames (needs 2+ frames)")
-def smoothness(device="cpu", dtype=torch.float32):
-    """Temporal smoothness: -mean |frame[i+1] - frame[i]| over the decoded frames, range -1..0.
-
-    With frame subsampling the decoded frames are a sorted random subset, so "consecutive" means
-    consecutive among those decoded; the reward still rewards less flicker and motion.
-    """
-    return frame_change("smoothness", -1)
-
-
-@register("dynamics", "mean change between consecutive frames, 0..1: how much moves (needs 2+ frames)")
-def dynamics(device="cpu", dtype=torch.float32):
-    """The opposite of smoothness, as a measure to watch: image rewards scored frame by frame are
-    known to lower a video's motion, and a fall of this number on the held-out videos shows it."""
-    return frame_change("dynamics", 1)

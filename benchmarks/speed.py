@@ -95,7 +95,7 @@ def random_aesthetic(config, device, dtype):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from reward_models.common import freeze
-    from reward_models.image import AestheticHead, clip_pixels
+    from rewards import AestheticHead, clip_pixels
 
     with torch.device(device):
         vision_config = CLIPVisionConfig(**config["vision_config"], projection_dim=config["projection_dim"])

@@ -4,52 +4,19 @@ Loading: every reward model comes from its public hub id or from a local path th
 an option (`from_pretrained`, `weights_file`), is frozen (`freeze`), and turns a missing file or
 an unreachable hub into a one-line `UserError` that names the option to set.
 
-Preprocessing: the official image processors convert to uint8 PIL images or tensors, which cuts
-the gradient. The helpers below do the same resize / crop / pad / normalise with float tensor ops,
-so d(reward)/d(pixels) exists; tests/test_reward_models.py checks them against those processors.
+Preprocessing: the differentiable resize / crop / normalise live in rewards.py, where the aesthetic
+reward teaches why; video clips also need `resample_frames` and ImageNet's statistics, below.
 """
 import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from infra.cli import UserError
 from infra.files import read_tensor_state
 
-#### Differentiable preprocessing
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP, OpenCLIP ViT-H-14, OWLv2
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # VideoMAE, X-CLIP, V-JEPA 2
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def normalize(images, mean, std):
-    """(N, 3, H, W) in [0, 1] -> (x - mean) / std per channel."""
-    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(3, 1, 1)
-    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(3, 1, 1)
-    return (images - mean) / std
-
-
-def resize(images, size, mode):
-    """(N, 3, H, W) -> (N, 3, h, w) with an antialiased filter (as PIL and torchvision do)."""
-    return F.interpolate(images, size=tuple(size), mode=mode, antialias=True, align_corners=False)
-
-
-def resize_short_side(images, size, mode):
-    """Resize so the short side is `size`; the long side is int(size * long / short), the rule
-    of torchvision's Resize(int) and transformers' {"shortest_edge": size}."""
-    h, w = images.shape[-2:]
-    new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    return resize(images, new, mode)  # (N, 3, h', w')
-
-
-def center_crop(images, size):
-    """(N, 3, H, W) -> (N, 3, size, size), offsets rounded as in torchvision's center_crop."""
-    h, w = images.shape[-2:]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return images[..., top : top + size, left : left + size]
 
 
 def resample_frames(frames, n):

@@ -1,11 +1,11 @@
-"""Image reward models, scored frame by frame: aesthetic, hps, pickscore, clip, aesthetic_hps.
+"""Image reward models, scored frame by frame: hps, pickscore, clip, aesthetic_hps (aesthetic: rewards.py).
 
 Each factory loads a frozen model by its public id (or from a local path given as an option) and
 returns reward(frames (B, f, 3, H, W) in [0, 1], prompts) -> (B,), differentiable in `frames`.
 Every frame is scored on its own and the scores are averaged over f, as VADER does for image
 rewards. Text-image rewards pair row-wise: frame j of video i meets prompt i, never another.
 
-The preprocessing is the official processor's, rebuilt from tensor ops (see reward_models/common.py).
+The preprocessing is the official processor's, rebuilt from tensor ops (see rewards.py).
 Where it deviates: the official processors round the resized image to uint8 and clamp it to
 [0, 255]; we keep floats, so the bicubic filter's small overshoot at sharp edges survives
 (clamping would zero the gradient of those pixels). The tests bound the difference.
@@ -14,41 +14,17 @@ transformers and open_clip are imported inside the factories, so `import rewards
 """
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from infra.cli import UserError
-from reward_models.common import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    center_crop,
-    freeze,
-    from_pretrained,
-    load_checkpoint,
-    normalize,
-    resize,
-    resize_short_side,
-    weights_file,
-)
-from rewards import load_reward, per_frame
+from reward_models.common import freeze, from_pretrained, load_checkpoint, weights_file
+from rewards import CLIP_L14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_pixels, load_reward, normalize, resize
 
-CLIP_L14 = "openai/clip-vit-large-patch14"  # the backbone of the aesthetic head and of `clip`
-AESTHETIC_REPO, AESTHETIC_FILE = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"
 HPS_REPO, HPS_FILES = "xswu/HPSv2", {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 PICKSCORE = "yuvalkirstain/PickScore_v1"
 PICKSCORE_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore ships no tokenizer
 
 
 #### Preprocessing and shared pieces
-
-
-def clip_pixels(images, size):
-    """CLIPImageProcessor: short side -> size (bicubic), centre crop, OpenAI mean/std.
-
-    (N, 3, H, W) in [0, 1] -> (N, 3, size, size). VADER squashes frames to size x size instead;
-    for square frames the two agree.
-    """
-    x = center_crop(resize_short_side(images, size, "bicubic"), size)  # (N, 3, size, size)
-    return normalize(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
 def hps_pixels(images, size):
@@ -106,59 +82,6 @@ def load_clip(source, tokenizer_source, tokenizer_option, device, dtype):
 
 
 #### The rewards
-
-
-class AestheticHead(nn.Module):
-    """LAION aesthetic predictor v2 ("sac+logos+ava1-l14-linearMSE"): a purely linear MLP
-    768 -> 1024 -> 128 -> 64 -> 16 -> 1 on unit-norm CLIP ViT-L/14 image embeddings. The dropouts
-    do nothing in eval mode but keep the indices, so the keys match layers.{0,2,4,6,7}.*."""
-
-    def __init__(self, dim=768):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2),
-            nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )  # fmt: skip
-
-    def forward(self, embeds):  # (N, 768) -> (N,)
-        return self.layers(embeds).squeeze(-1)
-
-
-def aesthetic(device="cpu", dtype=torch.float32, weights=None, clip_model=CLIP_L14):
-    """The aesthetic score VADER (and DDPO, AlignProp) maximise, per frame, range about 1..10.
-
-    weights: path to aesthetic-model.pth (default: downloaded from trl-lib/ddpo-aesthetic-predictor,
-    the LAION file under another name); clip_model: hub id or folder of the CLIP backbone.
-    Only CLIP's vision tower and projection are loaded (304 M of ViT-L/14's 428 M parameters):
-    the head never reads the text tower, so it would hold 0.23 GiB of bf16 weights for nothing.
-    `CLIPVisionModelWithProjection` reads them from the whole CLIP checkpoint, and its
-    `image_embeds` are `CLIPModel.get_image_features`.
-    """
-    from transformers import CLIPConfig, CLIPVisionModelWithProjection
-
-    def load_vision(source):
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()  # the text tower's weights are skipped on purpose: no report of them
-        config = CLIPConfig.from_pretrained(source)
-        config.vision_config.projection_dim = config.projection_dim  # kept at the top level of a CLIP config
-        return CLIPVisionModelWithProjection.from_pretrained(source, config=config.vision_config)
-
-    path = weights_file(weights, AESTHETIC_REPO, AESTHETIC_FILE, "weights")  # fail fast, before CLIP
-    clip = freeze(from_pretrained(load_vision, clip_model, "clip_model"), device, dtype)
-    head = AestheticHead(clip.config.projection_dim)
-    load_checkpoint(head, path, "weights", "aesthetic head")
-    head = freeze(head, device, dtype)
-    size = clip.config.image_size  # 224
-
-    def score(images):  # (N, 3, H, W) -> (N,)
-        embeds = clip(pixel_values=clip_pixels(images, size).to(dtype)).image_embeds  # (N, 768)
-        return head(F.normalize(embeds, dim=-1)).float()  # the head was trained on unit-norm embeds
-
-    return per_frame(score)
 
 
 def hps(device="cpu", dtype=torch.float32, version="v2.1", weights=None, arch="ViT-H-14"):

@@ -4,7 +4,7 @@ Same contract as every reward (see rewards.py): reward(frames (B, f, 3, H, W) in
 -> (B,), differentiable in `frames`, models frozen. The video models (VideoMAE, X-CLIP, V-JEPA 2)
 see the decoded frames together as one clip; the detector (OWLv2) scores frame by frame.
 
-The preprocessing is the official processor's, rebuilt from tensor ops (see reward_models/common.py).
+The preprocessing is the official processor's, rebuilt from tensor ops (see rewards.py).
 Where it deviates: the official processors round the resized frames to uint8 and we keep floats;
 for OWLv2 see `owl_pixels`. The tests bound the differences.
 
@@ -18,20 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from infra.cli import UserError
-from reward_models.common import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    center_crop,
-    freeze,
-    from_pretrained,
-    normalize,
-    resample_frames,
-    resize,
-    resize_short_side,
-)
-from rewards import per_frame
+from reward_models.common import IMAGENET_MEAN, IMAGENET_STD, freeze, from_pretrained, resample_frames
+from rewards import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, center_crop, normalize, per_frame, resize, resize_short_side
 
 VIDEOMAE_K400 = "MCG-NJU/videomae-base-finetuned-kinetics"
 OWLV2 = "google/owlv2-base-patch16-ensemble"

@@ -24,7 +24,9 @@ from transformers import (
 from infra.cli import UserError
 from reward_models import image as image_rewards
 from reward_models import video as video_rewards
-from reward_models.common import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+import rewards
+from reward_models.common import IMAGENET_MEAN, IMAGENET_STD
+from rewards import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from rewards import load_reward
 
 
@@ -71,7 +73,7 @@ def paths(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("models")
     clip = CLIPModel(CLIPConfig(text_config=TEXT, vision_config=dict(TINY, image_size=32, patch_size=8),
                                 projection_dim=768))  # 768: the aesthetic head's input
-    head = image_rewards.AestheticHead()
+    head = rewards.AestheticHead()
     torch.save(head.state_dict(), tmp / "aesthetic.pth")
     (tmp / "hps-tiny-test.json").write_text(
         '{"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,'
@@ -218,7 +220,7 @@ def test_aesthetic_loads_only_the_vision_tower_and_scores_as_the_whole_clip(path
     """The reward loads CLIP's vision tower and projection alone; its score equals the head on the
     whole CLIPModel's `get_image_features`, the LAION predictor's recipe."""
     clip = CLIPModel.from_pretrained(paths["aesthetic"]["clip_model"]).eval()
-    head = image_rewards.AestheticHead()
+    head = rewards.AestheticHead()
     head.load_state_dict(torch.load(paths["aesthetic"]["weights"], weights_only=True))
     frames = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # (B, f, 3, H, W)
     with torch.no_grad():
