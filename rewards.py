@@ -127,7 +127,7 @@ def aesthetic(device="cpu", dtype=torch.float32, weights=None, clip_model=CLIP_L
     weights: path to aesthetic-model.pth (default: downloaded from trl-lib/ddpo-aesthetic-predictor,
     the LAION file under another name); clip_model: hub id or folder of the CLIP backbone.
     Only CLIP's vision tower and projection are loaded (304 M of ViT-L/14's 428 M parameters):
-    the head never reads the text tower, so it would hold 0.23 GiB of bf16 weights for nothing.
+    the head never reads the text tower, whose weights would sit on the GPU for nothing.
     `CLIPVisionModelWithProjection` reads them from the whole CLIP checkpoint, and its
     `image_embeds` are `CLIPModel.get_image_features`.
     """
