@@ -1,25 +1,22 @@
 """Video models: the registry, the family interface, and the UNet families that implement it.
 
-A family is everything VADER needs to know about one kind of latent video diffusion model. Its
-class answers five questions, and vader.py and train.py ask nothing else:
-- how it encodes prompts (`embed`) and where its text encoder lives (`text_encoder_on_device`);
-- the shape of its latents (`latent_channels`, `latent_frames`, `vae_factor`, `size_multiple`);
-- which of the first pixel frames it can decode exactly (`frame_pool`), and how (`decode_frames`);
-- how its denoiser and decoder are checkpointed (`enable_checkpointing`);
-- how it is read from a folder in the diffusers layout (`load_components`).
-The denoiser is called as model(x_t, t, text) on latents (B, C, F, h, w) and returns a
-prediction of the same shape; it is kept in the field `unet` whatever its kind, the name every
-LoRA file and checkpoint of the UNet families was written with.
+A family is everything VADER needs to know about one kind of latent video diffusion model, and
+vader.py and train.py ask it nothing else: how it encodes prompts (`embed`) and where its text
+encoder waits (`text_encoder_on_device`); its latent shape (`latent_channels`, `latent_frames`,
+`vae_factor`, `size_multiple`); which frames it can decode exactly (`frame_pool`) and how
+(`decode_frames`); how it is checkpointed (`enable_checkpointing`) and read from a folder in the
+diffusers layout (`load_components`). The denoiser, kept in the field `unet` whatever its kind
+(the name every LoRA file was written with), maps latents (B, C, F, h, w) and text to a
+prediction of the same shape.
 
-This file implements the two UNet families, which share Stable Diffusion's per-frame VAE:
-- "unet3d": ModelScope T2V and its fine-tunes (Zeroscope): a `UNet3DConditionModel` (spatial
-  and temporal layers), SD's VAE, an OpenCLIP-H text encoder (1024-d embeddings).
+The two UNet families here share Stable Diffusion's per-frame VAE:
+- "unet3d": ModelScope T2V and its fine-tunes (Zeroscope): a `UNet3DConditionModel`, an
+  OpenCLIP-H text encoder (1024-d embeddings).
 - "animatediff": an SD 1.5 `UNet2DConditionModel` with AnimateDiff's motion modules inserted by
-  diffusers' `UNetMotionModel.from_unet2d(unet, adapter)`, SD's VAE, CLIP ViT-L's text encoder.
+  diffusers' `UNetMotionModel.from_unet2d(unet, adapter)`, CLIP ViT-L's text encoder.
 Wan2.1's flow-matching transformer and causal VAE are a chapter of their own: wan.py.
 """
 import contextlib
-import functools
 import importlib
 import os
 from dataclasses import dataclass, field, replace
@@ -29,10 +26,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from infra.cli import UserError, quiet_libraries
-from infra.files import first_line
+from infra.files import first_line, model_configs
 from infra.tiny import TINY_BUILDERS, tiny_folder
 from lora import TARGETS
 from sampler import Schedule
+from vader import checkpoint_blocks
 
 # The toy world's pretrained model (toy/pretrain.py writes it; committed with the code).
 TOY_FOLDER = Path(__file__).resolve().parent / "toy" / "model"
@@ -59,14 +57,12 @@ class ModelSpec:
 
 
 MODELS = {
-    # Built from small configs with a fixed seed (infra/tiny.py): random weights, no download. A
-    # random model's LoRA starts far from any useful direction, hence the large learning rate.
+    # Random weights from small configs (infra/tiny.py), hence the large learning rate.
     "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
-    # Wan2.1's family in miniature, with the same recipe: 9 frames are 3 latent frames.
+    # Wan2.1's family in miniature: 9 frames are 3 latent frames.
     "tiny-wan": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
     # The toy world (toy/world.py): a tiny UNet3D pretrained on captioned clips of one coloured
-    # shape moving over a plain background. A pretrained model's LoRA needs small steps to change
-    # what it draws without breaking it; two grad steps give the gradient more of the chain.
+    # shape moving over a plain background; a pretrained model's LoRA needs small steps.
     "toy": ModelSpec(str(TOY_FOLDER), 32, 32, 8, 10, 3.0,
                      recipe={"lr": 5e-4, "grad_steps": 2, "grad_accum": 1, "batch_size": 2,
                              "eval_rewards": "detector,toy_judge,dynamics"}),
@@ -82,11 +78,9 @@ MODELS = {
     "animatediff": ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, 512, 16, 25, 7.5,
                              family="animatediff", adapter="guoyww/animatediff-motion-adapter-v1-5-2",
                              scheduler=ANIMATEDIFF_SCHEDULER),
-    # Wan2.1 T2V 1.3B at 480x832 (wan.py). 33 frames by default; the model's full 81 with --frames 81.
-    # --low-memory by default: each grad step is checkpointed whole, so the transformer's block
-    # inputs are not held while the VAE decoder's backward runs. 40 Euler steps on the shifted σ
-    # schedule, as VideoX-Fun's reward trainer samples; guidance 5, the pipeline's. LoRA on the
-    # attention projections of the 30 blocks (VADER's choice; VideoX-Fun adapts the FFNs too).
+    # Wan2.1 T2V 1.3B at 480x832 (wan.py), 33 frames (the model's full 81 with --frames 81); 40
+    # Euler steps as VideoX-Fun's reward trainer samples, guidance 5 as the pipeline's. --low-memory
+    # by default, so the transformer's block inputs are not held during the decoder's backward.
     "wan": ModelSpec("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 480, 832, 33, 40, 5.0, family="wan",
                      recipe={"low_memory": True}),
 }
@@ -135,8 +129,7 @@ class VideoModel:
 
     @property
     def text_length(self):
-        """Tokens per prompt: the tokenizer's own length (CLIP's 77, the toy model's 8; 77 for the
-        benchmarks' random models, which have no tokenizer)."""
+        """Tokens per prompt: the tokenizer's (CLIP's 77); 77 for the benchmarks' tokenizer-less models."""
         return self.tokenizer.model_max_length if self.tokenizer is not None else 77
 
     def embed(self, prompts):
@@ -148,8 +141,7 @@ class VideoModel:
 
     @contextlib.contextmanager
     def text_encoder_on_device(self):
-        """Run the text encoder on the model's device for the prompts' one encoding, then send it
-        back to CPU memory: after the prompts are cached, training never needs it again."""
+        """The text encoder visits the model's device for the prompts' one encoding, then waits on CPU."""
         self.text_encoder.to(self.device)
         try:
             yield
@@ -157,18 +149,15 @@ class VideoModel:
             self.text_encoder.to("cpu")
 
     def frame_pool(self, frames, f):
-        """How many of the first pixel frames the f decoded frames may be drawn from: all F, since
-        SD's VAE decodes each frame alone and any f frames cost the same."""
+        """How many of the first pixel frames the f decoded ones are drawn from: all F (a per-frame VAE)."""
         return frames
 
     def decode_frames(self, z0, frame_idx, use_checkpoint=True, one_at_a_time=False):
         """Decode only the chosen frames of z0 (B, C, F, h, w) -> frames (B, f, 3, H, W) in [0, 1].
 
         SD's VAE is a 2D image decoder, so the f frames of each video are folded into the batch.
-        With `use_checkpoint` the decoder's activations are recomputed in backward instead of kept
-        (and inside that, one decoder resnet at a time: `checkpoint_blocks`). With `one_at_a_time`
-        (--low-memory) each frame is its own checkpoint, so backward recomputes one frame's
-        activations at a time instead of all B*f at once, for B*f small decoder calls instead of one.
+        `use_checkpoint` recomputes the decoder's activations in backward; `one_at_a_time`
+        (--low-memory) makes each frame its own checkpoint, for B*f small decoder calls.
         """
         z = z0[:, :, frame_idx]  # (B, C, f, h, w)
         b, c, f, h, w = z.shape
@@ -222,45 +211,12 @@ def _repeat_text(unet, args, kwargs):
 def per_frame_text(unet):
     """Let a UNetMotionModel take (B, L, D) text embeddings, as UNet3D does, so the sampler serves both.
 
-    UNetMotionModel folds the frames into the batch itself (its docstring says (B, F, C, h, w),
-    its code reads (B, C, F, h, w), which tests/test_models.py checks) but, unlike UNet3D, does not
-    repeat the text per frame; AnimateDiff's pipeline does that, and so does this hook. A hook,
-    not a wrapper module, so module paths (and LoRA and save_pretrained keys) stay diffusers'.
+    UNetMotionModel folds the frames into the batch itself (it reads (B, C, F, h, w) whatever its
+    docstring says; tests/test_models.py checks) but, unlike UNet3D, does not repeat the text per
+    frame. A hook, not a wrapper module, so module paths and LoRA keys stay diffusers'.
     """
     unet.register_forward_pre_hook(_repeat_text, with_kwargs=True)
     return unet
-
-
-#### Activation checkpointing inside the UNet
-
-def _checkpointed(forward, *args, **kwargs):
-    """Run a module's forward under non-reentrant checkpointing whenever autograd is recording."""
-    if torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
-
-
-def checkpoint_blocks(unet, enabled=True):
-    """Checkpoint every module inside the UNet's blocks: keep only its input, recompute it in backward.
-
-    The units are the modules of every block's lists (each resnet, spatial attention, temporal
-    conv, temporal attention or motion module, up- and downsampler) and `transformer_in`; backward
-    recomputes one at a time, so the peak holds one unit's activations, where whole blocks as
-    units would hold a whole block. Every unit is recomputed once: one more UNet forward per grad
-    step. diffusers' UNet3DConditionModel has no checkpointing of its own, and UNetMotionModel's
-    wraps only resnets and motion modules, so the project does it for both. The VAE's decoder
-    (its mid and up blocks) is passed here too. It acts only while autograd records, i.e. in the K
-    grad steps. Each unit's `forward` attribute is wrapped, not the unit, so module paths and
-    state-dict keys are unchanged. `enabled=False` restores the plain forwards.
-    """
-    blocks = [*getattr(unet, "down_blocks", ()), unet.mid_block, *unet.up_blocks]
-    units = [getattr(unet, "transformer_in", None)]
-    units += [m for block in filter(None, blocks) for child in block.children()
-              if isinstance(child, torch.nn.ModuleList) for m in child]
-    for unit in filter(None, units):
-        unit.__dict__.pop("forward", None)  # back to the class's own forward
-        if enabled:
-            unit.forward = functools.partial(_checkpointed, unit.forward)
 
 
 #### The registry of families, and loading
@@ -278,41 +234,15 @@ def family_class(family):
     return getattr(importlib.import_module(module), name)
 
 
-def resolve_device(device="auto"):
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype, device):
-    """The frozen base's dtype: 'auto' -> bf16 on a GPU that has it, fp16 on one that lacks it, fp32 on CPU
-    (vader.py's "Precision and memory" says why)."""
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 def spec_of(name):
     """The registry entry for `name`: a key of MODELS, a registered source, or a local folder or hub id,
     whose family and size are read off its configs (no weights are read)."""
-    from diffusers import UNet3DConditionModel
-
     spec = MODELS.get(name) or next((s for s in MODELS.values() if s.source == name), None)
     if spec is not None:
         return spec
     if not (os.path.isdir(name) or "/" in name):
         raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}, a local folder, or a hub id")
-
-    def config(subfolder):
-        try:
-            return UNet3DConditionModel.load_config(name, subfolder=subfolder)  # any model class reads a config.json
-        except (OSError, ValueError):  # not there, or no connection
-            return None
-
-    denoiser, vae = config("transformer") or config("unet"), config("vae")
+    denoiser, vae = model_configs(name)
     kind = (denoiser or {}).get("_class_name")
     if kind not in DENOISERS or vae is None:
         found = f"a {kind} in its denoiser's folder" if kind else "no unet/ or transformer/ config"

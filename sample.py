@@ -76,7 +76,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     from lora import load_lora, read_lora_file
-    from models import load_video_model, resolve_device, resolve_dtype
+    from models import load_video_model
+    from vader import resolve_device, resolve_dtype
     from vader import check_video_shape, encode_prompts, generate
 
     prompts = read_prompts(args.prompts)

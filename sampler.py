@@ -10,11 +10,8 @@ Symbols (Song et al., "Denoising Diffusion Implicit Models", arXiv 2010.02502):
 VADER (arXiv 2407.08737) backpropagates a reward through the sampling chain. Keeping the graph
 for all N steps costs N UNet activations; VADER, like AlignProp (2310.03739) and DRaFT
 (2309.17400), keeps gradients only for the last K steps ("truncated backpropagation"): the first
-N - K steps run under `torch.no_grad()`, and only the last K build an autograd graph.
-
-What a grad step keeps for backward is set outside this file (the model's own checkpointing,
-and with `checkpoint_steps=True`, --low-memory, the whole step): vader.py's "Precision and
-memory" section says what each keeps.
+N - K steps run under `torch.no_grad()`, and only the last K build an autograd graph (what a
+grad step keeps for backward: vader.py's "Precision and memory").
 
 Two samplers share the loop: DDIM for the UNet models (ModelScope, AnimateDiff), and the Euler
 solver of a flow-matching ODE for Wan2.1 (`FlowSchedule`, at the end). Each schedule gives
@@ -135,17 +132,12 @@ def guided_output(unet, x, t, cond, uncond, guidance):
     The same linear combination serves every output a denoiser predicts: ε, v, or a flow
     model's velocity (Wan2.1's pipeline guides its velocity exactly so); the names below say ε.
 
-    x: latents (B, C, F, h, w); cond: text embeddings (B, L, D); uncond: (B, L, D) or the one
-    empty-prompt embedding (1, L, D), broadcast to the batch. With guidance 1 the
-    unconditional pass is skipped (w = 1 gives eps_c exactly). Without gradients both passes run
-    as one batch of 2B, which is faster than two calls. In a grad step they run as two calls of
-    B: backward then recomputes and holds one pass's activations at a time, not both (the
-    largest memory cost of a step), for about a fifth more kernel launches. The two forms are
-    the same arithmetic; a batched kernel may round differently in the last bit.
-
-    Manual mixed precision: the latents stay float32 between steps, because the DDIM update
-    subtracts nearly equal numbers when ᾱ is close to 1, which bf16's 8 mantissa bits would
-    wreck. Only the UNet call runs in the base model's dtype (that of the text embeddings).
+    x: latents (B, C, F, h, w), float32; cond: text embeddings (B, L, D); uncond: (B, L, D) or
+    the empty prompt's (1, L, D), broadcast. Guidance 1 skips the unconditional pass. Without
+    gradients both passes run as one batch of 2B; in a grad step as two calls of B, so backward
+    holds one pass's activations at a time, not both. Only the denoiser runs in the base dtype
+    (the embeddings'): the DDIM update subtracts nearly equal numbers when ᾱ is near 1, which
+    bf16's 8 mantissa bits would wreck, so the latents stay float32.
     """
     x_in = x.to(cond.dtype)
     if guidance == 1.0:
@@ -181,12 +173,10 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
 
     z_T: (B, C, F, h, w) initial noise. cond/uncond: (B, L, D) text embeddings (uncond may be
     None when guidance is 1). Returns z_0, (B, C, F, h, w).
-    The first N - K steps run without a graph: their output is a constant to the optimiser, the
-    "truncation" of truncated backprop. The last K record a graph. With `checkpoint_steps`, each
-    of them is checkpointed whole: only its input x_t is stored, and the step (UNet included) is
-    run again during backward, so memory stays flat in K at one more UNet forward per grad step.
-    With eta > 0 the noise is drawn on the CPU from
-    `generator`, so a seed gives the same chain on any device.
+    The first N - K steps run without a graph: to the optimiser their output is a constant. With
+    `checkpoint_steps` each of the last K is checkpointed whole: only its input x_t is stored and
+    the step runs again in backward, so memory stays flat in K. With eta > 0 the noise is drawn
+    on the CPU from `generator`, so a seed gives the same chain on any device.
     """
     x = z_T
     for i, (t, coeffs) in enumerate(schedule.steps(num_steps)):
@@ -241,11 +231,8 @@ def flow_step(x, v, sigma, sigma_next):
 
 @dataclass
 class FlowSchedule:
-    """The σ schedule of flow-matching Euler sampling, as diffusers' FlowMatchEulerDiscreteScheduler.
-
-    Computed in plain Python floats, not tensors: a handful of numbers, and the memory simulator
-    runs the sampler on fake tensors, which have no values to read back.
-    """
+    """The σ schedule of flow-matching Euler sampling, as diffusers' FlowMatchEulerDiscreteScheduler,
+    in plain floats (the memory simulator's fake tensors have no values to read back)."""
 
     num_train_timesteps: int = 1000
     shift: float = 1.0

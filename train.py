@@ -22,10 +22,11 @@ from infra.files import read_json, read_prompts
 from infra.run import Run, make_videos, print_banner
 from infra.runlog import find_resume_point
 from lora import inject_lora
-from models import load_video_model, resolve_device, resolve_dtype, spec_of
+from models import load_video_model, spec_of
 from rewards import load_eval_rewards, load_reward, parse_options
 from sampler import pick_grad_steps, sample
-from vader import check_video_shape, decode_random_frames, encode_prompts, loss_scaler, noise_share, saved_on_cpu
+from vader import (check_video_shape, decode_random_frames, encode_prompts, loss_scaler, noise_share, resolve_device,
+                   resolve_dtype, saved_on_cpu)
 
 
 def opt(default, help):

@@ -16,7 +16,7 @@ Two tricks keep that affordable, both here:
 #### Precision and memory
 
 Every tensor of a training step, its dtype, and why ("base" is the frozen model's dtype: bf16 on
-a GPU that has it, fp16 on one that lacks it, float32 on a CPU; models.resolve_dtype):
+a GPU that has it, fp16 on one that lacks it, float32 on a CPU; `resolve_dtype`):
 
 | tensor | dtype | why |
 | --- | --- | --- |
@@ -29,8 +29,8 @@ a GPU that has it, fp16 on one that lacks it, float32 on a CPU; models.resolve_d
 | decoded frames (B, f, 3, H, W), loss, rewards | float32 | the reward's preprocessing works in float32; with fp16 the loss is scaled before backward (`loss_scaler`) |
 
 What autograd keeps for backward is cut three ways, each where it happens:
-1. Checkpointing inside the denoiser, always on (`model.enable_checkpointing`: models.py for the
-   UNets, diffusers' own per-block checkpointing for Wan): a grad step keeps each module's
+1. Checkpointing inside the denoiser, always on (`model.enable_checkpointing`: `checkpoint_blocks`
+   below for the UNets, diffusers' own per-block checkpointing for Wan): a grad step keeps each module's
    input, and backward recomputes one module at a time, for one more denoiser forward per grad
    step. Guidance's two passes run as two calls in a grad step (sampler.guided_output), so backward
    holds one pass's activations at a time.
@@ -45,8 +45,10 @@ What autograd keeps for backward is cut three ways, each where it happens:
 What each lever saves at real sizes is measured by `python bench.py memory` (BENCHMARKS.md).
 """
 import contextlib
+import functools
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from infra.cli import UserError
 from sampler import sample
@@ -116,11 +118,57 @@ def decode_random_frames(model, z0, frames, f, generator, low_memory=False):
     return model.decode_frames(z0, idx, one_at_a_time=low_memory)  # (B, f, 3, H, W)
 
 
+#### Checkpointing inside a UNet
+
+def _checkpointed(forward, *args, **kwargs):
+    """Run a module's forward under non-reentrant checkpointing whenever autograd is recording."""
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def checkpoint_blocks(unet, enabled=True):
+    """Checkpoint every module inside the UNet's blocks: keep only its input, recompute it in backward.
+
+    The units are the modules in every block's lists (each resnet, attention, temporal conv or
+    motion module, up- and downsampler) and `transformer_in`; backward recomputes one at a time,
+    so the peak holds one unit's activations, for one more UNet forward per grad step. diffusers'
+    UNet3D has no checkpointing of its own and UNetMotionModel's wraps only some modules. Each
+    unit's `forward` attribute is wrapped, so module paths and state-dict keys are unchanged; it
+    acts only while autograd records. `enabled=False` restores the plain forwards.
+    """
+    blocks = [*getattr(unet, "down_blocks", ()), unet.mid_block, *unet.up_blocks]
+    units = [getattr(unet, "transformer_in", None)]
+    units += [m for block in filter(None, blocks) for child in block.children()
+              if isinstance(child, torch.nn.ModuleList) for m in child]
+    for unit in filter(None, units):
+        unit.__dict__.pop("forward", None)  # back to the class's own forward
+        if enabled:
+            unit.forward = functools.partial(_checkpointed, unit.forward)
+
+
 def saved_on_cpu(enabled, device):
     """--low-memory: what autograd saves for backward waits in (pinned) CPU memory instead of the GPU's."""
     if not enabled:
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=torch.device(device).type == "cuda")
+
+
+def resolve_device(device="auto"):
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype, device):
+    """The frozen base's dtype: 'auto' -> bf16 on a GPU that has it, fp16 on one that lacks it, fp32 on CPU
+    (the table above says why)."""
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def loss_scaler(dtype, device):

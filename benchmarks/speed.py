@@ -241,7 +241,7 @@ def measure_speed(name, a, device, dtype):
 
 
 def run_speed(a):
-    from models import resolve_device, resolve_dtype
+    from vader import resolve_device, resolve_dtype
 
     names = config_names(a.config)
     if a.repeats < 1:

@@ -184,3 +184,20 @@ def read_prompts(arg):
     if not prompts:
         raise UserError(f"prompts file {path} has no prompts; write one prompt a line")
     return prompts
+
+
+def model_configs(name):
+    """(denoiser config, VAE config) of a diffusers-layout folder or hub id, each a dict or None.
+
+    The denoiser's is transformer/config.json (Wan) or unet/config.json (the UNets); no weights are
+    read, so a model's family and size are known before it is loaded.
+    """
+    from diffusers import AutoencoderKL
+
+    def config(subfolder):
+        try:
+            return AutoencoderKL.load_config(name, subfolder=subfolder)  # any model class reads a config.json
+        except (OSError, ValueError):  # not there, or no connection
+            return None
+
+    return config("transformer") or config("unet"), config("vae")
