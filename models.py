@@ -62,10 +62,13 @@ MODELS = {
     # Wan2.1's family in miniature: 9 frames are 3 latent frames.
     "tiny-wan": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
     # The toy world (toy/world.py): a tiny UNet3D pretrained on captioned clips of one coloured
-    # shape moving over a plain background; a pretrained model's LoRA needs small steps.
+    # shape moving over a plain background. Its recipe is the demo: align it to the learned judge
+    # on the captions of the two colour/shape pairs it never saw, and let the weight-free detector
+    # read 16 videos of those pairs and 16 of seen ones, at the start and the end.
     "toy": ModelSpec(str(TOY_FOLDER), 32, 32, 8, 10, 3.0,
-                     recipe={"lr": 5e-4, "grad_steps": 2, "grad_accum": 1, "batch_size": 2,
-                             "eval_rewards": "detector,toy_judge,dynamics"}),
+                     recipe={"reward": "toy_judge", "prompts": "toy_heldout.txt", "eval_prompts": "toy_eval.txt",
+                             "max_steps": 60, "lr": 3e-3, "grad_steps": 2, "grad_accum": 1, "batch_size": 2,
+                             "eval_every": 60, "eval_videos": 32, "eval_rewards": "detector,toy_judge,dynamics"}),
     # VADER's ModelScope setting (Table 6 of 2407.08737 and its configs): 25 DDIM steps,
     # guidance 9; the pipeline's default 256x256 with 16 frames (VADER: 384x384). The hub
     # redirects the old id damo-vilab/text-to-video-ms-1.7b here.

@@ -105,12 +105,12 @@ def parse_config(argv=None):
         else:
             p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=help)
     given = vars(p.parse_args(argv))  # only the flags actually typed
-    cfg = Config(**given)
+    spec = spec_of(given.get("model", Config.model))  # a folder's or hub id's family and size are read off its configs
+    defaults = {**{k: getattr(spec, k) for k in GENERATION}, **spec.recipe}
+    cfg = Config(**{**defaults, **given})
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
     if not cfg.resume:
-        spec = spec_of(cfg.model)  # a folder's or hub id's family and size are read off its configs
-        defaults = {**{k: getattr(spec, k) for k in GENERATION}, **spec.recipe}
-        return Config(**{**vars(cfg), **{k: v for k, v in defaults.items() if k not in given}}), given
+        return cfg, given
     run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume, LOCKED)
     known = {f.name for f in fields(Config)}  # a newer or older version's extra fields are dropped
     old = {k: v for k, v in read_json(ckpt / "config.json", "checkpoint config", LOCKED).items() if k in known}
@@ -256,7 +256,7 @@ def main(argv=None):
             step += 1
             if run.record(step, loss, rewards, grad_norm, k, finite, seconds=time.time() - t0):
                 break
-    run.finish(step)
+    run.finish(step, [prompts[i % len(prompts)] for i in range(cfg.num_videos)])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from infra.distributed import all_gather
 from infra.files import atomic_write_text
 from infra.runlog import (METRICS, eval_columns, eval_summary, metrics_text, open_tracker, plot_rewards, restore,
                           save_checkpoint, tidy_run_folder)
-from infra.video import tile, write_video
+from infra.video import plot_before_after, tile, write_strip, write_video
 from lora import save_lora
 from vader import generate
 
@@ -56,6 +56,8 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, n, reward_fn=None,
     video = generate(model, cond[idx.to(cond.device)], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
                      cfg.guidance, seed=0)  # (n, F, 3, H, W)
     write_video(tile(video, per_row=8), path_stem, rows=-(-n // 8))  # (F, 3, rows*H, 8*W)
+    if reward_fn is None:  # before/after: also a still of every frame, for before_after.png
+        write_strip(video, path_stem.with_suffix(".png"))
     if reward_fn is not None:
         names = [prompts[i] for i in idx]
         with torch.no_grad():
@@ -139,8 +141,9 @@ class Run:
             self.checkpoint(step)
         return interrupted
 
-    def finish(self, step):
-        """The end of a run on the main process: last checkpoint, LoRA, reward curve, after-videos."""
+    def finish(self, step, captions):
+        """The end of a run on the main process: last checkpoint, LoRA, reward curve, after-videos and the
+        before/after picture (`captions`: the prompts of the before/after videos)."""
         if not self.main:
             return
         cfg, out = self.cfg, self.out
@@ -153,9 +156,11 @@ class Run:
                   f"python train.py --resume {out}")
             return
         self.videos("after", cfg.num_videos, False)
+        if (out / "videos" / "before.png").exists():  # a run resumed from an older version may lack it
+            plot_before_after(out / "videos", captions, step)
         trained = [r for r in self.rows if r["reward_mean"] != ""]
         print(f"done: training reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "
               f"{trained[-1]['reward_mean']:.4f} (step {step}); wrote {out}/lora.safetensors, metrics.csv, "
-              "reward_curve.png, videos/before|after.mp4")
+              "reward_curve.png, videos/before_after.png, videos/before|after.mp4")
         for line in eval_summary(self.rows):
             print(line)

@@ -263,6 +263,22 @@ def eval_summary(rows):
         f"  {c:{width}s} {first[c]:8.3f} -> {last[c]:.3f}" for c in columns]
 
 
+ACCURACIES = ("eval_detector",)  # evaluation rewards whose parts are fractions right: drawn on 0..1
+MIN_RELATIVE_SPAN = 0.5  # a panel's y-span is at least half its values' magnitude
+
+
+def honest_span(values, accuracy=False):
+    """The y-limits of a panel: 0..1 for accuracies; otherwise the values' range widened, about its
+    middle, to at least MIN_RELATIVE_SPAN of their magnitude, so that values which barely move
+    (a motion measure going 0.0204 -> 0.0196) are drawn as barely moving, not as a cliff."""
+    if accuracy:
+        return -0.03, 1.03
+    lo, hi = min(values), max(values)
+    span = max(hi - lo, MIN_RELATIVE_SPAN * max(abs(lo), abs(hi)), 1e-6)
+    mid = (lo + hi) / 2
+    return mid - 0.55 * span, mid + 0.55 * span
+
+
 def plot_rewards(out, rows, reward_name):
     """reward_curve.png: training reward per step (mean ± std, and its trailing mean over 10 steps)
     and held-out reward where measured,
@@ -301,6 +317,8 @@ def plot_rewards(out, rows, reward_name):
             ax.plot(*zip(*points), marker="o", linestyle=("-", "--", ":", "-.")[sets.index(kind) % 4],
                     color=f"C{measures.index(measure) % 10}", label=c.split("/")[-1])
         ax.set(xlabel="optimizer step", title=f"held-out: {group[len('eval_'):]}")
+        values = [r[c] for c in columns for r in rows if r.get(c, "") != ""]
+        ax.set_ylim(*honest_span(values, accuracy=group in ACCURACIES))
         if len(columns) > 1:
             ax.legend(fontsize="small")
     fig.tight_layout()

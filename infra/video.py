@@ -2,6 +2,7 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -50,3 +51,35 @@ def write_video(video, stem, rows=1):
 def slug(text, n=40):
     """A file-name-safe short form of a prompt."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "prompt"
+
+
+def write_strip(videos, path):
+    """(B, F, 3, H, W) in [0, 1] -> a PNG of B rows, each a video's F frames left to right, upscaled
+    as the videos are (atomically); the still picture of a clip that a page or a slide can show."""
+    frames = torch.cat(list(videos.transpose(0, 1)), dim=-1)  # (B, 3, H, F*W): each video's frames in a row
+    image = to_uint8(torch.cat(list(frames), dim=-2)[None], rows=len(videos))[0]  # (B*H', F*W', 3)
+    with atomic_path(Path(path)) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+def plot_before_after(folder, captions, step):
+    """before_after.png from before.png and after.png in `folder`: the base model's frames beside the
+    aligned model's, for the same prompts and seeds, one caption a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before, after = (np.asarray(Image.open(folder / f"{name}.png")) for name in ("before", "after"))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * before.shape[1] / 100 + 2.6, before.shape[0] / 100 + 0.6))
+    for ax, image, title in zip(axes, (before, after), ("before: the base model", f"after: {step} steps of VADER")):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(title, fontsize="small")
+        ax.set_xticks([])
+        rows = len(captions)
+        ax.set_yticks([(i + 0.5) * image.shape[0] / rows for i in range(rows)])
+        ax.set_yticklabels(captions if ax is axes[0] else [], fontsize="x-small")
+    fig.tight_layout()
+    with atomic_path(folder / "before_after.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
