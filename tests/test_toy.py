@@ -1,6 +1,8 @@
 """The toy world: its data, its detector, its rewards, the learned judge, the committed
 pretrained model, and a short alignment of that model with train.py as the README's CPU demo
 runs it."""
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -188,15 +190,22 @@ def test_pretraining_script_writes_a_loadable_model(tmp_path):
 
 
 def test_short_alignment_to_the_judge_draws_held_out_shapes_better(tmp_path, capsys):
-    """train.py on the toy model as the README's demo runs it, shorter: 6 of its 60 steps, on the
-    held-out pairs' captions. The weight-free detector, not the judge, reads the first 8 held-out
-    videos (fixed seeds): more of their shapes are right than the base model's at the same seeds
-    (on this project's CPU: 1 of 8 before; 2 after 4 steps, 4 after 6, 8, 10 and 12)."""
+    """train.py on the toy model as the README's demo runs it, shorter: the toy recipe supplies the
+    reward, the training prompts and the learning rate, and the flags typed here win over the rest
+    (6 of its 60 steps, 8 held-out videos). The weight-free detector, not the judge, reads the
+    first 8 held-out videos (fixed seeds): more of their shapes are right than the base model's at
+    the same seeds (on this project's CPU: 1 of 8 before; 2 after 4 steps, 4 after 6, 8, 10 and 12)."""
+    demo = train.parse_config(["--model", "toy"])[0]
+    assert (demo.reward, demo.prompts, demo.eval_prompts, demo.output_dir) == (
+        "toy_judge", "toy_heldout.txt", "toy_eval.txt", "runs/toy-toy_judge")
+    assert (demo.max_steps, demo.lr, demo.grad_steps) == (60, 3e-3, 2)
     out = tmp_path / "judge"
-    run_cli(train.main, ["--model", "toy", "--reward", "toy_judge", "--prompts", "toy_heldout.txt", "--lr", "3e-3",
-                         "--max-steps", "6", "--eval-prompts", "toy_heldout.txt", "--eval-every", "6",
+    run_cli(train.main, ["--model", "toy", "--max-steps", "6", "--eval-prompts", "toy_heldout.txt", "--eval-every", "6",
                          "--eval-videos", "8", "--eval-rewards", "detector", "--num-videos", "1",
                          "--output-dir", str(out)])
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["reward"], cfg["prompts"], cfg["lr"]) == ("toy_judge", "toy_heldout.txt", 3e-3)  # the recipe's
+    assert (cfg["max_steps"], cfg["eval_prompts"], cfg["eval_videos"]) == (6, "toy_heldout.txt", 8)  # typed
     shape = {int(r["step"]): float(r["eval_detector/heldout_shape"]) for r in read_metrics(out) if r["eval_reward"]}
     assert sorted(shape) == [0, 6] and shape[6] > shape[0], shape
     assert (out / "videos" / "after.gif").stat().st_size > 0
