@@ -18,10 +18,13 @@ cast back to the activations' dtype.
 Saved files use PEFT's key layout (`unet.<module path>.lora_A.weight`, `...lora_B.weight`; for
 Wan `transformer.<path>...`), so other tools can read them; rank and alpha travel in the
 safetensors metadata, twice: as plain fields for `load_lora`, and as the LoraConfig fields that
-diffusers' `load_lora_weights` reads, so diffusers applies the same alpha / r scaling.
+diffusers' `load_lora_weights` reads, so diffusers applies the same alpha / r scaling. The
+metadata also names the base model: a LoRA learns a correction to one set of frozen weights, so
+on another base of the same shapes it loads but means something else, and `load_lora` says so.
 """
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -130,13 +133,14 @@ def lora_state_dict(model, prefix="unet."):
     return out
 
 
-def save_lora(model, path, prefix="unet."):
-    """Write the adapters to a safetensors file (atomically); rank and alpha go in its metadata."""
+def save_lora(model, path, prefix="unet.", base=""):
+    """Write the adapters to a safetensors file (atomically); rank, alpha and the base model's name
+    (`base`, models.base_id) go in its metadata."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
     first = next(iter(layers.values()))
-    meta = {"rank": str(first.rank), "alpha": str(first.alpha), "format": "peft", "prefix": prefix}
+    meta = {"rank": str(first.rank), "alpha": str(first.alpha), "format": "peft", "prefix": prefix, "base_model": base}
     # diffusers (loaders.lora_base.LORA_ADAPTER_METADATA_KEY) builds its peft.LoraConfig from these,
     # prefixed by the component they belong to; without them it would take alpha = r.
     config = {"r": first.rank, "lora_alpha": first.alpha, "target_modules": sorted(layers)}
@@ -148,20 +152,45 @@ def save_lora(model, path, prefix="unet."):
 
 
 def read_lora_file(path):
-    """(tensors, metadata) of a LoRA file; `UserError` if it is missing, damaged or not a LoRA file."""
+    """(tensors, metadata) of a LoRA file; `UserError` if it is missing, damaged or not a LoRA file:
+    rank a whole number >= 1, alpha finite and positive, every tensor a finite float matrix, and
+    each A (r, in) with its B (out, r)."""
     tensors, meta = read_safetensors(path, "LoRA file", "pass the lora.safetensors of a training run")
     if "rank" not in meta or "alpha" not in meta:
         raise UserError(f"{path} has no LoRA rank/alpha metadata; was it written by save_lora?")
+    try:
+        rank, alpha = int(meta["rank"]), float(meta["alpha"])
+    except ValueError:
+        rank, alpha = 0, 0.0
+    if rank < 1 or not (math.isfinite(alpha) and alpha > 0):
+        raise UserError(f"{path} has the LoRA metadata rank={meta['rank']!r}, alpha={meta['alpha']!r}; a rank is a "
+                        "whole number >= 1 and alpha a positive number: the file is damaged, use another copy")
+    for k, v in tensors.items():
+        is_a = ".lora_A." in k
+        pair = k.replace(".lora_A.", ".lora_B.") if is_a else k.replace(".lora_B.", ".lora_A.")
+        a, b = (v, tensors.get(pair)) if is_a else (tensors.get(pair), v)
+        if pair == k or a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, which is not half of a rank-{rank} LoRA pair "
+                            "(A (r, in), B (out, r)); pass the lora.safetensors of a training run")
+        if not v.is_floating_point() or not torch.isfinite(v).all():
+            raise UserError(f"{path}: {k} holds {'inf or NaN' if v.is_floating_point() else v.dtype} values, so it "
+                            "would make every video black; use an earlier checkpoint's lora.safetensors")
     return tensors, meta
 
 
-def load_lora(model, path):
+def load_lora(model, path, base=None):
     """Load adapters saved by `save_lora` into `model`, injecting them first if it has none.
 
     Every key must match: a file for another model or another set of targets is refused rather
-    than half loaded, and the message names the first key or shape that does not fit.
+    than half loaded, and the message names the first key or shape that does not fit. With `base`
+    (models.base_id of the model), a file trained on another base gets a warning.
     """
     tensors, meta = read_lora_file(path)
+    trained_on = meta.get("base_model", "")
+    if base and trained_on and trained_on != base:
+        print(f"warning: {path} was trained on {trained_on}, and is loaded into {base}: the shapes fit, but a LoRA "
+              "is a correction to the weights it was trained on, so on another base expect another result",
+              file=sys.stderr)
     prefix = meta.get("prefix", "unet.")
     if not lora_layers(model):
         paths = {k[len(prefix):].rsplit(".lora_", 1)[0] for k in tensors}

@@ -1,21 +1,16 @@
 """Video models: the registry, the family interface, and the UNet families that implement it.
 
 A family is everything VADER needs to know about one kind of latent video diffusion model, and
-vader.py and train.py ask it nothing else: how it encodes prompts (`embed`) and where its text
-encoder waits (`text_encoder_on_device`); its latent shape (`latent_channels`, `latent_frames`,
-`vae_factor`, `size_multiple`); which frames it can decode exactly (`frame_pool`) and how
-(`decode_frames`); how it is checkpointed (`enable_checkpointing`) and read from a folder in the
-diffusers layout (`load_components`). The denoiser, kept in the field `unet` whatever its kind
-(the name every LoRA file was written with), maps latents (B, C, F, h, w) and text to a
-prediction of the same shape.
-
-The two UNet families here share Stable Diffusion's per-frame VAE:
-- "unet3d": ModelScope T2V and its fine-tunes (Zeroscope): a `UNet3DConditionModel`, an
-  OpenCLIP-H text encoder (1024-d embeddings).
+vader.py and train.py ask it nothing else: how it encodes prompts (`embed`, `text_encoder_on_device`),
+its latent shape (`latent_channels`, `latent_frames`, `vae_factor`, `size_multiple`), which frames
+it can decode exactly and how (`frame_pool`, `decode_frames`), how it is checkpointed and read
+from a diffusers-layout folder (`enable_checkpointing`, `load_components`). The denoiser, in the
+field `unet` whatever its kind (the name every LoRA file was written with), maps latents
+(B, C, F, h, w) and text to a prediction of the same shape. The two UNet families share SD's VAE:
+- "unet3d": ModelScope T2V and its fine-tunes (Zeroscope): a `UNet3DConditionModel`, OpenCLIP-H text.
 - "animatediff": an SD 1.5 `UNet2DConditionModel` with AnimateDiff's motion modules inserted by
-  diffusers' `UNetMotionModel.from_unet2d(unet, adapter)`, CLIP ViT-L's text encoder.
-Wan2.1's flow-matching transformer and causal VAE are a chapter of their own: wan.py.
-"""
+  `UNetMotionModel.from_unet2d(unet, adapter)`, CLIP ViT-L text.
+Wan2.1's flow-matching transformer and causal VAE are a chapter of their own: wan.py."""
 import contextlib
 import importlib
 import os
@@ -54,6 +49,7 @@ class ModelSpec:
     scheduler: dict = field(default_factory=dict)  # overrides of the source's scheduler/ config
     lora_targets: tuple = TARGETS  # the nn.Linear names that get LoRA adapters
     recipe: dict = field(default_factory=dict)  # training defaults that differ from the paper's
+    variant: str = ""  # the hub's half-size copy of the UNet and VAE (fp16: 2.82 GB, not 5.65); cast to --dtype
 
 
 MODELS = {
@@ -72,7 +68,7 @@ MODELS = {
     # VADER's ModelScope setting (Table 6 of 2407.08737 and its configs): 25 DDIM steps,
     # guidance 9; the pipeline's default 256x256 with 16 frames (VADER: 384x384). The hub
     # redirects the old id damo-vilab/text-to-video-ms-1.7b here.
-    "modelscope": ModelSpec("ali-vilab/text-to-video-ms-1.7b", 256, 256, 16, 25, 9.0),
+    "modelscope": ModelSpec("ali-vilab/text-to-video-ms-1.7b", 256, 256, 16, 25, 9.0, variant="fp16"),
     # The ModelScope architecture fine-tuned for 576x320, 24 frames.
     "zeroscope": ModelSpec("cerspense/zeroscope_v2_576w", 320, 576, 24, 25, 9.0),
     # SD 1.5 (the official mirror of the withdrawn runwayml repository) plus the v1-5-2 motion
@@ -80,7 +76,7 @@ MODELS = {
     # in the diffusers layout can replace the source (--model FOLDER).
     "animatediff": ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, 512, 16, 25, 7.5,
                              family="animatediff", adapter="guoyww/animatediff-motion-adapter-v1-5-2",
-                             scheduler=ANIMATEDIFF_SCHEDULER),
+                             scheduler=ANIMATEDIFF_SCHEDULER, variant="fp16"),
     # Wan2.1 T2V 1.3B at 480x832 (wan.py), 33 frames (the model's full 81 with --frames 81); 40
     # Euler steps as VideoX-Fun's reward trainer samples, guidance 5 as the pipeline's. --low-memory
     # by default, so the transformer's block inputs are not held during the decoder's backward.
@@ -189,15 +185,16 @@ class VideoModel:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         kind = UNet3DConditionModel.load_config(source, subfolder="unet").get("_class_name")
+        half = dict(torch_dtype=dtype, variant=spec.variant or None)
         if kind == "UNet3DConditionModel":
-            unet = UNet3DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+            unet = UNet3DConditionModel.from_pretrained(source, subfolder="unet", **half)
         elif kind == "UNetMotionModel":  # an AnimateDiff pipeline saved whole: motion modules already inside
-            unet = per_frame_text(UNetMotionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype))
+            unet = per_frame_text(UNetMotionModel.from_pretrained(source, subfolder="unet", **half))
         else:  # an SD 1.5 image UNet plus a motion adapter
-            unet2d = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+            unet2d = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **half)
             motion = MotionAdapter.from_pretrained(spec.adapter, torch_dtype=dtype)
             unet = per_frame_text(UNetMotionModel.from_unet2d(unet2d, motion))
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **half)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
         return unet, vae, text_encoder, CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
 
@@ -252,13 +249,19 @@ def spec_of(name):
         raise UserError(f"could not load the video model from {name!r} ({found if vae else 'no vae/ config'}); "
                         f"supported denoisers: {', '.join(DENOISERS)}. Check the folder or hub id and your connection")
     family, entry = DENOISERS[kind]
-    spec = replace(MODELS[entry], source=name, family=family)
+    spec = replace(MODELS[entry], source=name, family=family, variant="")  # its own files, whatever they are
     if family == "wan":
         return spec  # Wan's configs do not state a resolution: the registry's 480x832
     size = denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     local_adapter = Path(name) / "motion_adapter"  # AnimateDiff's pipeline layout carries its own
     return replace(spec, height=size, width=size,
                    adapter=str(local_adapter) if local_adapter.is_dir() else spec.adapter)
+
+
+def base_id(spec):
+    """The name a LoRA file records as its base model: the hub id, or a folder's absolute path."""
+    source = spec.source or next(k for k, s in MODELS.items() if s == spec)  # a built-in tiny model: its name
+    return str(Path(source).resolve()) if os.path.isdir(source) else source
 
 
 def load_video_model(name, device="cpu", dtype=torch.float32):

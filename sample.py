@@ -12,13 +12,16 @@ written with save_pretrained, for use in diffusers' own pipelines (see `export_m
 """
 import argparse
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from infra.checks import check_device, check_flags, check_output_dir
 from infra.cli import UserError, run_cli
-from infra.files import read_prompts
+from infra.files import TMP_MARK, atomic_write_text, read_prompts, write_error
+from infra.folder import check_export_folder
 from infra.video import slug, tile, write_video
 
 def export_merged(model, lora_path, folder):
@@ -37,15 +40,22 @@ def export_merged(model, lora_path, folder):
     Written to a temporary folder and renamed, so a crash never leaves half an export.
     """
     from lora import load_lora, merge_lora
+    from models import base_id
 
-    load_lora(model.unet, lora_path)
+    load_lora(model.unet, lora_path, base_id(model.spec))
     merge_lora(model.unet)  # W0 + (alpha / r) B A in every adapted layer; plain nn.Linear again
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.unet.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{TMP_MARK}", dir=folder.parent))
+    try:
+        model.unet.save_pretrained(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(tmp, e) from None
+    old = folder.with_name(f".{folder.name}{TMP_MARK}old")
+    if folder.exists():  # an earlier export (check_export_folder made sure): replaced by renames only
+        folder.rename(old)
     tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
     print(f"wrote the merged {type(model.unet).__name__} to {folder}; load it with "
           f"{type(model.unet).__name__}.from_pretrained({str(folder)!r})")
 
@@ -76,10 +86,12 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     from lora import load_lora, read_lora_file
-    from models import load_video_model
-    from vader import resolve_device, resolve_dtype
-    from vader import check_video_shape, encode_prompts, generate
+    from models import base_id, load_video_model
+    from vader import check_video_shape, encode_prompts, generate, resolve_device, resolve_dtype
 
+    # Everything checked before the model loads: flags, device, the files read and the folders written.
+    check_flags(args)
+    check_device(args.device)
     prompts = read_prompts(args.prompts)
     prompts = prompts[: args.num_prompts] if args.num_prompts > 0 else prompts
     if args.side_by_side and not args.lora:
@@ -87,7 +99,12 @@ def main(argv=None):
     if args.export_merged and not args.lora:
         raise UserError("--export-merged folds a LoRA into the UNet: also pass --lora PATH")
     if args.lora:
-        read_lora_file(args.lora)  # fail on a bad file now, before loading the model
+        read_lora_file(args.lora)
+    if args.export_merged:
+        check_output_dir(Path(args.export_merged).parent, "--export-merged")
+        check_export_folder(args.export_merged)
+    else:
+        check_output_dir(args.output_dir)
     device = resolve_device(args.device)
     model = load_video_model(args.model, device, resolve_dtype(args.dtype, device))
     if args.export_merged:
@@ -96,8 +113,6 @@ def main(argv=None):
     spec = model.spec
     gen = {k: getattr(spec, k) if getattr(args, k) is None else getattr(args, k)
            for k in ("frames", "height", "width", "num_steps", "guidance")}
-    if min(gen["frames"], gen["height"], gen["width"], gen["num_steps"]) < 1:
-        raise UserError("--frames, --height, --width and --num-steps must be positive")
     check_video_shape(model, gen["frames"], gen["height"], gen["width"])
     cond, uncond = encode_prompts(model, prompts + [""]).split([len(prompts), 1])  # (P, L, D), (1, L, D)
 
@@ -110,7 +125,7 @@ def main(argv=None):
 
     base = videos() if (args.side_by_side or not args.lora) else None
     if args.lora:
-        load_lora(model.unet, args.lora)
+        load_lora(model.unet, args.lora, base_id(spec))
         aligned = videos()
     out_dir = Path(args.output_dir)
     for i, prompt in enumerate(prompts):
@@ -119,7 +134,7 @@ def main(argv=None):
         else:
             video = aligned[i] if args.lora else base[i]
         write_video(video, out_dir / f"{i:03d}-{slug(prompt)}")
-    (out_dir / "prompts.txt").write_text("".join(f"{i:03d}\t{p}\n" for i, p in enumerate(prompts)))
+    atomic_write_text(out_dir / "prompts.txt", "".join(f"{i:03d}\t{p}\n" for i, p in enumerate(prompts)))
     print(f"wrote {len(prompts)} videos (.mp4 and .gif) to {out_dir}")
 
 

@@ -11,14 +11,16 @@ import argparse
 import importlib.util
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from infra.checks import check_device, check_flags, check_output_dir
 from infra.cli import UserError, run_cli
 from infra.distributed import average_gradients, distributed_env, join_process_group
 from infra.files import read_json, read_prompts
+from infra.folder import check_run_folder
 from infra.run import Run, make_videos, print_banner
 from infra.runlog import find_resume_point
 from lora import inject_lora
@@ -87,7 +89,6 @@ class Config:
 
 GENERATION = ("height", "width", "frames", "num_steps", "guidance")  # defaults come from the registry entry
 LOCKED = ("model", "height", "width", "frames", "lora_rank", "lora_alpha", "lora_dropout")  # fixed by a run
-RUN_FILES = ("config.json", "metrics.csv", "reward_curve.png", "lora.safetensors", "checkpoints", "videos")
 LOWER_MEMORY = ("--decode-frames 1, --grad-steps 1, a smaller --height/--width or --frames, "
                 "--batch-size 1 with a larger --grad-accum")
 
@@ -111,9 +112,8 @@ def parse_config(argv=None):
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
     if not cfg.resume:
         return cfg, given
-    run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume, LOCKED)
-    known = {f.name for f in fields(Config)}  # a newer or older version's extra fields are dropped
-    old = {k: v for k, v in read_json(ckpt / "config.json", "checkpoint config", LOCKED).items() if k in known}
+    run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume, checkpoint_config)
+    old = asdict(checkpoint_config(read_json(ckpt / "config.json", "checkpoint config")))
     for k in LOCKED:
         if k in given and given[k] != old[k]:
             raise UserError(f"--resume cannot change --{k.replace('_', '-')} (the run has {old[k]}); "
@@ -124,26 +124,40 @@ def parse_config(argv=None):
     return Config(**{**old, **given, "output_dir": str(run_dir), "resume": str(ckpt), "overwrite": False}), given
 
 
+def fits(value, f):
+    """Whether a config.json value fits the Config field `f`: a bool for a bool, a whole number for
+    an int, any number for a float, a string for a str; None only for lora_alpha (alpha = r)."""
+    if value is None or isinstance(value, bool):
+        return value is None and f.name == "lora_alpha" or isinstance(value, bool) and f.type is bool
+    return isinstance(value, (int, float) if f.type is float else f.type)
+
+
+def checkpoint_config(values):
+    """A checkpoint's config.json as a Config: the LOCKED fields present, every field of its type and
+    within its rule (a newer or older version's extra fields are dropped)."""
+    known = {f.name: f for f in fields(Config)}
+    for k in LOCKED:
+        if k not in values:
+            raise UserError(f"it lacks the field {k!r}")
+    for k, v in values.items():
+        if k in known and not fits(v, known[k]):
+            raise UserError(f"its {k} is {v!r}, not a {known[k].type.__name__} value")
+    cfg = Config(**{k: v for k, v in values.items() if k in known})
+    check_flags(cfg)
+    return cfg
+
+
 def validate(cfg):
-    """Check the settings; raise UserError naming the flag. Runs before anything is loaded or written."""
-    for k in ("max_steps", "batch_size", "grad_accum", "lora_rank", "num_steps", "frames", "height", "width",
-              "max_bad_steps"):
-        if getattr(cfg, k) < 1:
-            raise UserError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(cfg, k)}")
-    if not 0 <= cfg.grad_steps <= cfg.num_steps:
-        raise UserError(f"--grad-steps must be between 0 and --num-steps ({cfg.num_steps}), got {cfg.grad_steps}")
-    if not 1 <= cfg.decode_frames <= cfg.frames:
-        raise UserError(f"--decode-frames must be between 1 and --frames ({cfg.frames}), got {cfg.decode_frames}")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    """Check every setting (infra/checks.py), the device and the output folder; raise UserError naming
+    the flag. Runs before anything is loaded or written."""
+    check_flags(cfg)
+    check_device(cfg.device)
     if cfg.report_to not in ("", "wandb", "tensorboard"):
         raise UserError(f"--report-to takes wandb or tensorboard, got {cfg.report_to!r}")
     if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
-    out = Path(cfg.output_dir)
-    if out.is_dir() and any((out / n).exists() for n in RUN_FILES) and not (cfg.resume or cfg.overwrite):
-        raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                        "or another --output-dir")
+    check_output_dir(cfg.output_dir)
+    check_run_folder(cfg.output_dir, cfg.resume, cfg.overwrite)
 
 
 def split_prompts(cfg):
@@ -178,7 +192,7 @@ def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, 
     embeddings (B, L, D)); the loss -mean(r) is VADER's "-r" form. The LoRA gradients (`params`)
     are averaged over processes under torchrun, unscaled (fp16), clipped to `cfg.grad_clip`, and
     AdamW steps, unless the loss or the gradient is not finite: such an update would poison
-    AdamW's moments for good, so it is skipped. Returns (loss, rewards (grad_accum * B,),
+    AdamW's moments for good, so it is skipped; a step that leaves a LoRA weight non-finite is undone. Returns (loss, rewards (grad_accum * B,),
     gradient norm before clipping, finite). The benchmarks time and simulate this very function.
     """
     optimizer.zero_grad(set_to_none=True)
@@ -201,7 +215,13 @@ def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, 
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     finite = math.isfinite(loss) and torch.isfinite(grad_norm).item()
     if finite:
+        before = [p.detach().clone() for p in params]  # after backward, so no addition to the peak
         scaler.step(optimizer)
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all().item()
+        if not finite:  # a finite gradient times a huge learning rate: undo the step, count it as bad
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.copy_(b)
     scaler.update()  # fp16: halve the loss scale after an overflow, grow it after many clean steps
     return loss, torch.cat(rewards), grad_norm.item(), finite
 
@@ -213,38 +233,39 @@ def main(argv=None):
     validate(cfg)
     prompts, held_out = split_prompts(cfg)
     rank, world, device = distributed_env(resolve_device(cfg.device))
-    dtype = resolve_dtype(cfg.dtype, device)
-    reward_fn, eval_fns, model = load_models(cfg, device, dtype)
-    join_process_group(world, device)
-    run = Run(cfg, Path(cfg.output_dir), rank, world, device, RUN_FILES)
+    # The folder is claimed, and Ctrl-C and SIGTERM caught, from before the models load to the end:
+    # a stop ends at the next step boundary with a checkpoint (or, while loading, with nothing written).
+    with Run(cfg, Path(cfg.output_dir), rank, world, device) as run:
+        dtype = resolve_dtype(cfg.dtype, device)
+        reward_fn, eval_fns, model = load_models(cfg, device, dtype)
+        join_process_group(world, device)
 
-    # Text embeddings once per prompt, in one call; the text encoder is not needed again.
-    cond, held_cond, uncond = encode_prompts(model, prompts + held_out + [""]).split(
-        [len(prompts), len(held_out), 1])  # (P, L, D), (P_eval, L, D), (1, L, D)
-    torch.manual_seed(cfg.seed)  # LoRA's random A: the same on every process and in every run of this seed
-    params = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, targets=model.spec.lora_targets,
-                         dropout=cfg.lora_dropout)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = loss_scaler(dtype, device)  # dynamic loss scaling for an fp16 base; does nothing for bf16/fp32
-    generator = torch.Generator().manual_seed(cfg.seed)  # noise, prompt order, K and decoded frames
+        # Text embeddings once per prompt, in one call; the text encoder is not needed again.
+        cond, held_cond, uncond = encode_prompts(model, prompts + held_out + [""]).split(
+            [len(prompts), len(held_out), 1])  # (P, L, D), (P_eval, L, D), (1, L, D)
+        torch.manual_seed(cfg.seed)  # LoRA's random A: the same on every process and in every run of this seed
+        params = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, targets=model.spec.lora_targets,
+                             dropout=cfg.lora_dropout)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scaler = loss_scaler(dtype, device)  # dynamic loss scaling for an fp16 base; does nothing for bf16/fp32
+        generator = torch.Generator().manual_seed(cfg.seed)  # noise, prompt order, K and decoded frames
 
-    def draw_batch():
-        """This process's share of one global micro-batch of prompts, drawn from the run's generator."""
-        idx = torch.randint(len(prompts), (cfg.batch_size * world,), generator=generator)
-        idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-        return [prompts[i] for i in idx], cond[idx.to(cond.device)]  # B strings, (B, L, D)
+        def draw_batch():
+            """This process's share of one global micro-batch of prompts, drawn from the run's generator."""
+            idx = torch.randint(len(prompts), (cfg.batch_size * world,), generator=generator)
+            idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+            return [prompts[i] for i in idx], cond[idx.to(cond.device)]  # B strings, (B, L, D)
 
-    def videos(name, n, scored):
-        """n videos of the training prompts (before/after) or, scored, of the held-out ones."""
-        which = (held_out, held_cond, reward_fn, eval_fns) if scored else (prompts, cond, None, None)
-        return make_videos(model, cfg, which[0], which[1], uncond, run.out / "videos" / name, n, *which[2:])
+        def videos(name, n, scored):
+            """n videos of the training prompts (before/after) or, scored, of the held-out ones."""
+            which = (held_out, held_cond, reward_fn, eval_fns) if scored else (prompts, cond, None, None)
+            return make_videos(model, cfg, which[0], which[1], uncond, run.out / "videos" / name, n, *which[2:])
 
-    step = run.start(model, optimizer, generator, videos, params,
-                     lambda params: print_banner(cfg, model, dtype, device, world, prompts, held_out, params))
+        step = run.start(model, optimizer, generator, videos, params,
+                         lambda params: print_banner(cfg, model, dtype, device, world, prompts, held_out, params))
 
-    #### Training loop
-    with run.training(step):  # Ctrl-C or SIGTERM ends the step in flight, then saves and exits
-        while step < cfg.max_steps:
+        #### Training loop
+        while step < cfg.max_steps and not run.stopped():
             t0 = time.time()
             k = pick_grad_steps(cfg.num_steps, cfg.grad_steps, cfg.random_grad_steps, generator)
             try:
@@ -254,9 +275,8 @@ def main(argv=None):
                 raise UserError(f"out of GPU memory at {cfg.frames}x{cfg.height}x{cfg.width}; lower it with "
                                 f"{LOWER_MEMORY}") from None
             step += 1
-            if run.record(step, loss, rewards, grad_norm, k, finite, seconds=time.time() - t0):
-                break
-    run.finish(step, [prompts[i % len(prompts)] for i in range(cfg.num_videos)])
+            run.record(step, loss, rewards, grad_norm, k, finite, seconds=time.time() - t0)
+        run.finish(step, [prompts[i % len(prompts)] for i in range(cfg.num_videos)])
 
 
 if __name__ == "__main__":

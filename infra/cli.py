@@ -14,20 +14,33 @@ class UserError(Exception):
 
 
 def run_cli(main, argv=None):
-    """Run a script's `main(argv)`; a `UserError` becomes one line on stderr and exit status 2."""
+    """Run a script's `main(argv)`; a `UserError` becomes one line on stderr and exit status 2, and
+    a stop at once (a second Ctrl-C, or one before a script catches signals) one line and 130."""
     try:
         main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: stopped at once; every file written so far is whole: --resume continues a run from its "
+              "last checkpoint, and the same command starts again a run that had none", file=sys.stderr)
+        sys.exit(130)
 
 
 @contextlib.contextmanager
 def stop_signals():
-    """Catch SIGINT and SIGTERM into a list (checked after each step); restore the old handlers after."""
+    """Catch SIGINT and SIGTERM into a list, which the caller checks between steps; a second
+    signal stops at once (KeyboardInterrupt). The old handlers are restored after."""
     stop = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(signum, frame):
+        stop.append(signal.Signals(signum).name)
+        if len(stop) > 1:
+            raise KeyboardInterrupt
+        print(f"{stop[0]}: stopping after the step in flight, with a checkpoint; send it again to stop at once",
+              file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pickle
+import stat
 import tempfile
 from pathlib import Path
 
@@ -91,15 +92,19 @@ def read_text(path, what, fix):
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder, not a file; {fix}")
     try:
-        size = path.stat().st_size
-        if size > MAX_TEXT_BYTES:
-            raise UserError(f"{what} {path} is {size / 2**20:.0f} MB, more than the {MAX_TEXT_BYTES // 2**20} MB "
-                            f"such a file can sensibly be; {fix}")
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            kind = os.fstat(f.fileno()).st_mode
+            if stat.S_ISCHR(kind) or stat.S_ISBLK(kind) or stat.S_ISSOCK(kind):
+                raise UserError(f"{what} {path} is a device, not a file; {fix}")
+            # A bounded read: a pipe or a file still growing has no size to check beforehand.
+            data = f.read(MAX_TEXT_BYTES + 1)
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist; {fix}") from None
     except OSError as e:
         raise UserError(f"cannot read {what} {path} ({e.strerror or e}); {fix}") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise UserError(f"{what} {path} is more than the {MAX_TEXT_BYTES // 2**20} MB such a file can sensibly be; "
+                        f"{fix}")
     if b"\0" in data:
         raise UserError(f"{what} {path} holds NUL bytes, so it is not text (a binary or damaged file); {fix}")
     try:

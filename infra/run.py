@@ -4,7 +4,6 @@
 before/after videos and the held-out evaluations, one metrics.csv row a step, the count of
 non-finite steps in a row, the checkpoint cadence, Ctrl-C and SIGTERM, and the end of the run.
 """
-import contextlib
 import json
 from dataclasses import asdict
 
@@ -14,10 +13,12 @@ from tqdm import tqdm
 from infra.cli import UserError, stop_signals
 from infra.distributed import all_gather
 from infra.files import atomic_write_text
+from infra.folder import check_run_folder, claim, remove_run_files
 from infra.runlog import (METRICS, eval_columns, eval_summary, metrics_text, open_tracker, plot_rewards, restore,
                           save_checkpoint, tidy_run_folder)
 from infra.video import plot_before_after, tile, write_strip, write_video
 from lora import save_lora
+from models import base_id
 from vader import generate
 
 
@@ -66,31 +67,70 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, n, reward_fn=None,
 
 class Run:
     """The run folder and everything written into it, on the main process; the other processes
-    only take part in the all-gathers."""
+    only take part in the all-gathers.
 
-    def __init__(self, cfg, out, rank, world, device, run_files):
+    Used as `with Run(...) as run:` from before the models load to the end: entering claims the
+    folder (infra/folder.py) and catches Ctrl-C and SIGTERM, so a stop at any moment ends at the
+    next safe point with the folder resumable (a checkpoint) or, before anything was written,
+    as it was.
+    """
+
+    def __init__(self, cfg, out, rank, world, device):
         self.cfg, self.out, self.world, self.device = cfg, out, world, device
         self.main = rank == 0
         self.rows, self.bad_in_a_row, self.stop, self.bar = [], 0, [], None
+        self.began, self.saved, self.lock = False, None, None
+
+    def __enter__(self):
         if self.main:
-            tidy_run_folder(out, run_files, cfg.overwrite)
+            self.lock = claim(self.out)
+            try:  # under the lock, look again: another run may have just written here
+                self.state = check_run_folder(self.out, self.cfg.resume, self.cfg.overwrite)
+            except UserError:
+                self.lock.release(began=False)
+                raise
+        self.signals = stop_signals()
+        self.stop = self.signals.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.signals.__exit__(*exc)
+        if self.bar is not None:
+            self.bar.close()
+        if self.lock is not None:
+            self.lock.release(self.began)
+
+    def stopped(self):
+        """True on every process when a signal reached any of them."""
+        return bool(all_gather(torch.tensor([float(bool(self.stop))], device=self.device), self.world).max())
 
     def start(self, model, optimizer, generator, videos, lora_params, banner):
         """Restore a resumed run's state, write config.json, print the banner, make the before-videos
-        and the step-0 evaluation. `videos(name, n, scored)` generates and writes n videos. Returns the step."""
+        and the step-0 evaluation. `videos(name, n, scored)` generates and writes n videos. Returns the step.
+        A signal that came while the models loaded ends the run here, before anything is written."""
         self.model, self.optimizer, self.generator, self.videos = model, optimizer, generator, videos
+        if self.stopped():
+            return 0
+        self.began = True
+        if self.main:
+            if self.state:
+                print(f"{self.out}: " + ("replacing the run there (--overwrite)" if self.state == "overwrite" else
+                                         "starting again the run there, which stopped before its first checkpoint"))
+                remove_run_files(self.out)
+            tidy_run_folder(self.out)
         step, self.rows = restore(self.cfg.resume, self.cfg.lr, model.unet, optimizer, generator)
+        self.saved = step if self.cfg.resume else None
         self.config_text = json.dumps(asdict(self.cfg), indent=2) + "\n"
         self.tracker = None
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.json", self.config_text)
             self.tracker = open_tracker(self.cfg, self.out)
             banner(lora_params)
             if not (self.out / "videos" / "before.mp4").exists():
                 videos("before", self.cfg.num_videos, False)
-            if not self.rows and self.cfg.eval_every:
+            if not self.rows and self.cfg.eval_every and not self.stop:
                 self.rows.append({**dict.fromkeys(METRICS, ""), "step": 0, **self.evaluate(0)})
+        self.bar = tqdm(total=self.cfg.max_steps, initial=step, desc="training", unit="step", disable=not self.main)
         return step
 
     def evaluate(self, step):
@@ -103,18 +143,12 @@ class Run:
     def checkpoint(self, step):
         if self.main:
             save_checkpoint(self.out, step, self.model.unet, self.optimizer, self.generator, self.config_text,
-                            metrics_text(self.rows), self.cfg.keep_checkpoints, self.model.lora_prefix)
-
-    @contextlib.contextmanager
-    def training(self, step):
-        """Catch Ctrl-C and SIGTERM (a cluster's pre-emption) until the loop ends, and show a progress bar."""
-        with stop_signals() as self.stop, tqdm(total=self.cfg.max_steps, initial=step, desc="training", unit="step",
-                                               disable=not self.main) as self.bar:
-            yield
+                            metrics_text(self.rows), self.cfg.keep_checkpoints, self.model.lora_prefix,
+                            base_id(self.model.spec))
+        self.saved = step
 
     def record(self, step, loss, rewards, grad_norm, k, finite, seconds):
-        """After a step: its metrics row (and evaluation), the non-finite count, checkpoints, signals.
-        Returns True when the run must stop now (a signal arrived; a checkpoint has been saved)."""
+        """After a step: its metrics row (and evaluation), the non-finite count, checkpoints."""
         cfg = self.cfg
         self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
         r = all_gather(rewards.to(self.device), self.world)
@@ -132,25 +166,33 @@ class Run:
             self.bar.update(1)
         if self.bad_in_a_row >= cfg.max_bad_steps:
             self.checkpoint(step)
-            raise UserError(f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}); "
-                            "their updates were skipped. Lower --lr or check the reward; resume with --resume")
+            raise UserError(f"{self.bad_in_a_row} steps in a row had a non-finite loss, gradient or updated LoRA "
+                            f"weight (up to step {step}); their updates were skipped. Lower --lr or check the reward; "
+                            "resume with --resume")
         if not finite:
-            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({self.bad_in_a_row} in a row)")
-        interrupted = bool(all_gather(torch.tensor([float(bool(self.stop))], device=self.device), self.world).max())
-        if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
+            tqdm.write(f"step {step}: non-finite loss, gradient or update, skipped ({self.bad_in_a_row} in a row)")
+        if cfg.save_every and step % cfg.save_every == 0:
             self.checkpoint(step)
-        return interrupted
 
     def finish(self, step, captions):
         """The end of a run on the main process: last checkpoint, LoRA, reward curve, after-videos and the
         before/after picture (`captions`: the prompts of the before/after videos)."""
+        cfg, out = self.cfg, self.out
+        if self.bar is not None:
+            self.bar.close()
+        if not self.began:
+            if self.main:
+                print(f"stopped by {self.stop[0]} while loading, before the run began; nothing was written. "
+                      "Run the same command to start it.")
+            return
+        if self.saved != step:
+            self.checkpoint(step)
         if not self.main:
             return
-        cfg, out = self.cfg, self.out
-        if not self.stop and not (cfg.save_every and step % cfg.save_every == 0):
-            self.checkpoint(step)
-        save_lora(self.model.unet, out / "lora.safetensors", prefix=self.model.lora_prefix)
-        plot_rewards(out, self.rows, cfg.reward)
+        trained = [r for r in self.rows if r["reward_mean"] != ""]
+        if trained:
+            save_lora(self.model.unet, out / "lora.safetensors", self.model.lora_prefix, base_id(self.model.spec))
+            plot_rewards(out, self.rows, cfg.reward)
         if self.stop:
             print(f"stopped by {self.stop[0]} after step {step}; checkpoint saved. Continue with: "
                   f"python train.py --resume {out}")
@@ -158,7 +200,6 @@ class Run:
         self.videos("after", cfg.num_videos, False)
         if (out / "videos" / "before.png").exists():  # a run resumed from an older version may lack it
             plot_before_after(out / "videos", captions, step)
-        trained = [r for r in self.rows if r["reward_mean"] != ""]
         print(f"done: training reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "
               f"{trained[-1]['reward_mean']:.4f} (step {step}); wrote {out}/lora.safetensors, metrics.csv, "
               "reward_curve.png, videos/before_after.png, videos/before|after.mp4")

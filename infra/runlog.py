@@ -68,7 +68,7 @@ def set_rng_state(state, generator):
     random.setstate((version, tuple(keys), gauss))
 
 
-def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_text, keep=0, prefix="unet."):
+def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_text, keep=0, prefix="unet.", base=""):
     """Write checkpoints/step-N atomically, then keep only the newest `keep` (0: keep all).
 
     An OSError (a full disk, no permission) becomes a UserError that says the previous
@@ -83,7 +83,7 @@ def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_lora(unet, tmp / "lora.safetensors", prefix)
+        save_lora(unet, tmp / "lora.safetensors", prefix, base)
         state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(generator)}
         buffer = io.BytesIO()  # torch.save's own file writer turns a full disk into a RuntimeError
         torch.save(state, buffer)
@@ -119,8 +119,9 @@ def remove_temporaries(out):
         f.unlink()
 
 
-def check_checkpoint(folder, config_fields=()):
-    """Read every file of a checkpoint as a resume would; a damaged one raises a UserError."""
+def check_checkpoint(folder, check_config=None):
+    """Read every file of a checkpoint as a resume would; a damaged one raises a UserError.
+    `check_config(dict)` raises a UserError for a config.json that is not a run's settings."""
     from lora import read_lora_file
 
     fix = "resume from another checkpoint, or start again without --resume"
@@ -130,11 +131,16 @@ def check_checkpoint(folder, config_fields=()):
         raise UserError(f"checkpoint state {folder / 'state.pt'} lacks its step, optimizer or RNG states; {fix}")
     if state["step"] != int(folder.name[len(PREFIX):]):
         raise UserError(f"checkpoint state {folder / 'state.pt'} is of step {state['step']}, not of {folder.name}; {fix}")
-    read_json(folder / "config.json", "checkpoint config", config_fields, fix)
+    config = read_json(folder / "config.json", "checkpoint config", (), fix)
+    if check_config is not None:
+        try:
+            check_config(config)
+        except UserError as e:
+            raise UserError(f"checkpoint config {folder / 'config.json'} is not a run's settings ({e}); {fix}") from None
     read_metrics(folder / "metrics.csv")
 
 
-def find_resume_point(target, config_fields=()):
+def find_resume_point(target, check_config=None):
     """--resume TARGET -> (run folder, checkpoint folder), the checkpoint read whole first.
 
     TARGET is a run folder, whose newest intact checkpoint is used (damaged newer ones are named
@@ -142,15 +148,18 @@ def find_resume_point(target, config_fields=()):
     """
     target = Path(target)
     if target.name.startswith(PREFIX) and target.parent.name == "checkpoints":
-        check_checkpoint(target, config_fields)
+        check_checkpoint(target, check_config)
         return target.parent.parent, target
     found = list_checkpoints(target)
     if not found:
+        if (target / "config.json").is_file():  # a run stopped before it saved anything
+            raise UserError(f"--resume: no checkpoint in {target}: the run there stopped before its first one, so "
+                            "there is nothing to resume; run the same command without --resume to start it again")
         raise UserError(f"--resume: no checkpoint in {target / 'checkpoints'}; start the run without --resume")
     damaged = []
     for ckpt in reversed(found):
         try:
-            check_checkpoint(ckpt, config_fields)
+            check_checkpoint(ckpt, check_config)
         except UserError as e:
             damaged.append(f"{ckpt.name}: {e}")
             continue
@@ -189,13 +198,8 @@ def restore(resume, lr, unet, optimizer, generator):
     return step, read_metrics(Path(resume) / "metrics.csv")
 
 
-def tidy_run_folder(out, names, overwrite):
-    """Before a run writes into `out`: under --overwrite remove the files and folders a run writes
-    (`names`), never others kept there; always clear what a killed run left half-written."""
-    if overwrite:
-        for name in names:
-            path = Path(out) / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+def tidy_run_folder(out):
+    """Before a run writes into `out`: clear what a killed run left half-written."""
     if Path(out).is_dir():
         remove_temporaries(out)
 

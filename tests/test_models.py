@@ -2,6 +2,7 @@
 
 Every family loads from a tiny folder in its real layout through the code path its hub id takes.
 """
+import shutil
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -96,8 +97,13 @@ def test_real_sizes_match_real_models_md():
 #### Each family loads through its hub id's code path, trains, and its LoRA round-trips
 
 def test_modelscope_family_from_a_local_folder(tiny_folder, monkeypatch, tmp_path):
-    monkeypatch.setitem(MODELS, "modelscope", replace(MODELS["modelscope"], source=str(tiny_folder)))
+    hub = tmp_path / "hub"  # as the hub repository ships it: the UNet and VAE also as an fp16 variant
+    shutil.copytree(tiny_folder, hub)
+    for part in ("unet", "vae"):
+        (hub / part / "diffusion_pytorch_model.safetensors").rename(hub / part / "diffusion_pytorch_model.fp16.safetensors")
+    monkeypatch.setitem(MODELS, "modelscope", replace(MODELS["modelscope"], source=str(hub)))
     model = load_video_model("modelscope")  # exactly what --model modelscope does, but offline
+    assert MODELS["modelscope"].variant == "fp16"  # so only the half-size files were read (there are no others)
     assert type(model.unet).__name__ == "UNet3DConditionModel" and model.spec.height == 256
     params, before = train_a_few_steps(model)
     assert all(p.dtype == torch.float32 for p in params)
@@ -112,7 +118,7 @@ def test_modelscope_family_from_a_local_folder(tiny_folder, monkeypatch, tmp_pat
 def test_animatediff_family_from_a_local_folder(animatediff_folder, monkeypatch, tmp_path):
     adapter = str(animatediff_folder / "motion_adapter")
     monkeypatch.setitem(MODELS, "animatediff", replace(MODELS["animatediff"], source=str(animatediff_folder),
-                                                       adapter=adapter))
+                                                       adapter=adapter, variant=""))
     model = load_video_model("animatediff")  # SD 1.5 UNet + MotionAdapter -> UNetMotionModel, as from the hub
     assert type(model.unet).__name__ == "UNetMotionModel" and model.text_encoder.config.hidden_size == 32
     # The registry's scheduler settings win over the folder's (AnimateDiff's docs: linear, linspace).

@@ -1,0 +1,156 @@
+"""Whose folder is it: a run owns its output folder, and removes only what it wrote.
+
+A run folder is claimed with a lock before anything is loaded: `OUT/.lock`, held with `flock`
+for as long as the process lives. The kernel drops the lock when the process ends, however it
+ends (a crash, `kill -9`, a power cut), so a dead run never leaves the folder stuck; a second run
+started on a live one is refused with the first one's process id and command, read from the file.
+
+A folder holds a run when its config.json is a run's config or it has a checkpoint; only then is
+there anything to resume or to overwrite. `--overwrite` removes the files a run writes (by name,
+RUN_FILES) and nothing else a user keeps there; a link among them is removed as a link, never
+followed. `--export-merged` writes only into an empty folder or over an earlier export.
+"""
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from infra.cli import UserError
+
+LOCK = ".lock"
+# What a run writes into its folder (the trackers' folders only with --report-to).
+RUN_FILES = ("config.json", "metrics.csv", "reward_curve.png", "lora.safetensors", "checkpoints", "videos",
+             "tensorboard", "wandb")
+RUN_VIDEOS = ("before.*", "after.*", "before_after.png", "eval-step-*.*")  # inside videos/
+EXPORT_FILES = ("config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.index.json")
+
+
+def run_config(out):
+    """The run's settings in `out`/config.json, or None when there is none (or it is not a run's)."""
+    try:
+        value = json.loads((Path(out) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and {"model", "reward", "max_steps"} <= set(value) else None
+
+
+def has_checkpoint(out):
+    folder = Path(out) / "checkpoints"
+    return folder.is_dir() and any(p.name.startswith("step-") for p in folder.iterdir())
+
+
+def holds_run(out):
+    """True when `out` holds a run: a run's config.json, or a checkpoint."""
+    return run_config(out) is not None or has_checkpoint(out)
+
+
+def check_run_folder(out, resume, overwrite):
+    """Refuse to start in a folder whose run would be lost, or whose user files a run would write over.
+
+    Returns "restart" for a run that stopped before its first checkpoint (nothing to resume, so the
+    same command starts it again), "overwrite" for a run --overwrite replaces, else "".
+    """
+    out = Path(out)
+    if resume or not out.is_dir():
+        return ""
+    if holds_run(out):
+        if overwrite:
+            return "overwrite"
+        if not has_checkpoint(out) and not (out / "lora.safetensors").exists():
+            return "restart"
+        raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                        "or another --output-dir")
+    clash = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if clash:
+        raise UserError(f"{out} holds {clash[0]}, which a run would write over, but no run of train.py "
+                        "(--overwrite replaces only a run); choose another --output-dir")
+    return ""
+
+
+class Claim:
+    """The open lock file of a claimed folder, and what claiming it made (the folder, the lock), so
+    `release(began=False)` can take back exactly that when a run is refused or stopped before it wrote."""
+
+    def __init__(self, out, made, file):
+        self.out, self.made, self.file = out, made, file  # made: the folders mkdir made, deepest first
+
+    def release(self, began):
+        if not began:  # refused or stopped before writing: leave the folder as it was found (a run that
+            # opens the lock file in the instant between unlink and close locks a file no one else sees)
+            (self.out / LOCK).unlink(missing_ok=True)
+            for folder in self.made:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
+        self.file.close()
+
+
+def claim(out):
+    """Lock `out` for this process (made if need be); returns a Claim, to keep until the run ends.
+    Another live run holding it is a UserError naming that run."""
+    out = Path(out)
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{out} is in use by a run that is still going ({holder}); wait for it to end or stop "
+                        "it, or choose another --output-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+               f"{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}\n")
+    lock.flush()
+    return Claim(out, made, lock)
+
+
+def remove(path):
+    """Remove a file, a folder or a link (the link itself, never what it points to)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def remove_run_files(out):
+    """--overwrite: remove what a run wrote in `out` (RUN_FILES; in videos/ only a run's videos),
+    keep everything else, and leave videos/ in place if a user's file remains in it."""
+    out = Path(out)
+    for name in RUN_FILES:
+        path = out / name
+        if name == "videos" and path.is_dir() and not path.is_symlink():
+            for pattern in RUN_VIDEOS:
+                for f in path.glob(pattern):
+                    remove(f)
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            remove(path)
+
+
+def check_export_folder(folder):
+    """--export-merged DIR: refused unless DIR is new, empty, or an earlier export (only the files
+    save_pretrained writes), so a run folder or a user's folder is never replaced."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise UserError(f"--export-merged {folder} is a link; pass the folder it points to, or a new folder")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UserError(f"--export-merged {folder} is a file; pass a new or empty folder")
+    entries = list(folder.iterdir())
+    ours = [e for e in entries if e.is_file() and not e.is_symlink() and any(e.match(p) for p in EXPORT_FILES)]
+    if entries and (len(ours) < len(entries) or not (folder / "config.json").is_file()
+                    or "_class_name" not in (folder / "config.json").read_text(errors="replace")):
+        other = next(e.name for e in entries if e not in ours) if len(ours) < len(entries) else "config.json"
+        raise UserError(f"--export-merged {folder} holds {other}, so it is not an earlier export; it would be "
+                        "replaced whole: pass a new or empty folder")
