@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -72,21 +73,39 @@ def check_run_folder(out, resume, overwrite):
 
 
 class Claim:
-    """The open lock file of a claimed folder, and what claiming it made (the folder, the lock), so
-    `release(began=False)` can take back exactly that when a run is refused or stopped before it wrote."""
+    """A claimed folder: the open lock file, and what claiming it changed (the folders mkdir made, the
+    lock file's earlier text), so that a run refused or stopped before it wrote leaves the folder as found."""
 
-    def __init__(self, out, made, file):
-        self.out, self.made, self.file = out, made, file  # made: the folders mkdir made, deepest first
+    def __init__(self, out, made, file, before):
+        self.out, self.made, self.file, self.before = out, made, file, before  # made: deepest first
 
     def release(self, began):
-        if not began:  # refused or stopped before writing: leave the folder as it was found (a run that
-            # opens the lock file in the instant between unlink and close locks a file no one else sees)
-            (self.out / LOCK).unlink(missing_ok=True)
+        if not began:  # (a run that opens the lock file in the instant before it goes locks a lost file)
+            if self.before is None:
+                (self.out / LOCK).unlink(missing_ok=True)
+            else:
+                self.file.seek(0)
+                self.file.truncate()
+                self.file.write(self.before)
             for folder in self.made:
                 if any(folder.iterdir()):
                     break
                 folder.rmdir()
         self.file.close()
+
+
+def in_use(out):
+    """Refuse a folder whose lock a live run holds (a UserError naming it); a folder without one is free."""
+    path = Path(out) / LOCK
+    if path.is_symlink() or not path.is_file():
+        return
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused only while a run holds it
+        except BlockingIOError:
+            holder = lock.read(4096).strip() or "another process"
+            raise UserError(f"{out} is in use by a run that is still going ({holder}); wait for it to end or "
+                            "stop it, or choose another --output-dir") from None
 
 
 def claim(out):
@@ -95,21 +114,28 @@ def claim(out):
     out = Path(out)
     made = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / LOCK, "a+")
+    path = out / LOCK
+    existed = path.exists() or path.is_symlink()
+    try:  # O_NOFOLLOW: a .lock that is a link would have us write into whatever it points to
+        lock = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+        if not stat.S_ISREG(os.fstat(lock.fileno()).st_mode):
+            lock.close()
+            raise OSError(0, "not a regular file")
+    except OSError as e:
+        raise UserError(f"{path} cannot be the run's lock file ({e.strerror}); remove it") from None
+    before = lock.read(4096) if existed else None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
         lock.close()
-        raise UserError(f"{out} is in use by a run that is still going ({holder}); wait for it to end or stop "
-                        "it, or choose another --output-dir") from None
+        in_use(out)  # names the holder
+        raise UserError(f"{out} was in use by another run a moment ago; run the command again") from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                f"{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}\n")
     lock.flush()
-    return Claim(out, made, lock)
+    return Claim(out, made, lock, before)
 
 
 def remove(path):

@@ -31,6 +31,7 @@ import torch
 
 from infra.cli import UserError
 from infra.files import TMP_MARK, WriteError, atomic_path, read_csv, read_json, read_tensor_state, write_error
+from infra.folder import in_use
 
 PREFIX = "step-"
 METRICS = ("step", "reward_mean", "reward_std", "loss", "lr", "grad_norm", "grad_steps", "skipped", "eval_reward",
@@ -147,6 +148,7 @@ def find_resume_point(target, check_config=None):
     in a warning), or one checkpoint folder, which must be intact.
     """
     target = Path(target)
+    in_use(target.parent.parent if target.parent.name == "checkpoints" else target)  # a live run's saves move
     if target.name.startswith(PREFIX) and target.parent.name == "checkpoints":
         check_checkpoint(target, check_config)
         return target.parent.parent, target
