@@ -343,3 +343,16 @@ def test_sample_refuses_bad_flags_before_loading(tmp_path, capsys):
         err = one_line_error(capsys, sample.main, ["--model", "tiny", *args, "--output-dir", str(tmp_path / "out")])
         assert message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    err = one_line_error(capsys, sample.main, ["--model", "tiny", "--output-dir", str(tmp_path / "afile" / "out")])
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in err
+    # A read-only filesystem, as a mount would be: access() refuses, statvfs says why.
+    read_only = os.statvfs_result((4096,) * 8 + (os.ST_RDONLY, 255))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.setattr(os, "statvfs", lambda path: read_only)
+    err = one_line_error(capsys, train.main, [*TINY, "--output-dir", str(tmp_path / "new")])
+    assert f"{tmp_path} is on a read-only file system" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
