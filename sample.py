@@ -52,6 +52,7 @@ def export_merged(model, lora_path, folder):
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(tmp, e) from None
     old = folder.with_name(f".{folder.name}{TMP_MARK}old")
+    shutil.rmtree(old, ignore_errors=True)  # what an export killed mid-replace left
     if folder.exists():  # an earlier export (check_export_folder made sure): replaced by renames only
         folder.rename(old)
     tmp.rename(folder)

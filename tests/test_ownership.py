@@ -22,7 +22,7 @@ import sample
 import train
 from infra import runlog
 from infra.cli import run_cli
-from infra.files import read_safetensors
+from infra.files import TMP_MARK, read_safetensors
 from infra.folder import claim
 from lora import load_lora, save_lora
 
@@ -112,9 +112,12 @@ def test_a_folder_a_run_would_harm_is_refused(reference, tmp_path, capsys, setup
     elif setup == "under a file":
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "out"
+    elif setup == "user checkpoints":
+        user_folder(out)
+        (out / "checkpoints").mkdir()
     else:
         user_folder(out)
-        (out / setup.split()[1]).mkdir() if setup.endswith("checkpoints") else (out / "metrics.csv").write_text("a,b\n")
+        (out / "metrics.csv").write_text("a,b\n")
     before = fingerprint(tmp_path)
     assert message in one_line_error(capsys, train.main, [*TINY, *args, "--output-dir", str(out)])
     assert fingerprint(tmp_path) == before
@@ -170,6 +173,9 @@ def test_export_merged_writes_only_a_new_folder_or_over_an_earlier_export(refere
     export = tmp_path / "merged"
     run_cli(sample.main, [*base, "--export-merged", str(export)])
     (export / "diffusion_pytorch_model.safetensors").write_bytes(b"spoiled")
+    stale = tmp_path / f".merged{TMP_MARK}old"  # what an export killed mid-replace leaves
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
     run_cli(sample.main, [*base, "--export-merged", str(export)])  # an earlier export is replaced whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine", "run"]  # and nothing left beside it
     merged = load_file(export / "diffusion_pytorch_model.safetensors")
