@@ -49,7 +49,7 @@ class ModelSpec:
     scheduler: dict = field(default_factory=dict)  # overrides of the source's scheduler/ config
     lora_targets: tuple = TARGETS  # the nn.Linear names that get LoRA adapters
     recipe: dict = field(default_factory=dict)  # training defaults that differ from the paper's
-    variant: str = ""  # the hub's half-size copy of the UNet and VAE (fp16: 2.82 GB, not 5.65); cast to --dtype
+    variant: str = ""  # the hub's half-precision copy of the UNet and VAE, half the download; cast to --dtype
 
 
 MODELS = {

@@ -148,8 +148,9 @@ def find_resume_point(target, check_config=None):
     in a warning), or one checkpoint folder, which must be intact.
     """
     target = Path(target)
-    in_use(target.parent.parent if target.parent.name == "checkpoints" else target)  # a live run's saves move
-    if target.name.startswith(PREFIX) and target.parent.name == "checkpoints":
+    one = target.name.startswith(PREFIX) and target.parent.name == "checkpoints"
+    in_use(target.parent.parent if one else target)  # a live run's checkpoints come and go
+    if one:
         check_checkpoint(target, check_config)
         return target.parent.parent, target
     found = list_checkpoints(target)
