@@ -133,9 +133,14 @@ def lora_state_dict(model, prefix="unet."):
     return out
 
 
-def save_lora(model, path, prefix="unet.", base=""):
+def save_lora(model, path, prefix="unet.", base="", write=True):
     """Write the adapters to a safetensors file (atomically); rank, alpha and the base model's name
-    (`base`, models.base_id) go in its metadata."""
+    (`base`, models.base_id) go in its metadata.
+
+    Adapters sharded across processes (--shard: FSDP2's DTensors) are gathered whole first, the
+    same file a single process writes. The gather is a collective: every process calls this, and
+    only the one with `write` writes.
+    """
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
@@ -145,7 +150,10 @@ def save_lora(model, path, prefix="unet.", base=""):
     # prefixed by the component they belong to; without them it would take alpha = r.
     config = {"r": first.rank, "lora_alpha": first.alpha, "target_modules": sorted(layers)}
     meta["lora_adapter_metadata"] = json.dumps({f"{prefix}{k}": v for k, v in config.items()})
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, prefix).items()}
+    tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous().cpu()
+               for k, v in lora_state_dict(model, prefix).items()}
+    if not write:
+        return
     data = save(tensors, metadata=meta)  # serialised in memory, so a full disk is an OSError of the write below
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)

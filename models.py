@@ -4,7 +4,8 @@ A family is everything VADER needs to know about one kind of latent video diffus
 vader.py and train.py ask it nothing else: how it encodes prompts (`embed`, `text_encoder_on_device`),
 its latent shape (`latent_channels`, `latent_frames`, `vae_factor`, `size_multiple`), which frames
 it can decode exactly and how (`frame_pool`, `decode_frames`), how it is checkpointed and read
-from a diffusers-layout folder (`enable_checkpointing`, `load_components`). The denoiser, in the
+from a diffusers-layout folder (`enable_checkpointing`, `load_components`), and which blocks
+FSDP shards under --shard (`shard_blocks`). The denoiser, in the
 field `unet` whatever its kind (the name every LoRA file was written with), maps latents
 (B, C, F, h, w) and text to a prediction of the same shape. The two UNet families share SD's VAE:
 - "unet3d": ModelScope T2V and its fine-tunes (Zeroscope): a `UNet3DConditionModel`, OpenCLIP-H text.
@@ -27,8 +28,7 @@ from lora import TARGETS
 from sampler import Schedule
 from vader import checkpoint_blocks
 
-# The toy world's pretrained model (toy/pretrain.py writes it; committed with the code).
-TOY_FOLDER = Path(__file__).resolve().parent / "toy" / "model"
+TOY_FOLDER = Path(__file__).resolve().parent / "toy" / "model"  # the toy world's model (toy/pretrain.py; committed)
 # AnimateDiff's scheduler, as its diffusers docs load it: DDIM on the linear β schedule its motion
 # modules were trained with (SD 1.5's own config says scaled_linear), "linspace" timesteps.
 ANIMATEDIFF_SCHEDULER = dict(beta_schedule="linear", clip_sample=False, timestep_spacing="linspace", steps_offset=1)
@@ -82,6 +82,10 @@ MODELS = {
     # by default, so the transformer's block inputs are not held during the decoder's backward.
     "wan": ModelSpec("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 480, 832, 33, 40, 5.0, family="wan",
                      recipe={"low_memory": True}),
+    # Wan2.1 T2V 14B, for several GPUs (--shard): the documented 480p setting, 81 frames, 50 steps,
+    # guidance 5, flow shift 3 (5 is 720p's); the 1.3B's VAE and UMT5.
+    "wan-14b": ModelSpec("Wan-AI/Wan2.1-T2V-14B-Diffusers", 480, 832, 81, 50, 5.0, family="wan",
+                         scheduler={"flow_shift": 3.0}, recipe={"low_memory": True}),
 }
 
 
@@ -122,9 +126,7 @@ class VideoModel:
         """Latent frames of an F-frame video: 1 + (F - 1) / temporal_factor (F for SD's VAE)."""
         return (frames - 1) // self.temporal_factor + 1
 
-    @property
-    def latent_channels(self):
-        return self.unet.config.in_channels
+    latent_channels = property(lambda self: self.unet.config.in_channels)
 
     @property
     def text_length(self):
@@ -147,8 +149,7 @@ class VideoModel:
         finally:
             self.text_encoder.to("cpu")
 
-    def frame_pool(self, frames, f):
-        """How many of the first pixel frames the f decoded ones are drawn from: all F (a per-frame VAE)."""
+    def frame_pool(self, frames, f):  # how many first pixel frames the f decoded ones come from: all F
         return frames
 
     def decode_frames(self, z0, frame_idx, use_checkpoint=True, one_at_a_time=False):
@@ -172,6 +173,9 @@ class VideoModel:
         x = torch.cat([run(zi) for zi in z.split(1)]) if one_at_a_time else run(z)  # (B*f, 3, H, W)
         x = (x.float() / 2 + 0.5).clamp(0, 1)  # (B*f, 3, H, W) in [0, 1]
         return x.view(b, f, *x.shape[1:])  # (B, f, 3, H, W)
+
+    def shard_blocks(self):  # the denoiser's units of FSDP sharding under --shard (infra/sharding.py)
+        return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
 
     def enable_checkpointing(self):
         """Checkpoint every module inside the UNet's blocks and the VAE decoder's (`checkpoint_blocks`)."""
@@ -209,12 +213,10 @@ def _repeat_text(unet, args, kwargs):
 
 
 def per_frame_text(unet):
-    """Let a UNetMotionModel take (B, L, D) text embeddings, as UNet3D does, so the sampler serves both.
-
-    UNetMotionModel folds the frames into the batch itself (it reads (B, C, F, h, w) whatever its
-    docstring says; tests/test_models.py checks) but, unlike UNet3D, does not repeat the text per
-    frame. A hook, not a wrapper module, so module paths and LoRA keys stay diffusers'.
-    """
+    """Let a UNetMotionModel take (B, L, D) text embeddings, as UNet3D does, so the sampler serves both:
+    it folds the frames into the batch itself (it reads (B, C, F, h, w) whatever its docstring says;
+    tests/test_models.py checks) but does not repeat the text per frame. A hook, not a wrapper
+    module, so module paths and LoRA keys stay diffusers'."""
     unet.register_forward_pre_hook(_repeat_text, with_kwargs=True)
     return unet
 
@@ -265,10 +267,8 @@ def base_id(spec):
 
 
 def load_video_model(name, device="cpu", dtype=torch.float32):
-    """Load `name` (a key of MODELS, a local folder in the diffusers layout, or a hub id), frozen and checkpointed.
-
-    All take the same `from_pretrained` path; a tiny model is first written to a temporary folder.
-    """
+    """Load `name` (a key of MODELS, a local diffusers-layout folder, or a hub id), frozen and checkpointed,
+    all through one `from_pretrained` path (a tiny model is first written to a temporary folder)."""
     quiet_libraries()
     if name in TINY_BUILDERS:
         with tiny_folder(name) as folder:

@@ -3,6 +3,7 @@
     python train.py --reward aesthetic --prompts animals.txt                  # ModelScope, GPU
     python train.py --model tiny --reward colorfulness --prompts animals.txt --max-steps 30   # CPU
     torchrun --nproc_per_node=4 train.py --reward aesthetic                   # several GPUs
+    torchrun --nproc_per_node=4 train.py --model wan-14b --shard              # a model no one GPU holds
 
 `train_step` is one optimizer step of VADER, and `main`'s loop takes them; the run's folder gets
 config.json, metrics.csv, reward_curve.png, lora.safetensors, checkpoints/ and videos/.
@@ -23,6 +24,7 @@ from infra.files import read_json, read_prompts
 from infra.folder import check_run_folder
 from infra.run import Run, make_videos, print_banner
 from infra.runlog import find_resume_point
+from infra.sharding import check_torch, shard_denoiser
 from lora import inject_lora
 from models import load_video_model, spec_of
 from rewards import load_eval_rewards, load_reward, parse_options
@@ -85,6 +87,9 @@ class Config:
                                   "offload saved activations to CPU (vader.py: Precision and memory).")
     resume: str = opt("", "Continue a run: --resume alone uses --output-dir; or give a run folder or a checkpoint.")
     overwrite: bool = opt(False, "Replace the run already in --output-dir.")
+    shard: bool = opt(False, "Under torchrun, split the frozen denoiser across the processes with FSDP2 instead of "
+                             "copying it to each (for models one GPU cannot hold, e.g. wan-14b); checkpoints are "
+                             "then written sharded. On one process it trains the same.")
 
 
 GENERATION = ("height", "width", "frames", "num_steps", "guidance")  # defaults come from the registry entry
@@ -156,6 +161,8 @@ def validate(cfg):
         raise UserError(f"--report-to takes wandb or tensorboard, got {cfg.report_to!r}")
     if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
+    if cfg.shard:
+        check_torch()
     check_output_dir(cfg.output_dir)
     check_run_folder(cfg.output_dir, cfg.resume, cfg.overwrite)
 
@@ -172,13 +179,18 @@ def split_prompts(cfg):
     return prompts, held_out
 
 
-def load_models(cfg, device, dtype):
-    """The reward (checked against --decode-frames), the evaluation rewards and the video model."""
+def load_models(cfg, device, dtype, world):
+    """The reward (checked against --decode-frames), the evaluation rewards and the video model;
+    under --shard on several processes its denoiser stays in CPU memory until it is sharded."""
     reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
     eval_fns = load_eval_rewards(cfg.eval_rewards, device, dtype, build=bool(cfg.eval_every))
     if cfg.decode_frames < reward_fn.min_frames:
         raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
-    model = load_video_model(cfg.model, device, dtype)
+    sharding = cfg.shard and world > 1
+    model = load_video_model(cfg.model, "cpu" if sharding else device, dtype)
+    if sharding:
+        model.vae.to(device)
+        model.device = device
     check_video_shape(model, cfg.frames, cfg.height, cfg.width)
     return reward_fn, eval_fns, model
 
@@ -210,7 +222,7 @@ def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, 
         scaler.scale(loss / cfg.grad_accum).backward()  # fp16: scaled up; the mean over micro-batches
         rewards.append(r.detach())
         loss_sum += loss.item() / cfg.grad_accum
-    loss = average_gradients(params, loss_sum, shard[1])  # DDP's all-reduce: every process, the same gradients
+    loss = average_gradients(params, loss_sum, shard[1])  # DDP's all-reduce (FSDP2's was done in backward)
     scaler.unscale_(optimizer)  # fp16: divide the gradients by the loss scale before clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     finite = math.isfinite(loss) and torch.isfinite(grad_norm).item()
@@ -237,7 +249,7 @@ def main(argv=None):
     # a stop ends at the next step boundary with a checkpoint (or, while loading, with nothing written).
     with Run(cfg, Path(cfg.output_dir), rank, world, device) as run:
         dtype = resolve_dtype(cfg.dtype, device)
-        reward_fn, eval_fns, model = load_models(cfg, device, dtype)
+        reward_fn, eval_fns, model = load_models(cfg, device, dtype, world)
         join_process_group(world, device)
 
         # Text embeddings once per prompt, in one call; the text encoder is not needed again.
@@ -246,6 +258,8 @@ def main(argv=None):
         torch.manual_seed(cfg.seed)  # LoRA's random A: the same on every process and in every run of this seed
         params = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, targets=model.spec.lora_targets,
                              dropout=cfg.lora_dropout)
+        if cfg.shard and world > 1:  # FSDP2: each process keeps 1/world of every weight (infra/sharding.py)
+            params = shard_denoiser(model, world, device)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scaler = loss_scaler(dtype, device)  # dynamic loss scaling for an fp16 base; does nothing for bf16/fp32
         generator = torch.Generator().manual_seed(cfg.seed)  # noise, prompt order, K and decoded frames
@@ -259,7 +273,8 @@ def main(argv=None):
         def videos(name, n, scored):
             """n videos of the training prompts (before/after) or, scored, of the held-out ones."""
             which = (held_out, held_cond, reward_fn, eval_fns) if scored else (prompts, cond, None, None)
-            return make_videos(model, cfg, which[0], which[1], uncond, run.out / "videos" / name, n, *which[2:])
+            return make_videos(model, cfg, which[0], which[1], uncond, run.out / "videos" / name, n, *which[2:],
+                               write=run.main)
 
         step = run.start(model, optimizer, generator, videos, params,
                          lambda params: print_banner(cfg, model, dtype, device, world, prompts, held_out, params))

@@ -60,18 +60,20 @@ class WanModel(VideoModel):
     @contextlib.contextmanager
     def text_encoder_on_device(self):
         """The transformer and the VAE step out to CPU memory while UMT5 encodes on the device, so
-        the three never share the GPU and a card holds each in turn."""
+        the three never share the GPU and a card holds each in turn. Under --shard the transformer
+        is still in CPU memory here, whole, waiting to be sharded, and stays there."""
         if self.device == "cpu":
             yield
             return
-        for m in (self.unet, self.vae):
+        away = [m for m in (self.unet, self.vae) if not _in_cpu_memory(m)]
+        for m in away:
             m.to("cpu")
         self.text_encoder.to(self.device)
         try:
             yield
         finally:
             self.text_encoder.to("cpu")
-            for m in (self.unet, self.vae):
+            for m in away:
                 m.to(self.device)
 
     def frame_pool(self, frames, f):
@@ -114,6 +116,10 @@ class WanModel(VideoModel):
         x = x[:, :, frame_idx.to(x.device)]  # (B, 3, f, H, W)
         return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, f, 3, H, W) in [0, 1]
 
+    def shard_blocks(self):
+        """FSDP's units under --shard: the transformer blocks, diffusers' `_no_split_modules`."""
+        return list(self.unet.blocks)
+
     def enable_checkpointing(self):
         """diffusers' own checkpointing of each transformer block (non-reentrant, only while autograd
         records); the VAE is checkpointed whole in `decode_frames`. Also the timestep hook."""
@@ -131,6 +137,12 @@ class WanModel(VideoModel):
         vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
         text_encoder = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
         return transformer, vae, text_encoder, AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+
+
+def _in_cpu_memory(module):
+    """Whether a module's weights are in CPU memory (one without weights is taken to be on the device)."""
+    p = next(module.parameters(), None)
+    return p is not None and p.device.type == "cpu"
 
 
 def _timestep_per_video(transformer, args, kwargs):

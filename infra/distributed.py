@@ -31,6 +31,14 @@ def join_process_group(world, device):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
+def barrier(world):
+    """Wait until every process gets here (nothing to wait for on one)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def all_average(tensors, world):
     """Average tensors over processes in one all-reduce (what DDP does to gradients)."""
     if world == 1:
@@ -59,8 +67,15 @@ def average_gradients(params, loss, world):
     """DDP's all-reduce of the LoRA gradients (and the loss, for the log), in one call; returns the loss.
 
     A parameter no gradient reached (possible under dropout or a reward that ignores some
-    frames) takes part as zeros, so every process sends tensors of the same sizes.
+    frames) takes part as zeros, so every process sends tensors of the same sizes. Sharded
+    parameters (--shard: FSDP2's DTensors) had their gradients averaged in backward: only the loss.
     """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(params[0], DTensor):
+        loss_t = torch.tensor([loss], device=params[0].device)
+        all_average([loss_t], world)
+        return loss_t.item()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     loss_t = torch.tensor([loss], device=grads[0].device)
     all_average(grads + [loss_t], world)

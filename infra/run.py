@@ -50,14 +50,17 @@ def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
           f"output {cfg.output_dir}")
 
 
-def make_videos(model, cfg, prompts, cond, uncond, path_stem, n, reward_fn=None, eval_fns=None):
+def make_videos(model, cfg, prompts, cond, uncond, path_stem, n, reward_fn=None, eval_fns=None, write=True):
     """Generate n videos, video i of prompt i (cycling through them) with seed i, tiled in rows of
-    at most 8; with a reward, returns the held-out columns: its mean and the evaluation rewards'."""
+    at most 8; with a reward, returns the held-out columns: its mean and the evaluation rewards'.
+    Without `write` nothing is written (the other processes of a sharded run, which must take
+    part in every pass of the sharded denoiser)."""
     idx = torch.arange(n) % len(prompts)
     video = generate(model, cond[idx.to(cond.device)], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
                      cfg.guidance, seed=0)  # (n, F, 3, H, W)
-    write_video(tile(video, per_row=8), path_stem, rows=-(-n // 8))  # (F, 3, rows*H, 8*W)
-    if reward_fn is None:  # before/after: also a still of every frame, for before_after.png
+    if write:
+        write_video(tile(video, per_row=8), path_stem, rows=-(-n // 8))  # (F, 3, rows*H, 8*W)
+    if reward_fn is None and write:  # before/after: also a still of every frame, for before_after.png
         write_strip(video, path_stem.with_suffix(".png"))
     if reward_fn is not None:
         names = [prompts[i] for i in idx]
@@ -67,7 +70,8 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, n, reward_fn=None,
 
 class Run:
     """The run folder and everything written into it, on the main process; the other processes
-    only take part in the all-gathers.
+    only take part in the all-gathers, and, under --shard (`together`), in everything that runs
+    the sharded denoiser or writes a checkpoint: videos, evaluations, saves.
 
     Used as `with Run(...) as run:` from before the models load to the end: entering claims the
     folder (infra/folder.py) and catches Ctrl-C and SIGTERM, so a stop at any moment ends at the
@@ -77,7 +81,8 @@ class Run:
 
     def __init__(self, cfg, out, rank, world, device):
         self.cfg, self.out, self.world, self.device = cfg, out, world, device
-        self.main = rank == 0
+        self.main, self.rank = rank == 0, rank
+        self.together = cfg.shard and world > 1
         self.rows, self.bad_in_a_row, self.stop, self.bar = [], 0, [], None
         self.began, self.saved, self.lock = False, None, None
 
@@ -100,6 +105,10 @@ class Run:
         if self.lock is not None:
             self.lock.release(self.began)
 
+    def signal(self):
+        """The signal that stopped the run, as this process saw it."""
+        return self.stop[0] if self.stop else "a signal to another process"
+
     def stopped(self):
         """True on every process when a signal reached any of them."""
         return bool(all_gather(torch.tensor([float(bool(self.stop))], device=self.device), self.world).max())
@@ -118,7 +127,7 @@ class Run:
                                          "starting again the run there, which stopped before its first checkpoint"))
                 remove_run_files(self.out)
             tidy_run_folder(self.out)
-        step, self.rows = restore(self.cfg.resume, self.cfg.lr, model.unet, optimizer, generator)
+        step, self.rows = restore(self.cfg.resume, self.cfg.lr, model.unet, optimizer, generator, self.cfg.shard)
         self.saved = step if self.cfg.resume else None
         self.config_text = json.dumps(asdict(self.cfg), indent=2) + "\n"
         self.tracker = None
@@ -126,25 +135,32 @@ class Run:
             atomic_write_text(self.out / "config.json", self.config_text)
             self.tracker = open_tracker(self.cfg, self.out)
             banner(lora_params)
-            if not (self.out / "videos" / "before.mp4").exists():
+        if self.main or self.together:
+            if not self.main_says((self.out / "videos" / "before.mp4").exists()):
                 videos("before", self.cfg.num_videos, False)
-            if not self.rows and self.cfg.eval_every and not self.stop:
+            if not self.rows and self.cfg.eval_every and not (self.stopped() if self.together else self.stop):
                 self.rows.append({**dict.fromkeys(METRICS, ""), "step": 0, **self.evaluate(0)})
         self.bar = tqdm(total=self.cfg.max_steps, initial=step, desc="training", unit="step", disable=not self.main)
         return step
 
+    def main_says(self, flag):
+        """The main process's `flag` on every process that runs together (only the main sees the folder)."""
+        if not self.together:
+            return flag
+        return bool(all_gather(torch.tensor([float(flag)], device=self.device), self.world)[0])
+
     def evaluate(self, step):
         """Held-out rewards at fixed seeds, with their videos; {} when this step has no evaluation."""
         cfg = self.cfg
-        if not (self.main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)):
+        if not ((self.main or self.together) and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)):
             return {}
         return self.videos(f"eval-step-{step:06d}", cfg.eval_videos, True) or {}
 
     def checkpoint(self, step):
-        if self.main:
+        if self.main or self.cfg.shard:
             save_checkpoint(self.out, step, self.model.unet, self.optimizer, self.generator, self.config_text,
                             metrics_text(self.rows), self.cfg.keep_checkpoints, self.model.lora_prefix,
-                            base_id(self.model.spec))
+                            base_id(self.model.spec), (self.rank, self.world) if self.cfg.shard else None)
         self.saved = step
 
     def record(self, step, loss, rewards, grad_norm, k, finite, seconds):
@@ -182,22 +198,28 @@ class Run:
             self.bar.close()
         if not self.began:
             if self.main:
-                print(f"stopped by {self.stop[0]} while loading, before the run began; nothing was written. "
+                print(f"stopped by {self.signal()} while loading, before the run began; nothing was written. "
                       "Run the same command to start it.")
             return
         if self.saved != step:
             self.checkpoint(step)
-        if not self.main:
+        stopped = self.stopped()
+        if not (self.main or self.together):
             return
         trained = [r for r in self.rows if r["reward_mean"] != ""]
-        if trained:
-            save_lora(self.model.unet, out / "lora.safetensors", self.model.lora_prefix, base_id(self.model.spec))
+        if trained:  # gathered from every process under --shard, written by the main one
+            save_lora(self.model.unet, out / "lora.safetensors", self.model.lora_prefix, base_id(self.model.spec),
+                      write=self.main)
+        if self.main and trained:
             plot_rewards(out, self.rows, cfg.reward)
-        if self.stop:
-            print(f"stopped by {self.stop[0]} after step {step}; checkpoint saved. Continue with: "
-                  f"python train.py --resume {out}")
+        if stopped:
+            if self.main:
+                print(f"stopped by {self.signal()} after step {step}; checkpoint saved. Continue with: "
+                      f"python train.py --resume {out}")
             return
         self.videos("after", cfg.num_videos, False)
+        if not self.main:
+            return
         if (out / "videos" / "before.png").exists():  # a run resumed from an older version may lack it
             plot_before_after(out / "videos", captions, step)
         print(f"done: training reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "

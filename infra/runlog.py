@@ -5,6 +5,9 @@ A checkpoint is a folder `checkpoints/step-000100/` holding
     state.pt           optimizer state, step, and every random number generator's state
     config.json        the run's settings at that step
     metrics.csv        the metrics up to that step
+    sharded/           under --shard only: the LoRA and AdamW's state as every process's slices,
+                       through torch.distributed.checkpoint (infra/sharding.py); state.pt then
+                       holds the step and the generators, and lora.safetensors the gathered LoRA
 It is written under a temporary name and renamed into place in one step, so a kill or a full
 disk at any instant leaves either the complete new checkpoint or none, and the previous ones
 are untouched. `state.pt` holds only tensors, numbers and lists, so it loads with
@@ -32,6 +35,7 @@ import torch
 from infra.cli import UserError
 from infra.files import TMP_MARK, WriteError, atomic_path, read_csv, read_json, read_tensor_state, write_error
 from infra.folder import in_use
+from infra.sharding import SHARDED, load_sharded, read_metadata, save_sharded
 
 PREFIX = "step-"
 METRICS = ("step", "reward_mean", "reward_std", "loss", "lr", "grad_norm", "grad_steps", "skipped", "eval_reward",
@@ -69,8 +73,12 @@ def set_rng_state(state, generator):
     random.setstate((version, tuple(keys), gauss))
 
 
-def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_text, keep=0, prefix="unet.", base=""):
+def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_text, keep=0, prefix="unet.", base="",
+                    sharded=None):
     """Write checkpoints/step-N atomically, then keep only the newest `keep` (0: keep all).
+
+    `sharded` = (rank, world) under --shard, where every process calls this: each writes its slices
+    into the temporary folder, and the main process (rank 0) writes the rest and renames.
 
     An OSError (a full disk, no permission) becomes a UserError that says the previous
     checkpoint is intact, which it is: nothing is renamed until every file is written. A step
@@ -79,29 +87,42 @@ def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_
     """
     from lora import save_lora
 
+    from infra.distributed import barrier
+
     final = Path(out) / "checkpoints" / f"{PREFIX}{step:06d}"
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    main = sharded is None or sharded[0] == 0
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_lora(unet, tmp / "lora.safetensors", prefix, base)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(generator)}
-        buffer = io.BytesIO()  # torch.save's own file writer turns a full disk into a RuntimeError
-        torch.save(state, buffer)
-        (tmp / "state.pt").write_bytes(buffer.getvalue())
-        (tmp / "config.json").write_text(config_text)
-        (tmp / "metrics.csv").write_text(metrics_text)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        state = {"step": step, "rng": rng_state(generator)}
+        if sharded:
+            barrier(sharded[1])  # the folder exists before any process writes into it
+            save_sharded(tmp, unet, optimizer)
+        else:
+            state["optimizer"] = optimizer.state_dict()
+        save_lora(unet, tmp / "lora.safetensors", prefix, base, write=main)
+        if main:
+            buffer = io.BytesIO()  # torch.save's own file writer turns a full disk into a RuntimeError
+            torch.save(state, buffer)
+            (tmp / "state.pt").write_bytes(buffer.getvalue())
+            (tmp / "config.json").write_text(config_text)
+            (tmp / "metrics.csv").write_text(metrics_text)
+        if sharded:
+            barrier(sharded[1])  # every process's slices are written
+        if main:
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
     except (OSError, WriteError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(out)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         reason = (write_error(final, e) if isinstance(e, OSError) else e).reason
         raise UserError(f"{reason}; {kept}; free some space or choose another --output-dir, then --resume") from None
-    if keep > 0:
+    if keep > 0 and main:
         for stale in list_checkpoints(out)[:-keep]:
             shutil.rmtree(stale)
     return final
@@ -128,6 +149,9 @@ def check_checkpoint(folder, check_config=None):
     fix = "resume from another checkpoint, or start again without --resume"
     read_lora_file(folder / "lora.safetensors")
     state = read_tensor_state(folder / "state.pt", "checkpoint state", fix)
+    if isinstance(state, dict) and (folder / SHARDED).is_dir():
+        read_metadata(folder / SHARDED)
+        state = {"optimizer": SHARDED, **state}
     if not (isinstance(state, dict) and {"step", "optimizer", "rng"} <= set(state)):
         raise UserError(f"checkpoint state {folder / 'state.pt'} lacks its step, optimizer or RNG states; {fix}")
     if state["step"] != int(folder.name[len(PREFIX):]):
@@ -173,29 +197,39 @@ def find_resume_point(target, check_config=None):
     raise UserError(f"--resume: no intact checkpoint in {target / 'checkpoints'}; tried " + " | ".join(damaged))
 
 
-def load_checkpoint(folder, unet, optimizer, generator):
-    """Restore the adapters, the optimizer and every RNG from a checkpoint; returns its step."""
+def load_checkpoint(folder, unet, optimizer, generator, sharded=False):
+    """Restore the adapters, the optimizer and every RNG from a checkpoint; returns its step.
+
+    `sharded` (--shard): the LoRA and AdamW's state come from the checkpoint's sharded/ folder,
+    resharded for this run's number of processes, whatever number wrote them.
+    """
     from lora import load_lora
 
     fix = "resume from another checkpoint, or start again without --resume"
-    load_lora(unet, folder / "lora.safetensors")
+    if sharded != (folder / SHARDED).is_dir():
+        saved = "with" if not sharded else "without"
+        raise UserError(f"checkpoint {folder} was saved {saved} --shard; resume it {saved} --shard")
     state = read_tensor_state(folder / "state.pt", "checkpoint state", fix)  # tensors and numbers only, no code
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            load_sharded(folder, unet, optimizer)
+        else:
+            load_lora(unet, folder / "lora.safetensors")
+            optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generator)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint state {folder / 'state.pt'} does not fit this run ({e}); {fix}") from None
     return state["step"]
 
 
-def restore(resume, lr, unet, optimizer, generator):
+def restore(resume, lr, unet, optimizer, generator, sharded=False):
     """(step, metrics rows) to continue from: checkpoint `resume`'s, or (0, []) when it is ''.
 
     A resumed run may change the learning rate, so `lr` replaces the one saved with the optimizer.
     """
     if not resume:
         return 0, []
-    step = load_checkpoint(Path(resume), unet, optimizer, generator)
+    step = load_checkpoint(Path(resume), unet, optimizer, generator, sharded)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return step, read_metrics(Path(resume) / "metrics.csv")

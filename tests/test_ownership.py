@@ -208,13 +208,13 @@ def test_a_signal_at_any_moment_then_resume_or_restart(reference, tmp_path, caps
     if moment == "loading the models":
         kill_when(monkeypatch, train, "load_models")
     elif moment == "the before-videos":  # make_videos(model, cfg, prompts, cond, uncond, path_stem, n)
-        kill_when(monkeypatch, train, "make_videos", lambda *a: a[5].name == "before")
+        kill_when(monkeypatch, train, "make_videos", lambda *a, **k: a[5].name == "before")
     elif moment == "the step-0 evaluation":
-        kill_when(monkeypatch, train, "make_videos", lambda *a: a[5].name == "eval-step-000000")
+        kill_when(monkeypatch, train, "make_videos", lambda *a, **k: a[5].name == "eval-step-000000")
     elif moment == "step 2":
         kill_when(monkeypatch, train, "train_step", lambda *a: steps.append(1) or len(steps) == 2)
     else:
-        kill_when(monkeypatch, infra.run, "save_checkpoint", lambda out, step, *a: step == 3)
+        kill_when(monkeypatch, infra.run, "save_checkpoint", lambda out, step, *a, **k: step == 3)
     run_cli(train.main, argv)
     monkeypatch.undo()
     said = capsys.readouterr().out

@@ -140,6 +140,15 @@ def test_the_text_encoder_visits_the_device_alone():
     assert places() == ("cpu", "cuda", "cuda")
 
 
+def test_a_transformer_waiting_in_cpu_memory_to_be_sharded_stays_there():
+    unet = Placed("cpu")
+    unet.weight = torch.nn.Parameter(torch.zeros(1))  # in CPU memory, as train.py loads it under --shard
+    model = WanModel(unet, Placed("cuda"), Placed("cpu"), None, FlowSchedule(), MODELS["wan"], "cuda")
+    with model.text_encoder_on_device():
+        assert (model.text_encoder.where, unet.where, model.vae.where) == ("cuda", "cpu", "cpu")
+    assert (model.text_encoder.where, unet.where, model.vae.where) == ("cpu", "cpu", "cuda")
+
+
 #### Gradients, and the LoRA outside the project
 
 def test_gradients_reach_the_lora_through_flow_steps_and_the_decoder(wan):
