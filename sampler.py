@@ -18,6 +18,7 @@ solver of a flow-matching ODE for Wan2.1 (`FlowSchedule`, at the end). Each sche
 `steps(N)`, the N (timestep, coefficients) pairs to visit, and `update(x, model_output, coeffs)`,
 one step; `sample` runs either.
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,8 +175,10 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
     z_T: (B, C, F, h, w) initial noise. cond/uncond: (B, L, D) text embeddings (uncond may be
     None when guidance is 1). Returns z_0, (B, C, F, h, w).
     The first N - K steps run without a graph: to the optimiser their output is a constant. With
-    `checkpoint_steps` each of the last K is checkpointed whole: only its input x_t is stored and
-    the step runs again in backward, so memory stays flat in K. With eta > 0 the noise is drawn
+    `checkpoint_steps` each denoiser call of the last K steps is a checkpoint of its own: only its
+    inputs (x_t and the text) are stored and the call runs again in backward, so memory stays flat
+    in K, and the two guidance passes of a step are recomputed one after the other, so backward
+    holds one pass's activations (a transformer's checkpointed block inputs), never both. With eta > 0 the noise is drawn
     on the CPU from `generator`, so a seed gives the same chain on any device.
     """
     x = z_T
@@ -188,15 +191,15 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
         # The default arguments bind this step's t, coefficients and noise now. A closure would
         # read them when called, and a checkpoint calls it again during backward, after the loop
         # has moved on: every recomputation would then use the last step's t.
-        def step(x_t, t=t, coeffs=coeffs, noise=noise):
-            out = guided_output(unet, x_t, t, cond, uncond, guidance)
+        def step(x_t, t=t, coeffs=coeffs, noise=noise, net=unet):
+            out = guided_output(net, x_t, t, cond, uncond, guidance)
             return schedule.update(x_t, out, coeffs, eta, noise)
 
         if not keep_grad:
             with torch.no_grad():
                 x = step(x)
         elif checkpoint_steps:
-            x = checkpoint(step, x, use_reentrant=False)
+            x = step(x, net=functools.partial(checkpoint, unet, use_reentrant=False))
         else:
             x = step(x)
     return x

@@ -120,7 +120,7 @@ def decode_random_frames(model, z0, frames, f, generator, low_memory=False):
 
 #### Checkpointing inside a UNet
 
-def _checkpointed(forward, *args, **kwargs):
+def checkpointed(forward, *args, **kwargs):
     """Run a module's forward under non-reentrant checkpointing whenever autograd is recording."""
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
@@ -144,7 +144,7 @@ def checkpoint_blocks(unet, enabled=True):
     for unit in filter(None, units):
         unit.__dict__.pop("forward", None)  # back to the class's own forward
         if enabled:
-            unit.forward = functools.partial(_checkpointed, unit.forward)
+            unit.forward = functools.partial(checkpointed, unit.forward)
 
 
 def saved_on_cpu(enabled, device):

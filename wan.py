@@ -13,6 +13,7 @@ behind the family interface of models.py, and this file is all of it.
   reading 512 tokens with an attention mask. It lives in CPU memory and visits the GPU alone.
 """
 import contextlib
+import functools
 import math
 
 import torch
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models import VideoModel
 from sampler import FlowSchedule
+from vader import checkpointed
 
 TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
 
@@ -122,8 +124,16 @@ class WanModel(VideoModel):
 
     def enable_checkpointing(self):
         """diffusers' own checkpointing of each transformer block (non-reentrant, only while autograd
-        records); the VAE is checkpointed whole in `decode_frames`. Also the timestep hook."""
+        records), and inside each block its two attentions and its FFN as checkpoints of their own:
+        when backward recomputes a block, it keeps only those three sub-layers' inputs, and then
+        recomputes one sub-layer at a time, so the peak holds one sub-layer's activations (the
+        FFN's 4x-wide hidden state, the attention's q, k, v), not the whole block's, for one more
+        forward of each sub-layer per grad step. The VAE is checkpointed whole in `decode_frames`.
+        Also the timestep hook."""
         self.unet.enable_gradient_checkpointing()
+        for block in self.unet.blocks:
+            for unit in (block.attn1, block.attn2, block.ffn):
+                unit.forward = functools.partial(checkpointed, unit.forward)
         self.unet.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
 
     @classmethod

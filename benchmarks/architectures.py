@@ -25,6 +25,9 @@ SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
 WAN_1_3B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                             out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
                             cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+# Wan2.1 T2V 14B (Wan-AI/Wan2.1-T2V-14B-Diffusers, transformer/config.json): 40 blocks 5120 wide (40 heads
+# of 128), FFN 13824; the rest as the 1.3B's.
+WAN_14B_TRANSFORMER = dict(WAN_1_3B_TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 # Its VAE: AutoencoderKLWan's constructor defaults are the Wan2.1 VAE's config (base_dim 96, z_dim 16,
 # dim_mult 1-2-4-4, temporal downsampling in the last two levels, the latent statistics): 126,892,531.
 WAN_VAE = dict()
@@ -45,8 +48,8 @@ def build_architecture(family, device="meta", dtype=torch.float32):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     quiet_libraries()
-    if family == "wan":
-        return build_wan(device, dtype)
+    if family in ("wan", "wan-14b"):
+        return build_wan(device, dtype, WAN_14B_TRANSFORMER if family == "wan-14b" else WAN_1_3B_TRANSFORMER)
     with torch.device(device):
         if family == "unet3d":
             unet = UNet3DConditionModel()  # its constructor defaults are ModelScope's config
@@ -59,8 +62,9 @@ def build_architecture(family, device="meta", dtype=torch.float32):
     return [m.to(dtype).eval().requires_grad_(False) for m in (unet, vae, text)]
 
 
-def build_wan(device="meta", dtype=torch.float32):
-    """Wan2.1 T2V 1.3B's (transformer, VAE, UMT5 encoder) at real size with random weights.
+def build_wan(device="meta", dtype=torch.float32, config=WAN_1_3B_TRANSFORMER):
+    """Wan2.1 T2V's (transformer, VAE, UMT5 encoder) at real size with random weights: the 1.3B, or
+    the 14B with `config=WAN_14B_TRANSFORMER`.
 
     As `from_pretrained` does, the transformer's `_keep_in_fp32_modules` (norms, time embedding,
     modulation tables: 3.1 M parameters) stay float32 whatever `dtype` is.
@@ -69,7 +73,7 @@ def build_wan(device="meta", dtype=torch.float32):
     from transformers import UMT5Config, UMT5EncoderModel
 
     with torch.device(device):
-        transformer = WanTransformer3DModel(**WAN_1_3B_TRANSFORMER)
+        transformer = WanTransformer3DModel(**config)
         vae = AutoencoderKLWan(**WAN_VAE)
         text = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
     models = [m.to(dtype).eval().requires_grad_(False) for m in (transformer, vae, text)]

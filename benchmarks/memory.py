@@ -41,6 +41,9 @@ GPUS = {"RTX 4090": 165.2, "H100 SXM": 989.4}
 UTILISATION = 0.4  # the share of that peak a UNet step reaches, for the estimate only
 GOALS_GIB = {"modelscope-256": 5.5, "modelscope-384": 7.5, "zeroscope-576": 10.0, "animatediff-512": 9.0,
              "wan-480-33": 12.0, "wan-480-81": 16.0}
+# Per process under --shard, (config, processes) -> GiB: 4 or 8 cards of 24 GB; one 80 GB card unsharded.
+GOALS_PER_RANK_GIB = {("wan14b-480-33", 4): 22.0, ("wan14b-480-81", 8): 22.0, ("wan14b-480-81", 1): 70.0}
+SHARDED_BY_DEFAULT = ("wan14b-480-33", "wan14b-480-81")  # configs whose per-process table is printed unasked
 
 
 def add_parser(sub):
@@ -54,6 +57,9 @@ def add_parser(sub):
                    help="train.py's --low-memory; default: train.py's for the model (on for Wan)")
     m.add_argument("--num-steps", type=int, default=SPEED_STEPS, help="DDIM steps (as bench.py speed; the peak does not "
                    "depend on the no-grad ones, FLOPs do)")
+    m.add_argument("--ranks", default="",
+                   help="also predict the peak per process under train.py --shard on these numbers of processes, "
+                        f"e.g. 1,2,4,8 (default: 1,2,4,8 for {', '.join(SHARDED_BY_DEFAULT)})")
     m.add_argument("--output-dir", default="runs/bench", help="where memory-<config>.json goes")
     m.set_defaults(run=run_memory)
 
@@ -232,6 +238,11 @@ def simulate(name, low_memory=False, fake=True, num_steps=None):
                 grads = sum(p.grad.nbytes for p in parts["params"] if p.grad is not None)
                 state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
                 result["step"]["gradients_gib"], result["step"]["optimizer_state_gib"] = grads / GIB, state / GIB
+                # For the per-process prediction under --shard: the frozen denoiser, and its largest
+                # FSDP unit (a block's weights, LoRA included), which is what an all-gather brings in.
+                denoiser = sum(t.nbytes for t in (*model.unet.parameters(), *model.unet.buffers()) if id(t) not in lora)
+                block = max(sum(p.nbytes for p in b.parameters()) for b in model.shard_blocks())
+                result["step"]["denoiser_gib"], result["step"]["block_gib"] = denoiser / GIB, block / GIB
     return result
 
 
@@ -253,6 +264,74 @@ def register_cpu_attention_flops():
         return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+#### Several processes under --shard
+
+def per_rank(step, n):
+    """The peak GiB of one process of n under train.py --shard, from the one-process simulation
+    `step` (simulate()["step"]), by parts:
+
+        peak(n) = denoiser / n                      the frozen weights, sharded
+                + (VAE + reward)                    replicated on every process
+                + (LoRA + gradients + AdamW) / n    sharded with their blocks
+                + 2 x block                         gathered in flight (n > 1): the block running
+                                                    and the next one, prefetched
+                + activations                       each process's own micro-batch, unchanged
+
+    The activations are the one-process peak minus every weight and state alive at it; LoRA,
+    gradients and AdamW's moments are counted whole even where the first step's peak comes
+    before AdamW allocates them, so a later step's peak is covered. Counting the gathered blocks
+    at the activations' peak is an upper bound: at the VAE decoder's peak no block is gathered.
+    """
+    b = step["breakdown_gib"]
+    frozen = b.get("frozen weights", 0.0)
+    trainable_at_peak = sum(b.get(k, 0.0) for k in ("LoRA", "LoRA gradients", "optimizer state"))
+    trainable = b.get("LoRA", 0.0) + step["gradients_gib"] + step["optimizer_state_gib"]
+    parts = {"sharded denoiser": step["denoiser_gib"] / n, "replicated VAE + reward": frozen - step["denoiser_gib"],
+             "LoRA + gradients + AdamW": trainable / n, "gathered blocks": 2 * step["block_gib"] if n > 1 else 0.0,
+             "activations": step["peak_gib"] - frozen - trainable_at_peak}
+    return dict(parts, peak=sum(parts.values()))
+
+
+def next_lever(parts):
+    """What to reach for when a goal is missed: the largest part, and the engine feature that splits it."""
+    largest = max((k for k in parts if k != "peak"), key=parts.get)
+    if largest == "activations":
+        return ("activations hold the most, and sharding the weights does not split them: each process keeps its "
+                "own video's; the next lever is sequence (context) parallelism of the attention over the video's "
+                "tokens (torch.distributed.tensor.experimental.context_parallel), or fewer frames")
+    return f"{largest} hold the most; more processes split them further"
+
+
+def print_per_rank(name, step, ranks, output_dir):
+    """The per-process table of one configuration, and memory-<config>-ranks.json."""
+    print(f"\n{name} under train.py --shard, predicted peak GiB per process (one process: no sharding):\n"
+          "| processes | sharded denoiser | replicated VAE + reward | LoRA + gradients + AdamW | gathered blocks | "
+          "activations | peak per process | goal |\n|" + " --- |" * 8)
+    rows = []
+    for n in ranks:
+        parts = per_rank(step, n)
+        goal = GOALS_PER_RANK_GIB.get((name, n))
+        met = "" if goal is None else (f"≤ {goal}: met" if parts["peak"] <= goal else f"≤ {goal}: missed")
+        print(f"| {n} | " + " | ".join(f"{parts[k]:.2f}" for k in parts if k != "peak")
+              + f" | **{parts['peak']:.2f}** | {met} |")
+        if goal is not None and parts["peak"] > goal:
+            print(f"  missed on {n}: {next_lever(parts)}")
+        rows.append(dict(processes=n, goal_gib=goal, **{k: round(v, 4) for k, v in parts.items()}))
+    record = dict(config=name, formula=per_rank.__doc__.split("\n\n")[1], where=step["where"], rows=rows)
+    atomic_write_text(Path(output_dir) / f"memory-{name}-ranks.json", json.dumps(record, indent=2) + "\n")
+
+
+def parse_ranks(text):
+    """--ranks: comma-separated whole numbers of processes, each at least 1."""
+    try:
+        ranks = [int(r) for r in text.split(",")]
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        raise UserError(f"--ranks takes numbers of processes like 1,2,4,8, got {text!r}")
+    return ranks
+
+
 #### The command
 
 def run_memory(a):
@@ -261,6 +340,7 @@ def run_memory(a):
     names = config_names(a.config)
     if a.num_steps < 1:
         raise UserError(f"--num-steps must be at least 1, got {a.num_steps}")
+    ranks, sharded = parse_ranks(a.ranks or "1,2,4,8"), []
     register_cpu_attention_flops()
     gpus = " | ".join(f"step s on {g} (estimate)" for g in GPUS)
     print(f"| config | low-memory | step peak GiB | goal | generation peak GiB | peak at | TFLOP step | "
@@ -281,6 +361,10 @@ def run_memory(a):
                                     step_s={g: step["flops"] / (p * 1e12 * UTILISATION) for g, p in GPUS.items()}))
         stem = f"memory-{name}" + ("-low-memory" if low_memory else "")
         atomic_write_text(Path(a.output_dir) / f"{stem}.json", json.dumps(record, indent=2) + "\n")
+        if a.ranks or name in SHARDED_BY_DEFAULT:
+            sharded.append((name, step))
+    for name, step in sharded:
+        print_per_rank(name, step, ranks, a.output_dir)
     print(f"\nbreakdowns, the phase and module of each peak: {a.output_dir}/memory-*.json")
 
 

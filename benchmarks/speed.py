@@ -33,6 +33,8 @@ SPEED_CONFIGS = {  # name -> (family, height, width, frames, K); the tiny one ru
     "wan-480-81": ("wan", 480, 832, 81, 1),  # its full length, 81 frames (21 latent)
     "wan-480-33-k5": ("wan", 480, 832, 33, 5),
     "wan-480-81-k5": ("wan", 480, 832, 81, 5),
+    "wan14b-480-33": ("wan-14b", 480, 832, 33, 1),  # Wan2.1 14B (several GPUs: bench.py memory --ranks)
+    "wan14b-480-81": ("wan-14b", 480, 832, 81, 1),
     "tiny": ("tiny", 32, 32, 8, 1),
     "toy": ("toy", 32, 32, 8, 1),
     "tiny-wan": ("tiny-wan", 32, 32, 9, 1),
@@ -122,8 +124,8 @@ def speed_model(family, device, dtype):
         return load_video_model(family, "cpu" if device == "meta" else device, dtype)
     spec = MODELS[{"unet3d": "modelscope"}.get(family, family)]  # the registry entry of the family
     unet, vae, text = build_architecture(family, device, dtype)
-    cls = family_class(family)
-    scheduler = WAN_SCHEDULER if family == "wan" else MODELSCOPE_SCHEDULER  # the real configs' values
+    cls = family_class(spec.family)
+    scheduler = WAN_SCHEDULER if spec.family == "wan" else MODELSCOPE_SCHEDULER  # the real configs' values
     model = cls(unet, vae, text, None, cls.schedule_class.from_config({**scheduler, **spec.scheduler}), spec, device)
     model.enable_checkpointing()
     return model
