@@ -83,7 +83,7 @@ class Config:
     seed: int = opt(0, "Seed for the noise, the prompt order and K.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: each process its own GPU).")
     dtype: str = opt("auto", "Frozen model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
-    low_memory: bool = opt(False, "Trade speed for memory: checkpoint whole grad steps, decode frame by frame, "
+    low_memory: bool = opt(False, "Trade speed for memory: checkpoint each grad step's denoiser calls, decode frame by frame, "
                                   "offload saved activations to CPU (vader.py: Precision and memory).")
     resume: str = opt("", "Continue a run: --resume alone uses --output-dir; or give a run folder or a checkpoint.")
     overwrite: bool = opt(False, "Replace the run already in --output-dir.")

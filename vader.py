@@ -30,13 +30,14 @@ a GPU that has it, fp16 on one that lacks it, float32 on a CPU; `resolve_dtype`)
 
 What autograd keeps for backward is cut three ways, each where it happens:
 1. Checkpointing inside the denoiser, always on (`model.enable_checkpointing`: `checkpoint_blocks`
-   below for the UNets, diffusers' own per-block checkpointing for Wan): a grad step keeps each module's
-   input, and backward recomputes one module at a time, for one more denoiser forward per grad
-   step. Guidance's two passes run as two calls in a grad step (sampler.guided_output), so backward
+   below for the UNets; for Wan, diffusers' own per-block checkpointing with each block's
+   attentions and FFN checkpointed again inside it): a grad step keeps each module's input, and
+   backward recomputes one module at a time, for one more denoiser forward per grad step (two
+   of each Wan sub-layer). Guidance's two passes run as two calls in a grad step (sampler.guided_output), so backward
    holds one pass's activations at a time.
-2. Whole-step checkpointing (sampler.sample's `checkpoint_steps`), only with --low-memory: a grad
-   step keeps only its input latent, so memory stays flat in K, for one more denoiser forward
-   per grad step on top of (1).
+2. Checkpointing each denoiser call of a grad step (sampler.sample's `checkpoint_steps`), only
+   with --low-memory: a grad step keeps only its inputs, so memory stays flat in K, and backward
+   recomputes one guidance pass at a time, for one more denoiser forward per grad step on top of (1).
 3. Checkpointed decoding (`model.decode_frames`), always on: the decoder's activations are
    recomputed in backward, at two more decoder forwards of f frames per step; with --low-memory
    each frame (each video, for a causal VAE) is its own checkpoint. --low-memory also moves what

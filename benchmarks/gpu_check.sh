@@ -3,6 +3,9 @@
 # default and --low-memory), predict the same on its CPU (bench.py memory), and write both side
 # by side (OUTPUT_DIR/gpu-check.md). About 8 minutes on an H100-class GPU for the UNet models;
 # CONFIGS=wan-480-33,wan-480-81 measures Wan instead (in a call of its own: it takes longer).
+# SHARD_GPUS=N (a machine with N >= 2 GPUs) also measures Wan2.1 14B under --shard on N processes
+# (speed-wan14b-*-shardN.json, every rank's peak) beside bench.py memory's per-process prediction
+# for N (memory-wan14b-*-ranks.json).
 #     bash benchmarks/gpu_check.sh [OUTPUT_DIR]
 # On a machine without diffusers or open_clip and without a network, put their wheels (and
 # those they need) in .whl/ first: pip download -d .whl diffusers open_clip_torch
@@ -22,3 +25,11 @@ python bench.py speed --config "$configs" --repeats 1 --output-dir "$out"
 python bench.py speed --config "$configs" --repeats 1 --low-memory --output-dir "$out"
 wait "$predict" || { cat "$out/memory.log"; exit 1; }
 python bench.py compare --output-dir "$out"
+if [ "${SHARD_GPUS:-0}" -gt 1 ]; then
+  torchrun --standalone --nproc_per_node="$SHARD_GPUS" bench.py speed --config wan14b-480-33,wan14b-480-81 --shard \
+    --repeats 1 --output-dir "$out"
+  python bench.py memory --config wan14b-480-33,wan14b-480-81 --num-steps 6 --ranks "$SHARD_GPUS" \
+    --output-dir "$out" >> "$out/memory.log" 2>&1
+  grep -h '"step_peak_gb_per_rank"' -A "$SHARD_GPUS" "$out"/speed-wan14b-*-shard*.json
+  tail -n 30 "$out/memory.log"
+fi

@@ -65,6 +65,9 @@ def add_parser(sub):
     s.add_argument("--device", default="auto", help="auto, cuda, cuda:1, cpu")
     s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="frozen weights: auto (bf16 on GPU, fp16 where it lacks bf16)")
+    s.add_argument("--shard", action="store_true",
+                   help="under torchrun: shard the denoiser as train.py --shard does and report each process's "
+                        "peak (rank 0's in the table, every rank's in the JSON)")
     s.add_argument("--output-dir", default="runs/bench", help="where speed-<config>.json goes")
     s.set_defaults(run=run_speed)
 
@@ -114,8 +117,9 @@ def random_aesthetic(config, device, dtype):
     return per_frame(score), [clip, head]
 
 
-def speed_model(family, device, dtype):
-    """A VideoModel: the tiny one, or a family's real architecture with random weights on `device`."""
+def speed_model(family, device, dtype, denoiser_device=None):
+    """A VideoModel: the tiny one, or a family's real architecture with random weights on `device`
+    (the denoiser on `denoiser_device` when given: CPU memory, before --shard splits it)."""
     from benchmarks.architectures import build_architecture
     from infra.tiny import MODELSCOPE_SCHEDULER, WAN_SCHEDULER
     from models import MODELS, family_class, load_video_model
@@ -123,7 +127,13 @@ def speed_model(family, device, dtype):
     if family in SMALL:
         return load_video_model(family, "cpu" if device == "meta" else device, dtype)
     spec = MODELS[{"unet3d": "modelscope"}.get(family, family)]  # the registry entry of the family
-    unet, vae, text = build_architecture(family, device, dtype)
+    default = torch.get_default_dtype()
+    try:  # built in the base dtype: a 14B initialised in float32 would need twice the CPU memory
+        torch.set_default_dtype(dtype if denoiser_device else default)
+        unet, vae, text = build_architecture(family, denoiser_device or device, dtype)
+    finally:
+        torch.set_default_dtype(default)
+    vae.to(device)
     cls = family_class(spec.family)
     scheduler = WAN_SCHEDULER if spec.family == "wan" else MODELSCOPE_SCHEDULER  # the real configs' values
     model = cls(unet, vae, text, None, cls.schedule_class.from_config({**scheduler, **spec.scheduler}), spec, device)
@@ -144,17 +154,18 @@ def materialize_fake(module):
                 m._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
 
 
-def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_steps=SPEED_STEPS):
+def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_steps=SPEED_STEPS, shard=None):
     """What one configuration's measurements need: (train_step(), generation(), parts).
 
     `train_step()` is one optimizer step exactly as train.py takes it (train.train_step on one
     micro-batch) and `generation()` the plain generation of the same video. The memory simulator
     passes a FakeTensorMode: the models are then built on the meta device and given fake weights
-    (`materialize_fake`), and `foreach=True`, AdamW's choice on a GPU.
+    (`materialize_fake`), and `foreach=True`, AdamW's choice on a GPU. `shard` = (rank, world)
+    under torchrun: the denoiser is built in CPU memory and sharded as train.py --shard does.
     """
     family = SPEED_CONFIGS[name][0]
     build_on = device if fake_mode is None else "meta"
-    model = speed_model(family, build_on, dtype)
+    model = speed_model(family, build_on, dtype, "cpu" if shard else None)
     reward_fn, reward_modules = random_aesthetic(CLIP_TINY_CONFIG if family in SMALL else CLIP_L14_CONFIG,
                                                  build_on, dtype)
     with fake_mode or contextlib.nullcontext():
@@ -162,11 +173,11 @@ def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_s
             for module in (model.unet, model.vae, model.text_encoder, *reward_modules):
                 materialize_fake(module)
         step, generation, parts = _step_and_generation(model, reward_fn, name, device, dtype, low_memory, foreach,
-                                                       num_steps)
+                                                       num_steps, shard)
     return step, generation, dict(parts, reward_modules=reward_modules)
 
 
-def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, foreach, num_steps):
+def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, foreach, num_steps, shard=None):
     from lora import inject_lora
     from train import train_step
     from vader import generate, loss_scaler
@@ -184,12 +195,18 @@ def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, fore
     if device != "cpu":
         model.text_encoder.to("cpu")
     params = inject_lora(model.unet, rank=Config.lora_rank, targets=model.spec.lora_targets)
+    if shard:
+        from infra.distributed import join_process_group
+        from infra.sharding import shard_denoiser
+
+        join_process_group(shard[1], device)
+        params = shard_denoiser(model, shard[1], device)
     optimizer = torch.optim.AdamW(params, lr=Config.lr, weight_decay=Config.weight_decay, foreach=foreach)
     scaler = loss_scaler(dtype, device)
 
     def step():
         train_step(model, reward_fn, params, optimizer, scaler, lambda: (["a prompt"], cond), uncond, cfg,
-                   torch.Generator().manual_seed(0), k)
+                   torch.Generator().manual_seed(0), k, shard or (0, 1))
 
     def generation():
         generate(model, cond, uncond, frames, height, width, cfg.num_steps, cfg.guidance, seed=0)  # (1, F, 3, H, W)
@@ -228,7 +245,7 @@ def measure_speed(name, a, device, dtype):
     family, height, width, frames, k = SPEED_CONFIGS[name]
     cuda = device.startswith("cuda")
     low_memory = low_memory_for(name, a.low_memory)
-    step, generation, _ = prepare(name, device, dtype, low_memory)
+    step, generation, _ = prepare(name, device, dtype, low_memory, shard=a.shard_of)
     r = dict(config=name, device=torch.cuda.get_device_name(device) if cuda else "cpu",
              dtype=str(dtype).removeprefix("torch."), low_memory=low_memory, frames=frames, height=height,
              width=width, num_steps=SPEED_STEPS, grad_steps=k, decode_frames=1)
@@ -239,7 +256,27 @@ def measure_speed(name, a, device, dtype):
         r[f"{what}_s"] = timed(fn, a.repeats, cuda)
         r[f"{what}_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     r["ratio"] = r["step_s"] / r["generation_s"]
+    if a.shard_of:  # every process's peaks, gathered; the table shows rank 0's
+        from infra.distributed import all_gather
+
+        world = a.shard_of[1]
+        r["processes"] = world
+        for what in ("step", "generation"):
+            peak = torch.tensor([r[f"{what}_peak_gb"] or 0.0], device=device)
+            r[f"{what}_peak_gb_per_rank"] = all_gather(peak, world).tolist()
     return r
+
+
+def join_for_shard(device):
+    """(rank, world, this process's device) under torchrun for --shard (the group is joined once the
+    models are built: a tiny model is written to a folder by each process first)."""
+    from infra.distributed import distributed_env
+
+    rank, world, local = distributed_env(device)
+    if world == 1:
+        raise UserError("bench.py speed --shard measures several processes: run it under torchrun "
+                        "--nproc_per_node=N")
+    return rank, world, local
 
 
 def run_speed(a):
@@ -259,17 +296,25 @@ def run_speed(a):
               "GPU); measuring the tiny model on the CPU instead")
         names = ["tiny"]
     dtype = resolve_dtype(a.dtype, device)
-    print("\n| config | device | dtype | low-memory | F x H x W | K | step s | generation s | step / generation "
-          "| peak GB, step | peak GB, generation |\n|" + " --- |" * 11)
+    a.shard_of, main = None, True
+    if a.shard:
+        rank, world, device = join_for_shard(device)
+        a.shard_of, main = (rank, world), rank == 0
+    if main:
+        print("\n| config | device | dtype | low-memory | F x H x W | K | step s | generation s | step / generation "
+              "| peak GB, step | peak GB, generation |\n|" + " --- |" * 11)
     for name in names:
         r = measure_speed(name, a, device, dtype)
+        if not main:
+            continue
         gb = [f"{x:.2f}" if x is not None else "n/a (CPU)" for x in (r["step_peak_gb"], r["generation_peak_gb"])]
         print(f"| {name} | {r['device']} | {r['dtype']} | {'yes' if r['low_memory'] else 'no'} | {r['frames']}x"
               f"{r['height']}x{r['width']} | {r['grad_steps']} | {r['step_s']:.2f} | {r['generation_s']:.2f} | "
               f"{r['ratio']:.2f} | {gb[0]} | {gb[1]} |")
-        stem = f"speed-{name}" + ("-low-memory" if r["low_memory"] else "")
+        stem = f"speed-{name}" + ("-low-memory" if r["low_memory"] else "") + (f"-shard{a.shard_of[1]}" if a.shard else "")
         atomic_write_text(Path(a.output_dir) / f"{stem}.json", json.dumps(r, indent=2) + "\n")
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    print(f"\ntargets: step / generation <= {STEP_TARGET}; peak GB of a step <= "
-          + ", ".join(f"{gb} for {n}" for n, gb in SPEED_TARGETS_GB.items()) + f"; wrote {a.output_dir}/speed-*.json")
+    if main:
+        print(f"\ntargets: step / generation <= {STEP_TARGET}; peak GB of a step <= "
+              + ", ".join(f"{gb} for {n}" for n, gb in SPEED_TARGETS_GB.items()) + f"; wrote {a.output_dir}/speed-*.json")
