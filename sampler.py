@@ -178,8 +178,9 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
     `checkpoint_steps` each denoiser call of the last K steps is a checkpoint of its own: only its
     inputs (x_t and the text) are stored and the call runs again in backward, so memory stays flat
     in K, and the two guidance passes of a step are recomputed one after the other, so backward
-    holds one pass's activations (a transformer's checkpointed block inputs), never both. With eta > 0 the noise is drawn
-    on the CPU from `generator`, so a seed gives the same chain on any device.
+    holds one pass's activations (a transformer's checkpointed block inputs), never both. With
+    eta > 0 the noise is drawn on the CPU from `generator`, so a seed gives the same chain on any
+    device.
     """
     x = z_T
     for i, (t, coeffs) in enumerate(schedule.steps(num_steps)):

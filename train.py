@@ -179,14 +179,13 @@ def split_prompts(cfg):
     return prompts, held_out
 
 
-def load_models(cfg, device, dtype, world):
+def load_models(cfg, device, dtype, sharding=False):
     """The reward (checked against --decode-frames), the evaluation rewards and the video model;
-    under --shard on several processes its denoiser stays in CPU memory until it is sharded."""
+    with `sharding` (--shard on several processes) its denoiser stays in CPU memory until it is sharded."""
     reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
     eval_fns = load_eval_rewards(cfg.eval_rewards, device, dtype, build=bool(cfg.eval_every))
     if cfg.decode_frames < reward_fn.min_frames:
         raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
-    sharding = cfg.shard and world > 1
     model = load_video_model(cfg.model, "cpu" if sharding else device, dtype)
     if sharding:
         model.vae.to(device)
@@ -249,7 +248,8 @@ def main(argv=None):
     # a stop ends at the next step boundary with a checkpoint (or, while loading, with nothing written).
     with Run(cfg, Path(cfg.output_dir), rank, world, device) as run:
         dtype = resolve_dtype(cfg.dtype, device)
-        reward_fn, eval_fns, model = load_models(cfg, device, dtype, world)
+        sharding = cfg.shard and world > 1  # FSDP2: each process keeps 1/world of every weight (infra/sharding.py)
+        reward_fn, eval_fns, model = load_models(cfg, device, dtype, sharding)
         join_process_group(world, device)
 
         # Text embeddings once per prompt, in one call; the text encoder is not needed again.
@@ -258,7 +258,7 @@ def main(argv=None):
         torch.manual_seed(cfg.seed)  # LoRA's random A: the same on every process and in every run of this seed
         params = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, targets=model.spec.lora_targets,
                              dropout=cfg.lora_dropout)
-        if cfg.shard and world > 1:  # FSDP2: each process keeps 1/world of every weight (infra/sharding.py)
+        if sharding:
             params = shard_denoiser(model, world, device)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scaler = loss_scaler(dtype, device)  # dynamic loss scaling for an fp16 base; does nothing for bf16/fp32

@@ -33,8 +33,8 @@ What autograd keeps for backward is cut three ways, each where it happens:
    below for the UNets; for Wan, diffusers' own per-block checkpointing with each block's
    attentions and FFN checkpointed again inside it): a grad step keeps each module's input, and
    backward recomputes one module at a time, for one more denoiser forward per grad step (two
-   of each Wan sub-layer). Guidance's two passes run as two calls in a grad step (sampler.guided_output), so backward
-   holds one pass's activations at a time.
+   of each Wan sub-layer). Guidance's two passes run as two calls in a grad step
+   (sampler.guided_output), so backward holds one pass's activations at a time.
 2. Checkpointing each denoiser call of a grad step (sampler.sample's `checkpoint_steps`), only
    with --low-memory: a grad step keeps only its inputs, so memory stays flat in K, and backward
    recomputes one guidance pass at a time, for one more denoiser forward per grad step on top of (1).
@@ -121,7 +121,7 @@ def decode_random_frames(model, z0, frames, f, generator, low_memory=False):
 
 #### Checkpointing inside a UNet
 
-def checkpointed(forward, *args, **kwargs):
+def _checkpointed(forward, *args, **kwargs):
     """Run a module's forward under non-reentrant checkpointing whenever autograd is recording."""
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
@@ -142,10 +142,16 @@ def checkpoint_blocks(unet, enabled=True):
     units = [getattr(unet, "transformer_in", None)]
     units += [m for block in filter(None, blocks) for child in block.children()
               if isinstance(child, torch.nn.ModuleList) for m in child]
-    for unit in filter(None, units):
+    checkpoint_units(filter(None, units), enabled)
+
+
+def checkpoint_units(units, enabled=True):
+    """Make each module's forward a checkpoint of its own (while autograd records), in place;
+    calling it again rewraps the class's own forward, and `enabled=False` restores it."""
+    for unit in units:
         unit.__dict__.pop("forward", None)  # back to the class's own forward
         if enabled:
-            unit.forward = functools.partial(checkpointed, unit.forward)
+            unit.forward = functools.partial(_checkpointed, unit.forward)
 
 
 def saved_on_cpu(enabled, device):

@@ -13,7 +13,6 @@ behind the family interface of models.py, and this file is all of it.
   reading 512 tokens with an attention mask. It lives in CPU memory and visits the GPU alone.
 """
 import contextlib
-import functools
 import math
 
 import torch
@@ -21,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models import VideoModel
 from sampler import FlowSchedule
-from vader import checkpointed
+from vader import checkpoint_units
 
 TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
 
@@ -131,9 +130,7 @@ class WanModel(VideoModel):
         forward of each sub-layer per grad step. The VAE is checkpointed whole in `decode_frames`.
         Also the timestep hook."""
         self.unet.enable_gradient_checkpointing()
-        for block in self.unet.blocks:
-            for unit in (block.attn1, block.attn2, block.ffn):
-                unit.forward = functools.partial(checkpointed, unit.forward)
+        checkpoint_units(unit for block in self.unet.blocks for unit in (block.attn1, block.attn2, block.ffn))
         self.unet.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
 
     @classmethod

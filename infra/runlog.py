@@ -149,10 +149,10 @@ def check_checkpoint(folder, check_config=None):
     fix = "resume from another checkpoint, or start again without --resume"
     read_lora_file(folder / "lora.safetensors")
     state = read_tensor_state(folder / "state.pt", "checkpoint state", fix)
-    if isinstance(state, dict) and (folder / SHARDED).is_dir():
+    sharded = (folder / SHARDED).is_dir()  # its optimizer state is there, not in state.pt
+    if sharded:
         read_metadata(folder / SHARDED)
-        state = {"optimizer": SHARDED, **state}
-    if not (isinstance(state, dict) and {"step", "optimizer", "rng"} <= set(state)):
+    if not (isinstance(state, dict) and {"step", "rng", *(() if sharded else ("optimizer",))} <= set(state)):
         raise UserError(f"checkpoint state {folder / 'state.pt'} lacks its step, optimizer or RNG states; {fix}")
     if state["step"] != int(folder.name[len(PREFIX):]):
         raise UserError(f"checkpoint state {folder / 'state.pt'} is of step {state['step']}, not of {folder.name}; {fix}")
