@@ -50,13 +50,19 @@ class ModelSpec:
     lora_targets: tuple = TARGETS  # the nn.Linear names that get LoRA adapters
     recipe: dict = field(default_factory=dict)  # training defaults that differ from the paper's
     variant: str = ""  # the hub's half-precision copy of the UNet and VAE, half the download; cast to --dtype
+    guidance_high: float = None  # Wan2.2 A14B: the high-noise expert's guidance (--guidance is the trained one's)
 
 
 MODELS = {
     # Random weights from small configs (infra/tiny.py), hence the large learning rate.
     "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
-    # Wan2.1's family in miniature: 9 frames are 3 latent frames.
+    # Wan's family in miniature (9 frames are 3 latent frames): Wan2.1, Wan2.2 TI2V-5B (its residual
+    # VAE with 2x2 pixel patches) and Wan2.2 A14B (two experts meeting at boundary_ratio 0.875).
     "tiny-wan": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
+    "tiny-wan22": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", scheduler={"flow_shift": 5.0},
+                            recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
+    "tiny-wan22-a14b": ModelSpec("", 32, 32, 9, 10, 3.0, family="wan", scheduler={"flow_shift": 12.0}, guidance_high=4.0,
+                                 recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
     # The toy world (toy/world.py): a tiny UNet3D pretrained on captioned clips of one coloured
     # shape moving over a plain background. Its recipe is the demo: align it to the learned judge
     # on the captions of the two colour/shape pairs it never saw, and let the weight-free detector
@@ -86,6 +92,14 @@ MODELS = {
     # guidance 5, flow shift 3 (5 is 720p's); the 1.3B's VAE and UMT5.
     "wan-14b": ModelSpec("Wan-AI/Wan2.1-T2V-14B-Diffusers", 480, 832, 81, 50, 5.0, family="wan",
                          scheduler={"flow_shift": 3.0}, recipe={"low_memory": True}),
+    # Wan2.2 TI2V-5B as its documentation runs it: 704x1280 (H x W), 121 frames at 24 fps, 50 steps,
+    # guidance 5, flow shift 5; one 24 GB card with --low-memory.
+    "wan22-5b": ModelSpec("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 704, 1280, 121, 50, 5.0, family="wan",
+                          scheduler={"flow_shift": 5.0}, recipe={"low_memory": True}),
+    # Wan2.2 T2V-A14B: 480x832, 81 frames, 40 steps, flow shift 12, guidance 4 for the high-noise
+    # expert and 3 for the low-noise one, which alone is trained (the official t2v-A14B settings).
+    "wan22-a14b": ModelSpec("Wan-AI/Wan2.2-T2V-A14B-Diffusers", 480, 832, 81, 40, 3.0, family="wan",
+                            scheduler={"flow_shift": 12.0}, guidance_high=4.0, recipe={"low_memory": True}),
 }
 
 
@@ -104,6 +118,7 @@ class VideoModel:
     device: str = "cpu"  # where the denoiser and the VAE live
 
     lora_prefix = "unet."  # the key prefix of a LoRA file, as diffusers' pipelines load it
+    high_noise = None  # a second expert for the noisiest steps (sampler.HighNoise): Wan2.2 A14B's alone
     schedule_class = Schedule
     parts = "unet/, vae/, text_encoder/, tokenizer/, scheduler/, and a motion adapter for an SD 1.5 UNet"
 
@@ -184,7 +199,7 @@ class VideoModel:
 
     @classmethod
     def load_components(cls, source, spec, dtype):
-        """(denoiser, VAE, text encoder, tokenizer) from `source`, as diffusers' pipelines read them."""
+        """{unet, vae, text_encoder, tokenizer} from `source`, as diffusers' pipelines read them."""
         from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -200,7 +215,8 @@ class VideoModel:
             unet = per_frame_text(UNetMotionModel.from_unet2d(unet2d, motion))
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **half)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
-        return unet, vae, text_encoder, CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        return dict(unet=unet, vae=vae, text_encoder=text_encoder,
+                    tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"))
 
 
 def _repeat_text(unet, args, kwargs):
@@ -251,9 +267,13 @@ def spec_of(name):
         raise UserError(f"could not load the video model from {name!r} ({found if vae else 'no vae/ config'}); "
                         f"supported denoisers: {', '.join(DENOISERS)}. Check the folder or hub id and your connection")
     family, entry = DENOISERS[kind]
+    if family == "wan":  # Wan's configs state no resolution: the defaults of the entry of its generation
+        from wan import registry_entry
+
+        entry = registry_entry(name, denoiser, vae)
     spec = replace(MODELS[entry], source=name, family=family, variant="")  # its own files, whatever they are
     if family == "wan":
-        return spec  # Wan's configs do not state a resolution: the registry's 480x832
+        return spec
     size = denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     local_adapter = Path(name) / "motion_adapter"  # AnimateDiff's pipeline layout carries its own
     return replace(spec, height=size, width=size,
@@ -286,15 +306,17 @@ def _load(source, spec, device, dtype):
 
     cls = family_class(spec.family)
     try:
-        unet, vae, text_encoder, tokenizer = cls.load_components(source, spec, dtype)
+        parts = cls.load_components(source, spec, dtype)
         scheduler = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError, SafetensorError) as e:  # missing or damaged files, bad configs, no network
         raise UserError(f"could not load the video model from {source!r} ({first_line(e)}); check the hub id or "
                         f"folder (it needs {cls.parts}) and your connection") from None
-    for m in (unet, vae, text_encoder):
-        m.eval().requires_grad_(False)
-    # The text encoder waits in CPU memory and visits the device only to encode (text_encoder_on_device).
-    model = cls(unet.to(device), vae.to(device), text_encoder, tokenizer,
-                cls.schedule_class.from_config({**scheduler, **spec.scheduler}), spec, device)
+    for m in parts.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval().requires_grad_(False)
+    # The text encoder (and a second expert) wait in CPU memory and visit the device only when needed.
+    parts["unet"], parts["vae"] = parts["unet"].to(device), parts["vae"].to(device)
+    model = cls(**parts, schedule=cls.schedule_class.from_config({**scheduler, **spec.scheduler}), spec=spec,
+                device=device)
     model.enable_checkpointing()
     return model

@@ -18,6 +18,7 @@ solver of a flow-matching ODE for Wan2.1 (`FlowSchedule`, at the end). Each sche
 `steps(N)`, the N (timestep, coefficients) pairs to visit, and `update(x, model_output, coeffs)`,
 one step; `sample` runs either.
 """
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -168,8 +169,25 @@ def pick_grad_steps(num_steps, grad_steps, random_k=False, generator=None):
     return grad_steps
 
 
+@dataclass
+class HighNoise:
+    """The first steps of a model of two experts (Wan2.2 A14B, wan.py): every step whose timestep is
+    `boundary` or above runs `expert` with guidance `guidance`; `visit()` is a context manager that
+    holds `expert` on the device for those steps (in CPU memory otherwise)."""
+
+    expert: torch.nn.Module
+    boundary: float  # a timestep: boundary_ratio x num_train_timesteps
+    guidance: float
+    visit: object = contextlib.nullcontext
+
+
+def high_noise_steps(schedule, num_steps, high_noise):
+    """How many of the N steps belong to the high-noise expert (0 for a model of one denoiser)."""
+    return 0 if high_noise is None else sum(t >= high_noise.boundary for t, _ in schedule.steps(num_steps))
+
+
 def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_steps=0, eta=0.0,
-           generator=None, checkpoint_steps=False):
+           generator=None, checkpoint_steps=False, high_noise=None):
     """Run N steps of `schedule`'s sampler from z_T; gradients flow only through the last `grad_steps` (K).
 
     z_T: (B, C, F, h, w) initial noise. cond/uncond: (B, L, D) text embeddings (uncond may be
@@ -181,9 +199,32 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
     holds one pass's activations (a transformer's checkpointed block inputs), never both. With
     eta > 0 the noise is drawn on the CPU from `generator`, so a seed gives the same chain on any
     device.
+
+    `high_noise` (a `HighNoise`, for a model of two experts) takes the first, noisiest steps away
+    from `unet`, which then denoises only the last ones. Those last steps are the ones truncated
+    backprop trains, so the LoRA lives in `unet` alone and the high-noise expert only ever runs
+    without a graph. A K that reaches into the high-noise steps is refused: every step before the
+    first LoRA step has inputs that do not depend on θ, so its graph would cost a 14B expert's
+    activations for a gradient of exactly zero (training both experts would need a LoRA in each).
     """
+    steps = list(enumerate(schedule.steps(num_steps)))
+    first_high = high_noise_steps(schedule, num_steps, high_noise)
+    if grad_steps > num_steps - first_high:
+        raise ValueError(f"grad_steps {grad_steps} reaches into the high-noise expert's steps: only the last "
+                         f"{num_steps - first_high} of {num_steps} belong to the expert that is trained")
     x = z_T
-    for i, (t, coeffs) in enumerate(schedule.steps(num_steps)):
+    if first_high:
+        with high_noise.visit():
+            x = _run(high_noise.expert, x, steps[:first_high], cond, uncond, schedule, high_noise.guidance, eta,
+                     generator, num_steps)
+    return _run(unet, x, steps[first_high:], cond, uncond, schedule, guidance, eta, generator, num_steps,
+                grad_steps, checkpoint_steps)
+
+
+def _run(unet, x, steps, cond, uncond, schedule, guidance, eta, generator, num_steps, grad_steps=0,
+         checkpoint_steps=False):
+    """`sample`'s loop over `steps`, (index, (t, coefficients)) pairs, with one denoiser."""
+    for i, (t, coeffs) in steps:
         keep_grad = i >= num_steps - grad_steps
         noise = None
         if eta > 0:  # drawn outside the checkpoint so the recomputation sees the same noise

@@ -28,7 +28,7 @@ from infra.sharding import check_torch, shard_denoiser
 from lora import inject_lora
 from models import load_video_model, spec_of
 from rewards import load_eval_rewards, load_reward, parse_options
-from sampler import pick_grad_steps, sample
+from sampler import high_noise_steps, pick_grad_steps, sample
 from vader import (check_video_shape, decode_random_frames, encode_prompts, loss_scaler, noise_share, resolve_device,
                    resolve_dtype, saved_on_cpu)
 
@@ -191,6 +191,11 @@ def load_models(cfg, device, dtype, sharding=False):
         model.vae.to(device)
         model.device = device
     check_video_shape(model, cfg.frames, cfg.height, cfg.width)
+    low = cfg.num_steps - high_noise_steps(model.schedule, cfg.num_steps, model.high_noise)
+    if cfg.grad_steps > low:  # Wan2.2 A14B: K must stay within the low-noise expert's steps (sampler.sample)
+        raise UserError(f"--grad-steps {cfg.grad_steps} reaches into the high-noise expert's steps, which carry no "
+                        f"LoRA: only the last {low} of the {cfg.num_steps} steps are the trained expert's; use "
+                        f"--grad-steps {low} or less")
     return reward_fn, eval_fns, model
 
 
@@ -213,7 +218,8 @@ def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, 
         with saved_on_cpu(cfg.low_memory, cond.device):
             z_T = noise_share(model, len(prompts), cfg, generator, cond.device, shard)  # (B, C, F_lat, h, w)
             z0 = sample(model.unet, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, k,
-                        checkpoint_steps=cfg.low_memory)  # (B, C, F_lat, h, w): a graph through the last k steps only
+                        checkpoint_steps=cfg.low_memory,
+                        high_noise=model.high_noise)  # (B, C, F_lat, h, w): a graph through the last k steps only
             frames = decode_random_frames(model, z0, cfg.frames, cfg.decode_frames, generator,
                                           cfg.low_memory)  # (B, f, 3, H, W)
             r = reward_fn(frames, prompts).float()  # (B,)

@@ -204,5 +204,5 @@ def generate(model, cond, uncond, frames, height, width, num_steps, guidance, se
         initial_noise(model, 1, frames, height, width, torch.Generator().manual_seed(seed + i), device)
         for i in range(len(cond))
     ])  # (B, C, F_lat, h, w)
-    z0 = sample(model.unet, z_T, cond, uncond, model.schedule, num_steps, guidance)
+    z0 = sample(model.unet, z_T, cond, uncond, model.schedule, num_steps, guidance, high_noise=model.high_noise)
     return model.decode_frames(z0, torch.arange(frames, device=device))  # (B, F, 3, H, W)

@@ -1,4 +1,4 @@
-"""Wan2.1: a flow-matching transformer, a causal video VAE, and a text encoder too big to keep.
+"""Wan2.1 and Wan2.2: a flow-matching transformer, a causal video VAE, and a text encoder too big to keep.
 
 Read after the ModelScope path: VADER's step (train.py, vader.py) is the same; what changes is
 behind the family interface of models.py, and this file is all of it.
@@ -11,22 +11,43 @@ behind the family interface of models.py, and this file is all of it.
   and a cache of what the frames before it left behind (`decode_frames`).
 - The text encoder, UMT5-XXL: 5.7 B parameters that outweigh the transformer and VAE together,
   reading 512 tokens with an attention mask. It lives in CPU memory and visits the GPU alone.
+
+Wan2.2 keeps all three and changes two things.
+- TI2V-5B: a new VAE (`is_residual`, 48 latent channels) that folds each 2x2 pixel patch into
+  channels before its three downsamplings, so a latent cell covers 16x16 pixels and 4 frames,
+  still causal in time: the same exact prefix, `frame_pool` and checkpointing serve it. Its
+  3072-wide transformer then sees a 704x1280 video as 22x40 tokens a latent frame, what Wan2.1
+  1.3B sees at 352x640. diffusers' pipeline hands it one timestep per token
+  (`expand_timesteps`), so that image-to-video can hold the conditioning frame at t = 0; text to
+  video gives every token the same t, so one timestep per video (`_timestep_per_video`) computes
+  the same velocity without a (B, tokens, 6 x 3072) float32 modulation table in every block.
+- T2V-A14B: two 14B transformers of Wan2.1 14B's shape, `transformer` for the noisiest steps
+  (t >= boundary_ratio x 1000, read from model_index.json) and `transformer_2` for the rest.
+  VADER trains only its last K steps, so only the low-noise expert gets a LoRA and a graph; it
+  is this family's `unet`. The high-noise expert runs without gradients in the first steps
+  (sampler.HighNoise), in CPU memory otherwise; under --shard it is sharded too.
 """
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from models import VideoModel
-from sampler import FlowSchedule
+from sampler import FlowSchedule, HighNoise
 from vader import checkpoint_units
 
 TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
 
 
+@dataclass
 class WanModel(VideoModel):
-    """Wan2.1's transformer (in the field `unet`), causal VAE, UMT5 encoder and tokenizer."""
+    """Wan's transformer (in the field `unet`; Wan2.2 A14B's low-noise expert), causal VAE, UMT5 encoder
+    and tokenizer; for A14B also the high-noise expert and the timestep where the two meet."""
+
+    high_expert: torch.nn.Module = None  # Wan2.2 A14B's `transformer`, for t >= boundary
+    boundary_ratio: float = None  # the experts meet at timestep boundary_ratio x num_train_timesteps
 
     lora_prefix = "transformer."  # diffusers' WanPipeline loads a LoRA's "transformer." keys
     schedule_class = FlowSchedule
@@ -76,6 +97,30 @@ class WanModel(VideoModel):
             self.text_encoder.to("cpu")
             for m in away:
                 m.to(self.device)
+
+    @property
+    def high_noise(self):
+        """The first steps' expert for the sampler (sampler.HighNoise), or None for one transformer."""
+        if self.high_expert is None:
+            return None
+        boundary = self.boundary_ratio * self.schedule.num_train_timesteps
+        return HighNoise(self.high_expert, boundary, self.spec.guidance_high, self.high_expert_on_device)
+
+    @contextlib.contextmanager
+    def high_expert_on_device(self):
+        """A14B's high-noise expert visits the device for its steps while the low-noise one (LoRA
+        included) waits in CPU memory, so a card holds one 14B expert at a time, for two 28.6 GB
+        copies each way per video. A sharded expert (--shard) stays where FSDP keeps it."""
+        if self.device == "cpu" or not _in_cpu_memory(self.high_expert):
+            yield
+            return
+        self.unet.to("cpu")
+        self.high_expert.to(self.device)
+        try:
+            yield
+        finally:
+            self.high_expert.to("cpu")
+            self.unet.to(self.device)
 
     def frame_pool(self, frames, f):
         """The shortest prefix of the video that holds f frames: a frame can only be decoded exactly
@@ -128,22 +173,54 @@ class WanModel(VideoModel):
         recomputes one sub-layer at a time, so the peak holds one sub-layer's activations (the
         FFN's 4x-wide hidden state, the attention's q, k, v), not the whole block's, for one more
         forward of each sub-layer per grad step. The VAE is checkpointed whole in `decode_frames`.
-        Also the timestep hook."""
+        Also the timestep hook, on both experts of A14B (the high-noise one needs no checkpointing:
+        it never runs with gradients)."""
         self.unet.enable_gradient_checkpointing()
         checkpoint_units(unit for block in self.unet.blocks for unit in (block.attn1, block.attn2, block.ffn))
-        self.unet.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
+        for transformer in filter(None, (self.unet, self.high_expert)):
+            transformer.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
 
     @classmethod
     def load_components(cls, source, spec, dtype):
         """As WanPipeline.from_pretrained reads them. `from_pretrained` keeps the transformer's norms,
-        time embedding and modulation tables in float32 (its `_keep_in_fp32_modules`)."""
+        time embedding and modulation tables in float32 (its `_keep_in_fp32_modules`). A folder whose
+        model_index.json names a `transformer_2` and a `boundary_ratio` is A14B: `transformer_2` is
+        the low-noise expert, our `unet`; `transformer` stays in CPU memory until its steps."""
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        transformer = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype)
-        vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
-        text_encoder = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
-        return transformer, vae, text_encoder, AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        index = model_index(source)
+        experts = index.get("boundary_ratio") is not None and (index.get("transformer_2") or [None])[0] is not None
+        low = "transformer_2" if experts else "transformer"
+        parts = dict(unet=WanTransformer3DModel.from_pretrained(source, subfolder=low, torch_dtype=dtype),
+                     vae=AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=dtype),
+                     text_encoder=UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype),
+                     tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer"))
+        if experts:
+            parts["high_expert"] = WanTransformer3DModel.from_pretrained(source, subfolder="transformer",
+                                                                          torch_dtype=dtype)
+            parts["boundary_ratio"] = index["boundary_ratio"]
+        return parts
+
+
+def registry_entry(source, transformer_config, vae_config):
+    """The registry entry whose defaults a Wan folder or hub id takes, read off its configs: A14B
+    names two experts, TI2V-5B's VAE is residual, a 14B transformer has 40 blocks."""
+    if model_index(source).get("boundary_ratio") is not None:
+        return "wan22-a14b"
+    if vae_config.get("is_residual"):
+        return "wan22-5b"
+    return "wan-14b" if transformer_config.get("num_layers") == 40 else "wan"
+
+
+def model_index(source):
+    """A pipeline folder's model_index.json, from a local folder or the hub ({} when there is none)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(source))
+    except (OSError, ValueError):
+        return {}
 
 
 def _in_cpu_memory(module):

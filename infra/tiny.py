@@ -1,11 +1,13 @@
 """The built-in tiny models: small configs, fixed seeds, random weights, written in the diffusers layout.
 
-`--model tiny` (ModelScope's family) and `--model tiny-wan` (Wan2.1's) are built here into a
+`--model tiny` (ModelScope's family) and `--model tiny-wan` (Wan2.1's; tiny-wan22 and tiny-wan22-a14b
+for Wan2.2's two forms) are built here into a
 temporary folder and then loaded by models.py through the very `from_pretrained` code a hub id
 takes, so the whole pipeline, loading included, runs on a CPU in seconds with nothing downloaded.
 They draw noise, not content: the toy world (toy/) is the small model that has learned something.
 """
 import contextlib
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -47,6 +49,15 @@ TINY_WAN_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attenti
 TINY_WAN_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
                     latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0],
                     scale_factor_spatial=4, scale_factor_temporal=4)
+# Wan2.2 TI2V-5B's VAE in miniature: residual, 2x2 pixel patches folded into 12 channels before two
+# spatial downsamplings (8x in all, 16x for the real one's three), a decoder wider than its encoder,
+# 4x in time; 8 latent channels with made-up statistics. Its transformer reads those 8 channels.
+TINY_WAN22_VAE = dict(base_dim=8, decoder_base_dim=12, z_dim=8, dim_mult=[1, 1, 1], num_res_blocks=1,
+                      temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                      patch_size=2, latents_mean=[0.1, -0.2, 0.3, 0.0, 0.2, -0.1, 0.0, 0.1],
+                      latents_std=[1.5, 0.8, 1.2, 1.0, 0.9, 1.1, 1.3, 0.7], scale_factor_spatial=8, scale_factor_temporal=4)
+TINY_WAN22_TRANSFORMER = dict(TINY_WAN_TRANSFORMER, in_channels=8, out_channels=8)
+BOUNDARY_RATIO = 0.875  # Wan2.2 T2V-A14B's model_index.json: the high-noise expert takes t >= 875
 # A UMT5 encoder 32 wide, on the CLIP vocabulary below (the real one reads UMT5's 256,384 tokens).
 TINY_UMT5 = dict(vocab_size=49408, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                  relative_attention_num_buckets=8)
@@ -92,29 +103,45 @@ def build_tiny_model(folder, seed=0):
     write_clip_tokenizer(folder)
 
 
-def build_tiny_wan(folder, seed=0):
-    """Write the tiny Wan to `folder` in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers.
+def build_tiny_wan(folder, seed=0, version="2.1"):
+    """Write the tiny Wan to `folder` in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or with
+    version "2.2-5b" of Wan2.2-TI2V-5B-Diffusers, or "2.2-a14b" of Wan2.2-T2V-A14B-Diffusers.
 
-    transformer/, vae/, text_encoder/ (UMT5), tokenizer/ and scheduler/, where the scheduler is
-    UniPC with flow_shift 3 as in the hub folder. The tokenizer is the CLIP vocabulary of
-    `write_clip_tokenizer` (UMT5's SentencePiece model is not bundled by any installed package);
-    prompts are padded to 512 tokens like the real one's.
+    transformer/ (and A14B's transformer_2/), vae/, text_encoder/ (UMT5), tokenizer/, scheduler/
+    (UniPC with the hub folder's flow shift) and model_index.json, which carries Wan2.2's
+    pipeline settings: `expand_timesteps` for the 5B, `boundary_ratio` for A14B. The tokenizer is
+    the CLIP vocabulary of `write_clip_tokenizer` (UMT5's SentencePiece model is not bundled by
+    any installed package); prompts are padded to 512 tokens like the real one's.
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     quiet_libraries()
     folder = Path(folder)
+    wan22 = version != "2.1"
+    experts = ["transformer", "transformer_2"] if version == "2.2-a14b" else ["transformer"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        WanTransformer3DModel(**TINY_WAN_TRANSFORMER).save_pretrained(folder / "transformer")
-        AutoencoderKLWan(**TINY_WAN_VAE).save_pretrained(folder / "vae")
+        for name in experts:
+            WanTransformer3DModel(**(TINY_WAN22_TRANSFORMER if version == "2.2-5b" else TINY_WAN_TRANSFORMER)
+                                  ).save_pretrained(folder / name)
+        AutoencoderKLWan(**(TINY_WAN22_VAE if version == "2.2-5b" else TINY_WAN_VAE)).save_pretrained(folder / "vae")
         UMT5EncoderModel(UMT5Config(**TINY_UMT5)).save_pretrained(folder / "text_encoder")
-    UniPCMultistepScheduler(**WAN_SCHEDULER).save_pretrained(folder / "scheduler")
+    shift = {"2.1": 3.0, "2.2-5b": 5.0, "2.2-a14b": 12.0}[version]
+    UniPCMultistepScheduler(**dict(WAN_SCHEDULER, flow_shift=shift)).save_pretrained(folder / "scheduler")
     write_clip_tokenizer(folder)
+    index = {"_class_name": "WanPipeline", "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
+    if wan22:
+        index.update(expand_timesteps=version == "2.2-5b", boundary_ratio=BOUNDARY_RATIO if len(experts) == 2 else None,
+                     transformer_2=["diffusers", "WanTransformer3DModel"] if len(experts) == 2 else [None, None])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-TINY_BUILDERS = {"tiny": build_tiny_model, "tiny-wan": build_tiny_wan}
+TINY_BUILDERS = {"tiny": build_tiny_model, "tiny-wan": build_tiny_wan,
+                 "tiny-wan22": functools.partial(build_tiny_wan, version="2.2-5b"),
+                 "tiny-wan22-a14b": functools.partial(build_tiny_wan, version="2.2-a14b")}
 
 
 @contextlib.contextmanager

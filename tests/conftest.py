@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 # long files start at once and the short ones fill in at the end; by default pytest-xdist would
 # order the files by their number of tests, which left a long file to run alone at the end.
 SLOWEST_FIRST = ["test_ownership.py", "test_toy.py", "test_files.py", "test_robustness.py", "test_scripts.py", "test_wan.py",
+                 "test_wan22.py",
                  "test_ddpo.py", "test_models.py", "test_memory.py", "test_behaviour.py"]
 
 
@@ -53,3 +54,23 @@ def tiny_model(tiny_folder):
     from models import load_video_model
 
     return load_video_model(str(tiny_folder))
+
+
+@pytest.fixture(scope="session")
+def wan22_folder(tmp_path_factory):
+    """The tiny Wan2.2 TI2V-5B, in the layout of Wan-AI/Wan2.2-TI2V-5B-Diffusers."""
+    from infra.tiny import build_tiny_wan
+
+    folder = tmp_path_factory.mktemp("tiny_wan22")
+    build_tiny_wan(folder, version="2.2-5b")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def a14b_folder(tmp_path_factory):
+    """The tiny Wan2.2 T2V-A14B (two experts), in the layout of Wan-AI/Wan2.2-T2V-A14B-Diffusers."""
+    from infra.tiny import build_tiny_wan
+
+    folder = tmp_path_factory.mktemp("tiny_a14b")
+    build_tiny_wan(folder, version="2.2-a14b")
+    return folder

@@ -1,0 +1,213 @@
+"""Wan2.2: the tiny TI2V-5B and the tiny two-expert A14B against diffusers' own WanPipeline, the new
+VAE's exact prefix, the expert switch, LoRA files in the right expert, real sizes, the scripts.
+
+The tiny models are written in their hub folders' layouts (model_index.json included) and loaded
+as local folders, the code path `Wan-AI/Wan2.2-*-Diffusers` takes.
+"""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from benchmarks.architectures import build_architecture
+from infra.cli import run_cli
+from lora import inject_lora, lora_layers, merge_lora, save_lora
+from models import MODELS, load_video_model, spec_of
+from sampler import high_noise_steps, sample as run_sampler
+from vader import encode_prompts, generate
+
+FAST = ["--reward", "brightness", "--prompts", "animals.txt", "--num-steps", "4", "--frames", "5",
+        "--decode-frames", "2", "--num-videos", "1", "--eval-videos", "2", "--eval-prompts", "animals_heldout.txt"]
+
+
+def pipeline(model, shift, **kwargs):
+    """WanPipeline over our loaded parts, with diffusers' Euler scheduler at the model's shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), **kwargs)
+
+
+def randomised_lora(transformer, seed=1):
+    params = inject_lora(transformer, rank=4, alpha=8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return params
+
+
+def transformer_out(transformer, channels):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, channels, 3, 8, 8, generator=g)  # (B, C, F_lat, h, w)
+    text = torch.randn(1, 512, 32, generator=g)
+    with torch.no_grad():
+        return transformer(x, torch.tensor([300.0]), encoder_hidden_states=text).sample
+
+
+@pytest.fixture()
+def wan22(wan22_folder):
+    return load_video_model(str(wan22_folder))
+
+
+@pytest.fixture()
+def a14b(a14b_folder):
+    return load_video_model(str(a14b_folder))
+
+
+#### TI2V-5B: the residual VAE and per-token timesteps
+
+def test_a_ti2v_5b_folder_loads_with_its_defaults(wan22, wan22_folder):
+    assert wan22.spec == spec_of(str(wan22_folder)) and wan22.spec.frames == MODELS["wan22-5b"].frames == 121
+    assert (wan22.spec.height, wan22.spec.width, wan22.schedule.shift) == (704, 1280, 5.0)
+    # 2x2 pixel patches, then two spatial downsamplings: 8 pixels a latent cell, 16 a token; 4 frames a latent frame.
+    assert (wan22.vae_factor, wan22.size_multiple, wan22.temporal_factor, wan22.latent_channels) == (8, 16, 4, 8)
+    assert wan22.high_noise is None
+
+
+def test_ti2v_5b_matches_wan_pipeline_with_per_token_timesteps(wan22):
+    """One timestep per video gives the video diffusers' expand_timesteps (one per token) gives."""
+    z_T = torch.randn(1, 8, 3, 4, 4, generator=torch.Generator().manual_seed(3))  # (B, C, F_lat, h, w): 9 x 32 x 32
+    cond, uncond = encode_prompts(wan22, ["a cat", ""]).split(1)
+    z0 = run_sampler(wan22.unet, z_T, cond, uncond, wan22.schedule, 4, guidance=5.0)
+    ours = wan22.decode_frames(z0, torch.arange(9))  # (1, 9, 3, 32, 32)
+    pipe = pipeline(wan22, 5.0, transformer=wan22.unet, expand_timesteps=True)
+    theirs = pipe("a cat", height=32, width=32, num_frames=9, num_inference_steps=4, guidance_scale=5.0,
+                  latents=z_T.clone(), output_type="pt").frames  # (1, 9, 3, 32, 32)
+    assert ours.shape == theirs.shape == (1, 9, 3, 32, 32)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_the_residual_vae_decodes_a_prefix_exactly(wan22):
+    z0 = torch.randn(2, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))  # 3 latent frames: 9 pixel frames
+    full = wan22.decode_frames(z0, torch.arange(9))  # (2, 9, 3, 32, 32)
+    assert [wan22.frame_pool(121, f) for f in (1, 2, 5, 6)] == [1, 5, 5, 9]
+    for m, idx in ((1, [0]), (2, [0, 3, 4]), (2, [2])):
+        part = wan22.decode_frames(z0[:, :, :m], torch.tensor(idx))  # (2, f, 3, 32, 32)
+        torch.testing.assert_close(part, full[:, idx], rtol=0, atol=1e-6)
+    alone = wan22.decode_frames(z0[:, :, 1:2], torch.tensor([0]))  # latent frame 1 decoded as if it were first
+    assert (alone - full[:, [1]]).abs().max() > 1e-2
+
+
+def test_wan_pipeline_loads_a_ti2v_5b_lora(wan22, wan22_folder, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    randomised_lora(wan22.unet)
+    save_lora(wan22.unet, tmp_path / "lora.safetensors", prefix=wan22.lora_prefix)
+    fresh = load_video_model(str(wan22_folder))
+    pipe = pipeline(fresh, 5.0, transformer=fresh.unet, expand_timesteps=True)
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    merged = transformer_out(merge_lora(wan22.unet), 8)
+    base = transformer_out(WanTransformer3DModel.from_pretrained(wan22_folder / "transformer"), 8)
+    assert (merged - base).abs().max() > 1e-4
+    torch.testing.assert_close(transformer_out(pipe.transformer, 8), merged, rtol=1e-4, atol=1e-5)
+
+
+#### A14B: two experts, one of them trained
+
+def test_an_a14b_folder_loads_both_experts(a14b, a14b_folder):
+    assert a14b.spec == spec_of(str(a14b_folder)) and a14b.spec.guidance_high == 4.0 and a14b.spec.guidance == 3.0
+    assert a14b.high_noise.boundary == 875.0 and a14b.schedule.shift == 12.0
+    assert a14b.high_noise.expert is not a14b.unet
+    assert not any(p.requires_grad for p in a14b.high_noise.expert.parameters())
+    # The official 40 steps at shift 12: the last 15 are the low-noise expert's.
+    assert 40 - high_noise_steps(a14b.schedule, 40, a14b.high_noise) == 15
+
+
+def count_experts(model):
+    """Record which expert each denoiser call ran, "high" or "low", and its timestep (a (B,) tensor by then)."""
+    calls = []
+    for name, expert in (("high", model.high_noise.expert), ("low", model.unet)):
+        expert.register_forward_pre_hook(lambda m, args, name=name: calls.append((name, float(args[1][0]))))
+    return calls
+
+
+def test_each_step_runs_the_expert_that_owns_its_timestep(a14b):
+    calls = count_experts(a14b)
+    cond, uncond = encode_prompts(a14b, ["a cat", ""]).split(1)
+    z_T = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    run_sampler(a14b.unet, z_T, cond, uncond, a14b.schedule, 10, guidance=3.0, high_noise=a14b.high_noise)
+    steps = [t for t, _ in a14b.schedule.steps(10)]
+    assert [t for _, t in calls] == pytest.approx(steps)  # one batched guidance call a step without gradients
+    assert [name for name, _ in calls] == ["high" if t >= 875 else "low" for t in steps]
+    assert 0 < sum(name == "high" for name, _ in calls) < 10
+
+
+def test_a14b_matches_wan_pipeline_with_two_experts(a14b):
+    z_T = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(3))  # (B, C, F_lat, h, w)
+    cond, uncond = encode_prompts(a14b, ["a cat", ""]).split(1)
+    ours = generate(a14b, cond, uncond, 9, 32, 32, 6, 3.0, seed=5)  # guidance 4 (high), 3 (low)
+    pipe = pipeline(a14b, 12.0, transformer=a14b.high_noise.expert, transformer_2=a14b.unet, boundary_ratio=0.875)
+    z_T = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(5))  # generate's noise for seed 5
+    theirs = pipe("a cat", height=32, width=32, num_frames=9, num_inference_steps=6, guidance_scale=4.0,
+                  guidance_scale_2=3.0, latents=z_T, output_type="pt").frames
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    swapped = pipe("a cat", height=32, width=32, num_frames=9, num_inference_steps=6, guidance_scale=3.0,
+                   guidance_scale_2=4.0, latents=z_T, output_type="pt").frames
+    assert (ours - swapped).abs().max() > 1e-4  # the test tells the two guidances apart
+
+
+def test_gradients_reach_only_the_low_noise_expert(a14b):
+    params = randomised_lora(a14b.unet)
+    cond, uncond = encode_prompts(a14b, ["a cat", ""]).split(1)
+    z_T = torch.randn(1, 4, 3, 8, 8)
+    z0 = run_sampler(a14b.unet, z_T, cond, uncond, a14b.schedule, 10, 3.0, grad_steps=3, high_noise=a14b.high_noise)
+    a14b.decode_frames(z0, torch.tensor([0, 4])).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert not lora_layers(a14b.high_noise.expert)
+    low = 10 - high_noise_steps(a14b.schedule, 10, a14b.high_noise)
+    with pytest.raises(ValueError, match="reaches into the high-noise expert"):
+        run_sampler(a14b.unet, z_T, cond, uncond, a14b.schedule, 10, 3.0, grad_steps=low + 1,
+                    high_noise=a14b.high_noise)
+
+
+def test_wan_pipeline_loads_the_lora_into_the_low_noise_expert(a14b, a14b_folder, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    randomised_lora(a14b.unet)
+    save_lora(a14b.unet, tmp_path / "lora.safetensors", prefix=a14b.lora_prefix)
+    fresh = load_video_model(str(a14b_folder))
+    pipe = pipeline(fresh, 12.0, transformer=fresh.high_noise.expert, transformer_2=fresh.unet, boundary_ratio=0.875)
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"), load_into_transformer_2=True)
+    merged = transformer_out(merge_lora(a14b.unet), 4)
+    torch.testing.assert_close(transformer_out(pipe.transformer_2, 4), merged, rtol=1e-4, atol=1e-5)
+    high = WanTransformer3DModel.from_pretrained(a14b_folder / "transformer")
+    torch.testing.assert_close(transformer_out(pipe.transformer, 4), transformer_out(high, 4))  # untouched
+
+
+#### Real sizes, on the meta device
+
+def test_real_sizes():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    transformer, vae, text = build_architecture("wan22-5b")
+    assert count(transformer) == 4_999_854_144 and count(text) == 5_680_910_336
+    assert vae.config.z_dim == 48 and vae.config.scale_factor_spatial == 16
+    high, low, _, _ = build_architecture("wan22-a14b")
+    assert count(high) == count(low) == count(build_architecture("wan-14b")[0]) == 14_288_491_584
+    lora = inject_lora(low, rank=16, targets=MODELS["wan22-a14b"].lora_targets)
+    assert len(lora_layers(low)) == 320 and not lora_layers(high)
+
+
+#### The scripts
+
+def test_train_runs_each_wan22_form_and_resumes_exactly(tmp_path):
+    for name in ("tiny-wan22", "tiny-wan22-a14b"):
+        straight, split = tmp_path / f"{name}-straight", tmp_path / f"{name}-split"
+        run_cli(train.main, ["--model", name, *FAST, "--max-steps", "2", "--eval-every", "2",
+                             "--output-dir", str(straight)])
+        run_cli(train.main, ["--model", name, *FAST, "--max-steps", "1", "--eval-every", "2",
+                             "--output-dir", str(split)])
+        run_cli(train.main, ["--resume", str(split), "--max-steps", "2"])
+        resumed, reference = load_file(split / "lora.safetensors"), load_file(straight / "lora.safetensors")
+        assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+        assert all(k.startswith("transformer.blocks.") for k in reference)
+        assert (straight / "videos" / "after.gif").stat().st_size > 0
+
+
+def test_a_k_above_the_boundary_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, ["--model", "tiny-wan22-a14b", *FAST, "--num-steps", "10", "--grad-steps", "9",
+                             "--max-steps", "1", "--output-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.count("\n") == 0
+    assert "--grad-steps 9 reaches into the high-noise expert's steps" in err and "or less" in err
