@@ -111,7 +111,7 @@ class WanModel(VideoModel):
         """A14B's high-noise expert visits the device for its steps while the low-noise one (LoRA
         included) waits in CPU memory, so a card holds one 14B expert at a time, for two 28.6 GB
         copies each way per video. A sharded expert (--shard) stays where FSDP keeps it."""
-        if self.device == "cpu" or not _in_cpu_memory(self.high_expert):
+        if self.device == "cpu" or not _in_cpu_memory(self.high_expert) or _sharded(self.high_expert):
             yield
             return
         self.unet.to("cpu")
@@ -227,6 +227,13 @@ def _in_cpu_memory(module):
     """Whether a module's weights are in CPU memory (one without weights is taken to be on the device)."""
     p = next(module.parameters(), None)
     return p is not None and p.device.type == "cpu"
+
+
+def _sharded(module):
+    """Whether FSDP2 has split a module's weights (they are then DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(next(module.parameters(), None), DTensor)
 
 
 def _timestep_per_video(transformer, args, kwargs):

@@ -31,6 +31,15 @@ WAN_14B_TRANSFORMER = dict(WAN_1_3B_TRANSFORMER, num_attention_heads=40, ffn_dim
 # Its VAE: AutoencoderKLWan's constructor defaults are the Wan2.1 VAE's config (base_dim 96, z_dim 16,
 # dim_mult 1-2-4-4, temporal downsampling in the last two levels, the latent statistics): 126,892,531.
 WAN_VAE = dict()
+# Wan2.2 TI2V-5B (Wan-AI/Wan2.2-TI2V-5B-Diffusers, transformer/config.json): 30 blocks 3072 wide (24 heads
+# of 128), FFN 14336, reading the new VAE's 48 channels.
+WAN22_5B_TRANSFORMER = dict(WAN_1_3B_TRANSFORMER, num_attention_heads=24, ffn_dim=14336, in_channels=48, out_channels=48)
+# Its VAE (vae/config.json): residual, 2x2 pixel patches (12 channels in and out), encoder 160 and decoder
+# 256 wide, 48 latent channels, 16x in space, 4x in time. The latent statistics are left at 0 and 1
+# (the hub's config carries the trained ones; the cost does not depend on them).
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+                 patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
+                 latents_std=[1.0] * 48)
 # Its text encoder: the encoder of google/umt5-xxl (text_encoder/config.json): 5,680,910,336 parameters.
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
@@ -48,8 +57,8 @@ def build_architecture(family, device="meta", dtype=torch.float32):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     quiet_libraries()
-    if family in ("wan", "wan-14b"):
-        return build_wan(device, dtype, WAN_14B_TRANSFORMER if family == "wan-14b" else WAN_1_3B_TRANSFORMER)
+    if family in WAN_FAMILIES:
+        return build_wan(device, dtype, *WAN_FAMILIES[family])
     with torch.device(device):
         if family == "unet3d":
             unet = UNet3DConditionModel()  # its constructor defaults are ModelScope's config
@@ -62,9 +71,14 @@ def build_architecture(family, device="meta", dtype=torch.float32):
     return [m.to(dtype).eval().requires_grad_(False) for m in (unet, vae, text)]
 
 
-def build_wan(device="meta", dtype=torch.float32, config=WAN_1_3B_TRANSFORMER):
-    """Wan2.1 T2V's (transformer, VAE, UMT5 encoder) at real size with random weights: the 1.3B, or
-    the 14B with `config=WAN_14B_TRANSFORMER`.
+# family -> (transformer config, VAE config, experts): Wan2.2 A14B's two experts are Wan2.1 14B's shape.
+WAN_FAMILIES = {"wan": (WAN_1_3B_TRANSFORMER, WAN_VAE, 1), "wan-14b": (WAN_14B_TRANSFORMER, WAN_VAE, 1),
+                "wan22-5b": (WAN22_5B_TRANSFORMER, WAN22_VAE, 1), "wan22-a14b": (WAN_14B_TRANSFORMER, WAN_VAE, 2)}
+
+
+def build_wan(device="meta", dtype=torch.float32, config=WAN_1_3B_TRANSFORMER, vae_config=WAN_VAE, experts=1):
+    """A Wan's (transformer, VAE, UMT5 encoder) at real size with random weights (`WAN_FAMILIES`);
+    with two experts (Wan2.2 A14B), (high-noise transformer, low-noise transformer, VAE, UMT5).
 
     As `from_pretrained` does, the transformer's `_keep_in_fp32_modules` (norms, time embedding,
     modulation tables: 3.1 M parameters) stay float32 whatever `dtype` is.
@@ -73,12 +87,13 @@ def build_wan(device="meta", dtype=torch.float32, config=WAN_1_3B_TRANSFORMER):
     from transformers import UMT5Config, UMT5EncoderModel
 
     with torch.device(device):
-        transformer = WanTransformer3DModel(**config)
-        vae = AutoencoderKLWan(**WAN_VAE)
+        transformers = [WanTransformer3DModel(**config) for _ in range(experts)]
+        vae = AutoencoderKLWan(**vae_config)
         text = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
-    models = [m.to(dtype).eval().requires_grad_(False) for m in (transformer, vae, text)]
-    keep = transformer._keep_in_fp32_modules
-    for name, p in transformer.named_parameters():
-        if any(k in name.split(".") for k in keep):
-            p.data = p.data.float()
+    models = [m.to(dtype).eval().requires_grad_(False) for m in (*transformers, vae, text)]
+    for transformer in transformers:
+        keep = transformer._keep_in_fp32_modules
+        for name, p in transformer.named_parameters():
+            if any(k in name.split(".") for k in keep):
+                p.data = p.data.float()
     return models

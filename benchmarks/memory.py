@@ -40,10 +40,12 @@ GIB = 2**30
 GPUS = {"RTX 4090": 165.2, "H100 SXM": 989.4}
 UTILISATION = 0.4  # the share of that peak a UNet step reaches, for the estimate only
 GOALS_GIB = {"modelscope-256": 5.5, "modelscope-384": 7.5, "zeroscope-576": 10.0, "animatediff-512": 9.0,
-             "wan-480-33": 12.0, "wan-480-81": 16.0}
+             "wan-480-33": 12.0, "wan-480-81": 16.0, "wan22-5b-704-121": 22.0, "wan22-5b-704-49": 16.0}
 # Per process under --shard, (config, processes) -> GiB: 4 or 8 cards of 24 GB; one 80 GB card unsharded.
-GOALS_PER_RANK_GIB = {("wan14b-480-33", 4): 22.0, ("wan14b-480-81", 8): 22.0, ("wan14b-480-81", 1): 70.0}
-SHARDED_BY_DEFAULT = ("wan14b-480-33", "wan14b-480-81")  # configs whose per-process table is printed unasked
+GOALS_PER_RANK_GIB = {("wan14b-480-33", 4): 22.0, ("wan14b-480-81", 8): 22.0, ("wan14b-480-81", 1): 70.0,
+                      ("wan22a14b-480-81", 1): 70.0, ("wan22a14b-480-33", 4): 22.0, ("wan22a14b-480-81", 4): 22.0}
+# Configs whose per-process table is printed unasked.
+SHARDED_BY_DEFAULT = ("wan14b-480-33", "wan14b-480-81", "wan22a14b-480-33", "wan22a14b-480-81")
 
 
 def add_parser(sub):

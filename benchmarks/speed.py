@@ -35,6 +35,10 @@ SPEED_CONFIGS = {  # name -> (family, height, width, frames, K); the tiny one ru
     "wan-480-81-k5": ("wan", 480, 832, 81, 5),
     "wan14b-480-33": ("wan-14b", 480, 832, 33, 1),  # Wan2.1 14B (several GPUs: bench.py memory --ranks)
     "wan14b-480-81": ("wan-14b", 480, 832, 81, 1),
+    "wan22-5b-704-121": ("wan22-5b", 704, 1280, 121, 1),  # Wan2.2 TI2V-5B at its documented 720p, 121 frames
+    "wan22-5b-704-49": ("wan22-5b", 704, 1280, 49, 1),
+    "wan22a14b-480-81": ("wan22-a14b", 480, 832, 81, 1),  # Wan2.2 T2V-A14B, its 480p at 81 frames
+    "wan22a14b-480-33": ("wan22-a14b", 480, 832, 33, 1),
     "tiny": ("tiny", 32, 32, 8, 1),
     "toy": ("toy", 32, 32, 8, 1),
     "tiny-wan": ("tiny-wan", 32, 32, 9, 1),
@@ -121,7 +125,7 @@ def speed_model(family, device, dtype, denoiser_device=None):
     """A VideoModel: the tiny one, or a family's real architecture with random weights on `device`
     (the denoiser on `denoiser_device` when given: CPU memory, before --shard splits it)."""
     from benchmarks.architectures import build_architecture
-    from infra.tiny import MODELSCOPE_SCHEDULER, WAN_SCHEDULER
+    from infra.tiny import BOUNDARY_RATIO, MODELSCOPE_SCHEDULER, WAN_SCHEDULER
     from models import MODELS, family_class, load_video_model
 
     if family in SMALL:
@@ -130,13 +134,16 @@ def speed_model(family, device, dtype, denoiser_device=None):
     default = torch.get_default_dtype()
     try:  # built in the base dtype: a 14B initialised in float32 would need twice the CPU memory
         torch.set_default_dtype(dtype if denoiser_device else default)
-        unet, vae, text = build_architecture(family, denoiser_device or device, dtype)
+        *experts, vae, text = build_architecture(family, denoiser_device or device, dtype)
     finally:
         torch.set_default_dtype(default)
     vae.to(device)
     cls = family_class(spec.family)
     scheduler = WAN_SCHEDULER if spec.family == "wan" else MODELSCOPE_SCHEDULER  # the real configs' values
-    model = cls(unet, vae, text, None, cls.schedule_class.from_config({**scheduler, **spec.scheduler}), spec, device)
+    # Two experts (Wan2.2 A14B): the first is the high-noise one, as in the hub folder's transformer/.
+    extra = dict(high_expert=experts[0], boundary_ratio=BOUNDARY_RATIO) if len(experts) == 2 else {}
+    model = cls(experts[-1], vae, text, None, cls.schedule_class.from_config({**scheduler, **spec.scheduler}), spec,
+                device, **extra)
     model.enable_checkpointing()
     return model
 
@@ -172,6 +179,8 @@ def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_s
         if fake_mode is not None:
             for module in (model.unet, model.vae, model.text_encoder, *reward_modules):
                 materialize_fake(module)
+            if model.high_noise is not None:
+                materialize_fake(model.high_noise.expert)
         step, generation, parts = _step_and_generation(model, reward_fn, name, device, dtype, low_memory, foreach,
                                                        num_steps, shard)
     return step, generation, dict(parts, reward_modules=reward_modules)
@@ -232,12 +241,13 @@ def real_sizes(family):
     from benchmarks.architectures import build_architecture
     from lora import inject_lora, lora_layers
 
-    unet, vae, text = build_architecture(family, "meta")
+    *experts, vae, text = build_architecture(family, "meta")
+    unet = experts[-1]  # the denoiser that is trained (A14B: the low-noise expert)
     clip = sum(p.numel() for m in random_aesthetic(CLIP_L14_CONFIG, "meta", torch.float32)[1] for p in m.parameters())
     lora = sum(p.numel() for p in inject_lora(unet, rank=16))
     sizes = [sum(p.numel() for p in m.parameters() if not p.requires_grad) for m in (unet, vae, text)]
     return dict(zip(("unet", "vae", "text_encoder"), sizes), reward_clip=clip, lora=lora,
-                lora_layers=len(lora_layers(unet)))
+                lora_layers=len(lora_layers(unet)), experts=len(experts))
 
 
 def measure_speed(name, a, device, dtype):
@@ -287,7 +297,8 @@ def run_speed(a):
         raise UserError(f"--repeats must be at least 1, got {a.repeats}")
     for family in dict.fromkeys(SPEED_CONFIGS[n][0] for n in names if n not in SMALL):
         c = real_sizes(family)
-        print(f"{family} at real size (random weights, counted on the meta device): denoiser {c['unet'] / 1e6:,.1f} M, "
+        experts = f"{c['experts']} experts of " if c["experts"] > 1 else ""
+        print(f"{family} at real size (random weights, counted on the meta device): denoiser {experts}{c['unet'] / 1e6:,.1f} M, "
               f"VAE {c['vae'] / 1e6:,.1f} M, text encoder {c['text_encoder'] / 1e6:,.1f} M, reward CLIP ViT-L/14 "
               f"{c['reward_clip'] / 1e6:,.1f} M; LoRA r=16 on {c['lora_layers']} linears: {c['lora'] / 1e6:,.2f} M")
     device = resolve_device(a.device)

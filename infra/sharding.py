@@ -62,7 +62,23 @@ def shard_denoiser(model, world, device):
     for block in model.shard_blocks():
         fully_shard(block, mesh=mesh)
     fully_shard(model.unet, mesh=mesh)
+    if model.high_noise is not None:
+        shard_high_expert(model.high_noise.expert, mesh)
     return [p for p in model.unet.parameters() if p.requires_grad]
+
+
+def shard_high_expert(expert, mesh):
+    """Wan2.2 A14B's high-noise expert, frozen and run only without gradients, sharded block by block
+    too; on a GPU its shards wait in (pinned) host memory (FSDP2's CPUOffloadPolicy), so each block
+    is copied in, gathered, run and freed in turn, and a card holds none of it between blocks: the
+    per-process peak is then the low-noise expert's, for a host-to-device copy of 28.6 GB / N per
+    video. On the CPU (gloo) there is no host to offload to."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    offload = CPUOffloadPolicy() if mesh.device_type == "cuda" else OffloadPolicy()
+    for block in expert.blocks:
+        fully_shard(block, mesh=mesh, offload_policy=offload)
+    fully_shard(expert, mesh=mesh, offload_policy=offload)
 
 
 #### Checkpoints through torch.distributed.checkpoint

@@ -180,8 +180,9 @@ def test_wan_pipeline_loads_the_lora_into_the_low_noise_expert(a14b, a14b_folder
 def test_real_sizes():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     transformer, vae, text = build_architecture("wan22-5b")
-    assert count(transformer) == 4_999_854_144 and count(text) == 5_680_910_336
+    assert count(transformer) == 4_999_787_712 and count(text) == 5_680_910_336
     assert vae.config.z_dim == 48 and vae.config.scale_factor_spatial == 16
+    assert count(vae) == 704_688_668 and count(vae.decoder) + count(vae.post_quant_conv) == 555_051_580
     high, low, _, _ = build_architecture("wan22-a14b")
     assert count(high) == count(low) == count(build_architecture("wan-14b")[0]) == 14_288_491_584
     lora = inject_lora(low, rank=16, targets=MODELS["wan22-a14b"].lora_targets)
