@@ -4,14 +4,15 @@ A family is everything VADER needs to know about one kind of latent video diffus
 vader.py and train.py ask it nothing else: how it encodes prompts (`embed`, `text_encoder_on_device`),
 its latent shape (`latent_channels`, `latent_frames`, `vae_factor`, `size_multiple`), which frames
 it can decode exactly and how (`frame_pool`, `decode_frames`), how it is checkpointed and read
-from a diffusers-layout folder (`enable_checkpointing`, `load_components`), and which blocks
-FSDP shards under --shard (`shard_blocks`). The denoiser, in the
-field `unet` whatever its kind (the name every LoRA file was written with), maps latents
-(B, C, F, h, w) and text to a prediction of the same shape. The two UNet families share SD's VAE:
+from a diffusers-layout folder (`enable_checkpointing`, `load_components`), which blocks FSDP
+shards under --shard (`shard_blocks`), and a second expert for the noisiest steps (`high_noise`).
+The denoiser, in the field `unet` whatever its kind (the name every LoRA file was written with),
+maps latents (B, C, F, h, w) and text to a prediction of the same shape. The two UNet families
+share SD's VAE:
 - "unet3d": ModelScope T2V and its fine-tunes (Zeroscope): a `UNet3DConditionModel`, OpenCLIP-H text.
 - "animatediff": an SD 1.5 `UNet2DConditionModel` with AnimateDiff's motion modules inserted by
   `UNetMotionModel.from_unet2d(unet, adapter)`, CLIP ViT-L text.
-Wan2.1's flow-matching transformer and causal VAE are a chapter of their own: wan.py."""
+Wan's flow-matching transformers and causal VAEs (Wan2.1, Wan2.2) are a chapter of their own: wan.py."""
 import contextlib
 import importlib
 import os
@@ -53,20 +54,19 @@ class ModelSpec:
     guidance_high: float = None  # Wan2.2 A14B: the high-noise expert's guidance (--guidance is the trained one's)
 
 
+TINY_RECIPE = {"lr": 1e-2, "grad_accum": 1, "batch_size": 2}  # random weights (infra/tiny.py): a large step
 MODELS = {
-    # Random weights from small configs (infra/tiny.py), hence the large learning rate.
-    "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
+    "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe=TINY_RECIPE),
     # Wan's family in miniature (9 frames are 3 latent frames): Wan2.1, Wan2.2 TI2V-5B (its residual
     # VAE with 2x2 pixel patches) and Wan2.2 A14B (two experts meeting at boundary_ratio 0.875).
-    "tiny-wan": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
-    "tiny-wan22": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", scheduler={"flow_shift": 5.0},
-                            recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
-    "tiny-wan22-a14b": ModelSpec("", 32, 32, 9, 10, 3.0, family="wan", scheduler={"flow_shift": 12.0}, guidance_high=4.0,
-                                 recipe={"lr": 1e-2, "grad_accum": 1, "batch_size": 2}),
-    # The toy world (toy/world.py): a tiny UNet3D pretrained on captioned clips of one coloured
-    # shape moving over a plain background. Its recipe is the demo: align it to the learned judge
-    # on the captions of the two colour/shape pairs it never saw, and let the weight-free detector
-    # read 16 videos of those pairs and 16 of seen ones, at the start and the end.
+    "tiny-wan": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", recipe=TINY_RECIPE),
+    "tiny-wan22": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", scheduler={"flow_shift": 5.0}, recipe=TINY_RECIPE),
+    "tiny-wan22-a14b": ModelSpec("", 32, 32, 9, 10, 3.0, family="wan", scheduler={"flow_shift": 12.0},
+                                 guidance_high=4.0, recipe=TINY_RECIPE),
+    # The toy world (toy/world.py): a tiny UNet3D pretrained on captioned clips of one coloured shape
+    # moving over a plain background. Its recipe is the demo: align it to the learned judge on the
+    # captions of the two colour/shape pairs it never saw; the weight-free detector reads 16 videos
+    # of those pairs and 16 of seen ones, at the start and the end.
     "toy": ModelSpec(str(TOY_FOLDER), 32, 32, 8, 10, 3.0,
                      recipe={"reward": "toy_judge", "prompts": "toy_heldout.txt", "eval_prompts": "toy_eval.txt",
                              "max_steps": 60, "lr": 3e-3, "grad_steps": 2, "grad_accum": 1, "batch_size": 2,
@@ -92,12 +92,11 @@ MODELS = {
     # guidance 5, flow shift 3 (5 is 720p's); the 1.3B's VAE and UMT5.
     "wan-14b": ModelSpec("Wan-AI/Wan2.1-T2V-14B-Diffusers", 480, 832, 81, 50, 5.0, family="wan",
                          scheduler={"flow_shift": 3.0}, recipe={"low_memory": True}),
-    # Wan2.2 TI2V-5B as its documentation runs it: 704x1280 (H x W), 121 frames at 24 fps, 50 steps,
-    # guidance 5, flow shift 5; one 24 GB card with --low-memory.
+    # Wan2.2 TI2V-5B as documented: 704x1280 (H x W), 121 frames, 50 steps, guidance 5, flow shift 5.
     "wan22-5b": ModelSpec("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 704, 1280, 121, 50, 5.0, family="wan",
                           scheduler={"flow_shift": 5.0}, recipe={"low_memory": True}),
-    # Wan2.2 T2V-A14B: 480x832, 81 frames, 40 steps, flow shift 12, guidance 4 for the high-noise
-    # expert and 3 for the low-noise one, which alone is trained (the official t2v-A14B settings).
+    # Wan2.2 T2V-A14B as its t2v-A14B config: 480x832, 81 frames, 40 steps, flow shift 12, guidance 4
+    # for the high-noise expert and 3 for the low-noise one, which alone is trained.
     "wan22-a14b": ModelSpec("Wan-AI/Wan2.2-T2V-A14B-Diffusers", 480, 832, 81, 40, 3.0, family="wan",
                             scheduler={"flow_shift": 12.0}, guidance_high=4.0, recipe={"low_memory": True}),
 }
@@ -127,15 +126,9 @@ class VideoModel:
         """Pixels per latent cell: each SD VAE up block but the last doubles the resolution."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def size_multiple(self):
-        """Height and width must be multiples of this."""
-        return self.vae_factor
+    size_multiple = property(lambda self: self.vae_factor)  # height and width must be multiples of this
 
-    @property
-    def temporal_factor(self):
-        """Pixel frames per latent frame after the first: 1 for SD's per-frame VAE."""
-        return 1
+    temporal_factor = 1  # pixel frames per latent frame after the first: 1 for SD's per-frame VAE
 
     def latent_frames(self, frames):
         """Latent frames of an F-frame video: 1 + (F - 1) / temporal_factor (F for SD's VAE)."""
@@ -143,10 +136,8 @@ class VideoModel:
 
     latent_channels = property(lambda self: self.unet.config.in_channels)
 
-    @property
-    def text_length(self):
-        """Tokens per prompt: the tokenizer's (CLIP's 77); 77 for the benchmarks' tokenizer-less models."""
-        return self.tokenizer.model_max_length if self.tokenizer is not None else 77
+    # Tokens per prompt: the tokenizer's (CLIP's 77); 77 for the benchmarks' tokenizer-less models.
+    text_length = property(lambda self: self.tokenizer.model_max_length if self.tokenizer is not None else 77)
 
     def embed(self, prompts):
         """Prompts -> embeddings (b, L, D): CLIP's last hidden state. CLIP encoders were trained
@@ -267,13 +258,11 @@ def spec_of(name):
         raise UserError(f"could not load the video model from {name!r} ({found if vae else 'no vae/ config'}); "
                         f"supported denoisers: {', '.join(DENOISERS)}. Check the folder or hub id and your connection")
     family, entry = DENOISERS[kind]
-    if family == "wan":  # Wan's configs state no resolution: the defaults of the entry of its generation
+    if family == "wan":  # Wan's configs state no resolution: the defaults of its generation's entry
         from wan import registry_entry
 
-        entry = registry_entry(name, denoiser, vae)
+        return replace(MODELS[registry_entry(name, denoiser, vae)], source=name, variant="")
     spec = replace(MODELS[entry], source=name, family=family, variant="")  # its own files, whatever they are
-    if family == "wan":
-        return spec
     size = denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     local_adapter = Path(name) / "motion_adapter"  # AnimateDiff's pipeline layout carries its own
     return replace(spec, height=size, width=size,

@@ -35,7 +35,9 @@ def export_merged(model, lora_path, folder):
     AnimateDiffPipeline(..., unet=unet)); there the LoRA file also loads as it is, with
     `unet.load_lora_adapter(PATH, prefix="unet")`. For Wan the folder holds a WanTransformer3DModel
     (WanPipeline.from_pretrained(HUB_ID, transformer=WanTransformer3DModel.from_pretrained(FOLDER)));
-    there the LoRA file needs no export: `WanPipeline.load_lora_weights(PATH)` reads it. The weights keep
+    there the LoRA file needs no export: `WanPipeline.load_lora_weights(PATH)` reads it. Wan2.2 A14B's
+    LoRA and export are its low-noise expert's: `load_lora_weights(PATH, load_into_transformer_2=True)`,
+    or `WanPipeline.from_pretrained(HUB_ID, transformer_2=...from_pretrained(FOLDER))`. The weights keep
     the model's --dtype (bf16 on a GPU by default; pass --dtype float32 for a full-precision copy).
     Written to a temporary folder and renamed, so a crash never leaves half an export.
     """
@@ -57,8 +59,9 @@ def export_merged(model, lora_path, folder):
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+    expert = " as the pipeline's transformer_2 (the low-noise expert)" if model.high_noise is not None else ""
     print(f"wrote the merged {type(model.unet).__name__} to {folder}; load it with "
-          f"{type(model.unet).__name__}.from_pretrained({str(folder)!r})")
+          f"{type(model.unet).__name__}.from_pretrained({str(folder)!r}){expert}")
 
 
 def parse_args(argv):

@@ -28,6 +28,7 @@ Wan2.2 keeps all three and changes two things.
   (sampler.HighNoise), in CPU memory otherwise; under --shard it is sharded too.
 """
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -111,7 +112,10 @@ class WanModel(VideoModel):
         """A14B's high-noise expert visits the device for its steps while the low-noise one (LoRA
         included) waits in CPU memory, so a card holds one 14B expert at a time, for two 28.6 GB
         copies each way per video. A sharded expert (--shard) stays where FSDP keeps it."""
-        if self.device == "cpu" or not _in_cpu_memory(self.high_expert) or _sharded(self.high_expert):
+        # No GPU, or the memory simulator's "meta" model: there the two experts' equal weights count as
+        # if swapped, the high-noise one never and the low-noise one throughout.
+        if torch.device(self.device).type in ("cpu", "meta") or not _in_cpu_memory(self.high_expert) \
+                or _sharded(self.high_expert):
             yield
             return
         self.unet.to("cpu")
@@ -136,9 +140,10 @@ class WanModel(VideoModel):
 
         z0 may be the first m latent frames of a longer video (the prefix `frame_pool` names): the
         frames returned equal those of a full decode, exactly, because the decoder only looks back.
-        The whole decode is one checkpoint, recomputed in backward. Its blocks cannot be
-        checkpointed one by one as SD's are: each call advances a feature cache shared by the whole
-        decode, so a block run again on its own would read the cache of a later frame.
+        The whole decode is one checkpoint, recomputed in backward, and inside it each resnet and
+        resampler is a checkpoint of its own that replays the feature cache it started from
+        (`checkpoint_causal_units`: run again on its own, a unit would otherwise read the cache of
+        a later frame).
 
         The checkpoint runs with `early_stop=False`. By default a recomputation stops as soon as
         it has rebuilt the tensors backward needs, here before the decode's final `clear_cache()`,
@@ -172,11 +177,13 @@ class WanModel(VideoModel):
         when backward recomputes a block, it keeps only those three sub-layers' inputs, and then
         recomputes one sub-layer at a time, so the peak holds one sub-layer's activations (the
         FFN's 4x-wide hidden state, the attention's q, k, v), not the whole block's, for one more
-        forward of each sub-layer per grad step. The VAE is checkpointed whole in `decode_frames`.
+        forward of each sub-layer per grad step. The VAE is checkpointed whole in `decode_frames`,
+        and inside it each resnet and resampler of the decoder (`checkpoint_causal_units`).
         Also the timestep hook, on both experts of A14B (the high-noise one needs no checkpointing:
         it never runs with gradients)."""
         self.unet.enable_gradient_checkpointing()
         checkpoint_units(unit for block in self.unet.blocks for unit in (block.attn1, block.attn2, block.ffn))
+        checkpoint_causal_units(m for m in self.vae.decoder.modules() if type(m).__name__ in CAUSAL_UNITS)
         for transformer in filter(None, (self.unet, self.high_expert)):
             transformer.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
 
@@ -221,6 +228,42 @@ def model_index(source):
         return dict(DiffusionPipeline.load_config(source))
     except (OSError, ValueError):
         return {}
+
+
+CAUSAL_UNITS = ("WanResidualBlock", "WanResample")  # the decoder's units that read and advance the feature cache
+
+
+def checkpoint_causal_units(units):
+    """Make each of the causal decoder's resnets and resamplers a checkpoint of its own, exactly.
+
+    A unit reads the feature cache its causal convolutions left at the previous latent frame
+    (`feat_cache[i]`, the last two frames of each conv's input) and overwrites it with this
+    frame's, so run again in backward it would read a later frame's cache: a plain checkpoint
+    would recompute something else. `_with_cache` hands every run of the unit, the first and the
+    recomputation, the cache as the unit found it, and writes the first run's updates back into
+    the decoder's cache. Backward through the whole-decode checkpoint (`decode_frames`) then keeps
+    only each unit's input and recomputes one unit at a time, as SD's VAE is checkpointed per resnet.
+    """
+    for unit in units:
+        unit.__dict__.pop("forward", None)
+        unit.forward = functools.partial(_with_cache, unit.forward)
+
+
+def _with_cache(forward, x, feat_cache=None, feat_idx=[0], **kwargs):  # noqa: B006 (diffusers' signature)
+    """A causal unit's forward as a checkpoint that replays the feature cache it started from."""
+    if feat_cache is None or not torch.is_grad_enabled():
+        return forward(x, feat_cache, feat_idx, **kwargs)
+    before, start, after = list(feat_cache), feat_idx[0], {}
+
+    def run(x):
+        cache, idx = list(before), [start]  # the cache as the unit found it, on every run
+        out = forward(x, cache, idx, **kwargs)
+        after.update(cache=cache, idx=idx[0])
+        return out
+
+    out = checkpoint(run, x, use_reentrant=False, early_stop=False)
+    feat_cache[:], feat_idx[0] = after["cache"], after["idx"]  # the first run's updates, for the next unit
+    return out
 
 
 def _in_cpu_memory(module):

@@ -80,9 +80,10 @@ class LiveBytes(TorchDispatchMode):
     has grown by 1% since the last note, the bytes by category (so the breakdown is within 1%).
     """
 
-    def __init__(self, static=(), labels=lambda: ()):
+    def __init__(self, static=(), labels=lambda: (), elsewhere=()):
         super().__init__()
         self.labels = labels  # () -> [(category, tensors)] known only as the step goes (gradients, AdamW state)
+        self.elsewhere = {t.untyped_storage()._cdata for t in elsewhere}  # in host memory: never counted
         self.live, self.peak = {}, 0
         self.total, self.noted, self.flops = 0, 0, 0
         self.host = False  # True while tensors are made in host memory (--low-memory's offload)
@@ -108,7 +109,7 @@ class LiveBytes(TorchDispatchMode):
     def add(self, t, category=None):
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self.live or self.host:
+        if key in self.live or self.host or key in self.elsewhere:
             return
         self.live[key] = storage.nbytes()
         if category:
@@ -219,6 +220,10 @@ def simulate(name, low_memory=False, fake=True, num_steps=None):
         lora = {id(p) for p in parts["params"]}
         static = [("frozen weights", [t for t in frozen if id(t) not in lora]), ("LoRA", parts["params"]),
                   ("text embeddings", [parts["cond"], parts["uncond"]])]
+        # Wan2.2 A14B's high-noise expert waits in host memory, and visits the GPU only while the
+        # low-noise one (of equal size) is out: counting the low-noise one throughout is the same.
+        high = model.high_noise.expert if model.high_noise is not None else torch.nn.Module()
+        elsewhere = [*high.parameters(), *high.buffers()]
         def labels():
             grads = [p.grad for p in parts["params"]]
             state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
@@ -226,7 +231,7 @@ def simulate(name, low_memory=False, fake=True, num_steps=None):
 
         result = {}
         for what, fn in (("step", step), ("generation", generation)):
-            counter = LiveBytes(static, labels)
+            counter = LiveBytes(static, labels, elsewhere)
             hook = optimizer.register_step_pre_hook(lambda *a: setattr(counter, "phase", "optimizer"))
             start = time.perf_counter()
             with counter, host_offload(counter):

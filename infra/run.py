@@ -19,6 +19,7 @@ from infra.runlog import (METRICS, eval_columns, eval_summary, metrics_text, ope
 from infra.video import plot_before_after, tile, write_strip, write_video
 from lora import save_lora
 from models import base_id
+from sampler import high_noise_steps
 from vader import generate
 
 
@@ -39,6 +40,11 @@ def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
           f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}"
           + (f" x {world} processes" if world > 1 else ""))
     print(f"registry entry {describe(model.spec)}" + (" | --low-memory" if cfg.low_memory else ""))
+    if model.high_noise is not None:  # Wan2.2 A14B
+        high = high_noise_steps(model.schedule, cfg.num_steps, model.high_noise)
+        print(f"two experts: steps 1-{high} (t >= {model.high_noise.boundary:g}) the high-noise one, guidance "
+              f"{model.high_noise.guidance}, no LoRA, no gradients; steps {high + 1}-{cfg.num_steps} the low-noise "
+              f"one, guidance {cfg.guidance}, with the LoRA")
     pool = model.frame_pool(cfg.frames, cfg.decode_frames)
     print(f"reward {cfg.reward} | {len(prompts)} prompts ({len(held_out)} held out) | "
           f"{cfg.batch_size * cfg.grad_accum * world} videos per optimizer step ({cfg.batch_size} x "

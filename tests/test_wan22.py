@@ -4,6 +4,8 @@ VAE's exact prefix, the expert switch, LoRA files in the right expert, real size
 The tiny models are written in their hub folders' layouts (model_index.json included) and loaded
 as local folders, the code path `Wan-AI/Wan2.2-*-Diffusers` takes.
 """
+import csv
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -87,6 +89,37 @@ def test_the_residual_vae_decodes_a_prefix_exactly(wan22):
         torch.testing.assert_close(part, full[:, idx], rtol=0, atol=1e-6)
     alone = wan22.decode_frames(z0[:, :, 1:2], torch.tensor([0]))  # latent frame 1 decoded as if it were first
     assert (alone - full[:, [1]]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22"])
+def test_checkpointing_each_causal_unit_changes_no_frame_and_no_gradient(name):
+    """The decoder's resnets and resamplers as checkpoints of their own (wan.checkpoint_causal_units):
+    the same frames and latent gradients, bit for bit, as the decode without them, through 3 latent
+    frames of feature cache; each unit runs again in backward; the cache is empty afterwards."""
+    from wan import CAUSAL_UNITS
+
+    model = load_video_model(name)
+    units = [m for m in model.vae.decoder.modules() if type(m).__name__ in CAUSAL_UNITS]
+    calls = []
+    resnet = [u for u in units if hasattr(u, "norm1")][-1]
+    resnet.norm1.register_forward_pre_hook(lambda m, args: calls.append(1))  # inside the unit's own forward
+    z = torch.randn(2, model.latent_channels, 3, 4, 4, generator=torch.Generator().manual_seed(0))  # (B, C, 3, h, w)
+
+    def decode():
+        z_ = z.clone().requires_grad_(True)
+        x = model.decode_frames(z_, torch.tensor([0, 3, 6, 8]))  # (2, 4, 3, H, W)
+        (x * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        return x.detach(), z_.grad
+
+    frames, grad = decode()
+    per_decode = len(calls)
+    for unit in units:
+        unit.__dict__.pop("forward")  # back to diffusers' own forwards
+    calls.clear()
+    plain_frames, plain_grad = decode()
+    assert per_decode > len(calls)  # recomputed unit by unit in backward
+    assert torch.equal(frames, plain_frames) and torch.equal(grad, plain_grad) and grad.abs().max() > 0
+    assert not [f for f in model.vae._feat_map if torch.is_tensor(f)]
 
 
 def test_wan_pipeline_loads_a_ti2v_5b_lora(wan22, wan22_folder, tmp_path):
@@ -203,6 +236,9 @@ def test_train_runs_each_wan22_form_and_resumes_exactly(tmp_path):
         assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
         assert all(k.startswith("transformer.blocks.") for k in reference)
         assert (straight / "videos" / "after.gif").stat().st_size > 0
+        with open(straight / "metrics.csv") as f:
+            held_out = [float(r["eval_reward"]) for r in csv.DictReader(f) if r["eval_reward"]]
+        assert len(held_out) == 2 and held_out[1] > held_out[0]  # steps 0 and 2, fixed seeds
 
 
 def test_a_k_above_the_boundary_is_refused(tmp_path, capsys):
