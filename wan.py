@@ -253,16 +253,21 @@ def _with_cache(forward, x, feat_cache=None, feat_idx=[0], **kwargs):  # noqa: B
     """A causal unit's forward as a checkpoint that replays the feature cache it started from."""
     if feat_cache is None or not torch.is_grad_enabled():
         return forward(x, feat_cache, feat_idx, **kwargs)
-    before, start, after = list(feat_cache), feat_idx[0], {}
+    start, before, first = feat_idx[0], list(feat_cache), {}
 
     def run(x):
         cache, idx = list(before), [start]  # the cache as the unit found it, on every run
         out = forward(x, cache, idx, **kwargs)
-        after.update(cache=cache, idx=idx[0])
+        if "done" not in first:  # the first run's updates go on to the next unit; a recomputation's are dropped
+            first.update(cache=cache, end=idx[0])
         return out
 
     out = checkpoint(run, x, use_reentrant=False, early_stop=False)
-    feat_cache[:], feat_idx[0] = after["cache"], after["idx"]  # the first run's updates, for the next unit
+    feat_cache[:], feat_idx[0] = first.pop("cache"), first.pop("end")
+    first["done"] = True
+    # Until backward, keep only the entries this unit reads (its own convs', left by the previous
+    # latent frame), not the whole cache: the rest are other units' inputs, and theirs to keep.
+    before[:] = [c if start <= i < feat_idx[0] else None for i, c in enumerate(before)]
     return out
 
 
