@@ -140,8 +140,10 @@ def speed_model(family, device, dtype, denoiser_device=None):
     vae.to(device)
     cls = family_class(spec.family)
     scheduler = WAN_SCHEDULER if spec.family == "wan" else MODELSCOPE_SCHEDULER  # the real configs' values
-    # Two experts (Wan2.2 A14B): the first is the high-noise one, as in the hub folder's transformer/.
-    extra = dict(high_expert=experts[0], boundary_ratio=BOUNDARY_RATIO) if len(experts) == 2 else {}
+    # Two experts (Wan2.2 A14B): the first is the high-noise one, as in the hub folder's transformer/;
+    # it waits in CPU memory, as models.py loads it, and visits the GPU for its steps.
+    extra = dict(high_expert=experts[0].to("cpu") if device != "meta" else experts[0],
+                 boundary_ratio=BOUNDARY_RATIO) if len(experts) == 2 else {}
     model = cls(experts[-1], vae, text, None, cls.schedule_class.from_config({**scheduler, **spec.scheduler}), spec,
                 device, **extra)
     model.enable_checkpointing()

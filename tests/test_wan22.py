@@ -194,6 +194,35 @@ def test_gradients_reach_only_the_low_noise_expert(a14b):
                     high_noise=a14b.high_noise)
 
 
+def test_the_gradient_through_both_experts_is_the_derivative_of_the_reward(a14b):
+    """With K covering every low-noise step, backprop's directional derivative of the reward in the
+    LoRA equals a central finite difference of the whole sampled-and-decoded video's reward."""
+    params = randomised_lora(a14b.unet)
+    cond, uncond = encode_prompts(a14b, ["a cat", ""]).split(1)
+    z_T = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(2))  # 5 frames
+    low = 6 - high_noise_steps(a14b.schedule, 6, a14b.high_noise)
+
+    def reward(grad_steps):
+        z0 = run_sampler(a14b.unet, z_T, cond, uncond, a14b.schedule, 6, 3.0, grad_steps=grad_steps,
+                         high_noise=a14b.high_noise)
+        return a14b.decode_frames(z0, torch.tensor([0, 3])).mean()  # the brightness reward of 2 frames
+
+    reward(low).backward()
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=g) for p in params]
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+    eps = 1e-2  # float32: a smaller step drowns the difference in rounding
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(eps * d)
+        up = reward(0).item()
+        for p, d in zip(params, direction):
+            p.sub_(2 * eps * d)
+        down = reward(0).item()
+    assert abs(analytic) > 1e-4
+    assert analytic == pytest.approx((up - down) / (2 * eps), rel=1e-2)
+
+
 def test_wan_pipeline_loads_the_lora_into_the_low_noise_expert(a14b, a14b_folder, tmp_path):
     from diffusers import WanTransformer3DModel
 
@@ -238,7 +267,12 @@ def test_train_runs_each_wan22_form_and_resumes_exactly(tmp_path):
         assert (straight / "videos" / "after.gif").stat().st_size > 0
         with open(straight / "metrics.csv") as f:
             held_out = [float(r["eval_reward"]) for r in csv.DictReader(f) if r["eval_reward"]]
-        assert len(held_out) == 2 and held_out[1] > held_out[0]  # steps 0 and 2, fixed seeds
+        assert len(held_out) == 2  # steps 0 and 2, fixed seeds
+        # The tiny A14B's reward barely depends on its LoRA (~2e-3 along a unit direction: a random
+        # low-noise expert over 2 of 4 steps at shift 12), so two AdamW steps of lr 1e-2 do not
+        # reliably raise it; its gradient is checked against finite differences instead (below).
+        if name == "tiny-wan22":
+            assert held_out[1] > held_out[0]
 
 
 def test_a_k_above_the_boundary_is_refused(tmp_path, capsys):
