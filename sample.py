@@ -118,13 +118,15 @@ def main(argv=None):
     gen = {k: getattr(spec, k) if getattr(args, k) is None else getattr(args, k)
            for k in ("frames", "height", "width", "num_steps", "guidance")}
     check_video_shape(model, gen["frames"], gen["height"], gen["width"])
+    low_memory = spec.recipe.get("low_memory", False)  # as train.py runs the model (Wan: on)
     cond, uncond = encode_prompts(model, prompts + [""]).split([len(prompts), 1])  # (P, L, D), (1, L, D)
 
     def videos():
         """One video per prompt (seed + i), batched one at a time to bound memory."""
         out = []
         for i in tqdm(range(len(prompts)), desc="sampling", leave=False):
-            out.append(generate(model, cond[i:i + 1], uncond, seed=args.seed + i, **gen)[0])  # (F, 3, H, W)
+            out.append(generate(model, cond[i:i + 1], uncond, seed=args.seed + i, low_memory=low_memory,
+                                **gen)[0])  # (F, 3, H, W)
         return out
 
     base = videos() if (args.side_by_side or not args.lora) else None

@@ -193,11 +193,12 @@ def loss_scaler(dtype, device):
 
 
 @torch.no_grad()
-def generate(model, cond, uncond, frames, height, width, num_steps, guidance, seed):
+def generate(model, cond, uncond, frames, height, width, num_steps, guidance, seed, low_memory=False):
     """Plain generation (no gradients, all frames decoded): (B, F, 3, H, W) in [0, 1].
 
     Video i of the batch uses seed `seed + i`, so a video depends only on its own seed and
-    prompt, not on what else is in the batch.
+    prompt, not on what else is in the batch. With `low_memory` the denoiser waits in CPU memory
+    while the VAE decodes every frame (`denoiser_in_cpu_memory`).
     """
     device = cond.device
     z_T = torch.cat([
@@ -205,4 +206,32 @@ def generate(model, cond, uncond, frames, height, width, num_steps, guidance, se
         for i in range(len(cond))
     ])  # (B, C, F_lat, h, w)
     z0 = sample(model.unet, z_T, cond, uncond, model.schedule, num_steps, guidance, high_noise=model.high_noise)
-    return model.decode_frames(z0, torch.arange(frames, device=device))  # (B, F, 3, H, W)
+    with denoiser_in_cpu_memory(model, low_memory):
+        return model.decode_frames(z0, torch.arange(frames, device=device))  # (B, F, 3, H, W)
+
+
+@contextlib.contextmanager
+def denoiser_in_cpu_memory(model, enabled=True):
+    """--low-memory: while a whole video decodes, the idle denoiser waits in CPU memory.
+
+    A training step decodes f frames, but the before/after and evaluation videos decode all F,
+    and a large VAE's decode of a whole video at 720p needs more than the step (Wan2.2's: 9 GiB
+    of activations for the four frames of one latent frame), on top of the denoiser's weights.
+    Moving the denoiser out for the decode costs one copy each way per batch of videos. A sharded
+    denoiser (--shard) stays where FSDP keeps it; on a CPU there is nowhere else to go.
+    """
+    if not enabled or torch.device(model.device).type in ("cpu", "meta") or sharded(model.unet):
+        yield
+        return
+    model.unet.to("cpu")
+    try:
+        yield
+    finally:
+        model.unet.to(model.device)
+
+
+def sharded(module):
+    """Whether FSDP2 has split a module's weights (they are then DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(next(module.parameters(), None), DTensor)

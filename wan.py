@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models import VideoModel
 from sampler import FlowSchedule, HighNoise
-from vader import checkpoint_units
+from vader import checkpoint_units, sharded
 
 TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
 
@@ -115,7 +115,7 @@ class WanModel(VideoModel):
         # No GPU, or the memory simulator's "meta" model: there the two experts' equal weights count as
         # if swapped, the high-noise one never and the low-noise one throughout.
         if torch.device(self.device).type in ("cpu", "meta") or not _in_cpu_memory(self.high_expert) \
-                or _sharded(self.high_expert):
+                or sharded(self.high_expert):
             yield
             return
         self.unet.to("cpu")
@@ -275,13 +275,6 @@ def _in_cpu_memory(module):
     """Whether a module's weights are in CPU memory (one without weights is taken to be on the device)."""
     p = next(module.parameters(), None)
     return p is not None and p.device.type == "cpu"
-
-
-def _sharded(module):
-    """Whether FSDP2 has split a module's weights (they are then DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(next(module.parameters(), None), DTensor)
 
 
 def _timestep_per_video(transformer, args, kwargs):

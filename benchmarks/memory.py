@@ -88,6 +88,7 @@ class LiveBytes(TorchDispatchMode):
         self.total, self.noted, self.flops = 0, 0, 0
         self.host = False  # True while tensors are made in host memory (--low-memory's offload)
         self.modules, self.phase, self.where, self.breakdown = [], "forward", "", {}
+        self.part_peaks = {}  # "vae" or "rest" -> (peak bytes while inside it, the module then)
         self.categories = {}  # storage key -> category, for the static tensors and later labels
         for category, tensors in static:
             for t in tensors:
@@ -116,11 +117,14 @@ class LiveBytes(TorchDispatchMode):
             self.categories[key] = category
         self.total += self.live[key]
         weakref.finalize(storage, self._free, key)
+        inside = self.modules[-1] if self.modules else ""
+        part = "vae" if inside.startswith("vae") else "rest"
+        if self.total > self.part_peaks.get(part, (0, ""))[0]:
+            self.part_peaks[part] = (self.total, inside)
         if self.total > self.peak:
             self.peak = self.total
             backward = torch._C._current_autograd_node() is not None
             phase = "backward" if backward else self.phase
-            inside = self.modules[-1] if self.modules else ""
             self.where = f"{phase}{' (recomputing)' if backward and inside else ''}: {inside or '-'}"
             if self.peak >= 1.01 * self.noted:
                 self.noted, self.breakdown = self.peak, self.by_category()
@@ -241,6 +245,14 @@ def simulate(name, low_memory=False, fake=True, num_steps=None):
             result[what] = dict(peak_gib=counter.peak / GIB, where=counter.where, flops=counter.flops,
                                 breakdown_gib={k: v / GIB for k, v in sorted(counter.breakdown.items())},
                                 simulated_s=round(time.perf_counter() - start, 1))
+            if what == "generation" and low_memory:  # vader.denoiser_in_cpu_memory: the decode runs without it
+                away = sum(t.nbytes for t in (*model.unet.parameters(), *model.unet.buffers()))
+                (vae, at), rest = counter.part_peaks.get("vae", (0, "")), counter.part_peaks.get("rest", (0, ""))
+                if vae - away > rest[0]:
+                    result[what].update(peak_gib=(vae - away) / GIB, where=f"forward: {at} (the denoiser in CPU memory)")
+                else:
+                    result[what].update(peak_gib=rest[0] / GIB, where=f"forward: {rest[1] or '-'}")
+                result[what]["breakdown_gib"] = {}  # the counter's was taken with the denoiser on the device
             if what == "step":  # gradients and AdamW's moments now exist: their sizes, for the table
                 grads = sum(p.grad.nbytes for p in parts["params"] if p.grad is not None)
                 state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))

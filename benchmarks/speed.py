@@ -220,7 +220,8 @@ def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, fore
                    torch.Generator().manual_seed(0), k, shard or (0, 1))
 
     def generation():
-        generate(model, cond, uncond, frames, height, width, cfg.num_steps, cfg.guidance, seed=0)  # (1, F, 3, H, W)
+        generate(model, cond, uncond, frames, height, width, cfg.num_steps, cfg.guidance, seed=0,
+                 low_memory=low_memory)  # (1, F, 3, H, W)
 
     return step, generation, dict(model=model, params=params, optimizer=optimizer, cfg=cfg, cond=cond, uncond=uncond)
 

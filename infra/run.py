@@ -63,7 +63,7 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, n, reward_fn=None,
     part in every pass of the sharded denoiser)."""
     idx = torch.arange(n) % len(prompts)
     video = generate(model, cond[idx.to(cond.device)], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
-                     cfg.guidance, seed=0)  # (n, F, 3, H, W)
+                     cfg.guidance, seed=0, low_memory=cfg.low_memory)  # (n, F, 3, H, W)
     if write:
         write_video(tile(video, per_row=8), path_stem, rows=-(-n // 8))  # (F, 3, rows*H, 8*W)
     if reward_fn is None and write:  # before/after: also a still of every frame, for before_after.png
