@@ -57,8 +57,7 @@ class ModelSpec:
 TINY_RECIPE = {"lr": 1e-2, "grad_accum": 1, "batch_size": 2}  # random weights (infra/tiny.py): a large step
 MODELS = {
     "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe=TINY_RECIPE),
-    # Wan's family in miniature (9 frames are 3 latent frames): Wan2.1, Wan2.2 TI2V-5B (its residual
-    # VAE with 2x2 pixel patches) and Wan2.2 A14B (two experts meeting at boundary_ratio 0.875).
+    # Wan2.1, Wan2.2 TI2V-5B and Wan2.2 A14B in miniature (infra/tiny.py); 9 frames are 3 latent frames.
     "tiny-wan": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", recipe=TINY_RECIPE),
     "tiny-wan22": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", scheduler={"flow_shift": 5.0}, recipe=TINY_RECIPE),
     "tiny-wan22-a14b": ModelSpec("", 32, 32, 9, 10, 3.0, family="wan", scheduler={"flow_shift": 12.0},
@@ -117,7 +116,7 @@ class VideoModel:
     device: str = "cpu"  # where the denoiser and the VAE live
 
     lora_prefix = "unet."  # the key prefix of a LoRA file, as diffusers' pipelines load it
-    high_noise = None  # a second expert for the noisiest steps (sampler.HighNoise): Wan2.2 A14B's alone
+    high_noise = None  # a second expert for the noisiest steps (wan.HighNoise): Wan2.2 A14B's alone
     schedule_class = Schedule
     parts = "unet/, vae/, text_encoder/, tokenizer/, scheduler/, and a motion adapter for an SD 1.5 UNet"
 

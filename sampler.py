@@ -14,11 +14,10 @@ N - K steps run under `torch.no_grad()`, and only the last K build an autograd g
 grad step keeps for backward: vader.py's "Precision and memory").
 
 Two samplers share the loop: DDIM for the UNet models (ModelScope, AnimateDiff), and the Euler
-solver of a flow-matching ODE for Wan2.1 (`FlowSchedule`, at the end). Each schedule gives
+solver of a flow-matching ODE for Wan (`FlowSchedule`, at the end). Each schedule gives
 `steps(N)`, the N (timestep, coefficients) pairs to visit, and `update(x, model_output, coeffs)`,
-one step; `sample` runs either.
+one step; `sample` runs either, with one denoiser or with Wan2.2 A14B's two experts.
 """
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -169,18 +168,6 @@ def pick_grad_steps(num_steps, grad_steps, random_k=False, generator=None):
     return grad_steps
 
 
-@dataclass
-class HighNoise:
-    """The first steps of a model of two experts (Wan2.2 A14B, wan.py): every step whose timestep is
-    `boundary` or above runs `expert` with guidance `guidance`; `visit()` is a context manager that
-    holds `expert` on the device for those steps (in CPU memory otherwise)."""
-
-    expert: torch.nn.Module
-    boundary: float  # a timestep: boundary_ratio x num_train_timesteps
-    guidance: float
-    visit: object = contextlib.nullcontext
-
-
 def high_noise_steps(schedule, num_steps, high_noise):
     """How many of the N steps belong to the high-noise expert (0 for a model of one denoiser)."""
     return 0 if high_noise is None else sum(t >= high_noise.boundary for t, _ in schedule.steps(num_steps))
@@ -200,7 +187,8 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
     eta > 0 the noise is drawn on the CPU from `generator`, so a seed gives the same chain on any
     device.
 
-    `high_noise` (a `HighNoise`, for a model of two experts) takes the first, noisiest steps away
+    `high_noise` (wan.HighNoise, for a model of two experts: `expert`, the `boundary` timestep,
+    its `guidance`, and `visit()`, which holds it on the device) takes the first, noisiest steps away
     from `unet`, which then denoises only the last ones. Those last steps are the ones truncated
     backprop trains, so the LoRA lives in `unet` alone and the high-noise expert only ever runs
     without a graph. A K that reaches into the high-noise steps is refused: every step before the
@@ -222,8 +210,7 @@ def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_step
 
 
 def _run(unet, x, steps, cond, uncond, schedule, guidance, eta, generator, num_steps, grad_steps=0,
-         checkpoint_steps=False):
-    """`sample`'s loop over `steps`, (index, (t, coefficients)) pairs, with one denoiser."""
+         checkpoint_steps=False):  # `sample`'s loop over `steps`, (index, (t, coefficients)) pairs, with one denoiser
     for i, (t, coeffs) in steps:
         keep_grad = i >= num_steps - grad_steps
         noise = None

@@ -39,10 +39,12 @@ What autograd keeps for backward is cut three ways, each where it happens:
    with --low-memory: a grad step keeps only its inputs, so memory stays flat in K, and backward
    recomputes one guidance pass at a time, for one more denoiser forward per grad step on top of (1).
 3. Checkpointed decoding (`model.decode_frames`), always on: the decoder's activations are
-   recomputed in backward, at two more decoder forwards of f frames per step; with --low-memory
-   each frame (each video, for a causal VAE) is its own checkpoint. --low-memory also moves what
-   autograd still saves (the reward model's activations, the sampler's arithmetic) to CPU memory
-   and back (`saved_on_cpu`), at the cost of copies.
+   recomputed in backward, at two more decoder forwards of f frames per step, and inside the
+   decode each of the decoder's resnets (and a causal VAE's resamplers) is a checkpoint of its
+   own; with --low-memory each frame (each video, for a causal VAE) is its own checkpoint.
+   --low-memory also moves what autograd still saves (the reward model's activations, the
+   sampler's arithmetic) to CPU memory and back (`saved_on_cpu`), at the cost of copies, and
+   sends the idle denoiser there while a whole video decodes (`denoiser_in_cpu_memory`).
 What each lever saves at real sizes is measured by `python bench.py memory` (BENCHMARKS.md).
 """
 import contextlib

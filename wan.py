@@ -25,7 +25,7 @@ Wan2.2 keeps all three and changes two things.
   (t >= boundary_ratio x 1000, read from model_index.json) and `transformer_2` for the rest.
   VADER trains only its last K steps, so only the low-noise expert gets a LoRA and a graph; it
   is this family's `unet`. The high-noise expert runs without gradients in the first steps
-  (sampler.HighNoise), in CPU memory otherwise; under --shard it is sharded too.
+  (`HighNoise`), in CPU memory otherwise; under --shard it is sharded too.
 """
 import contextlib
 import functools
@@ -36,10 +36,21 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from models import VideoModel
-from sampler import FlowSchedule, HighNoise
+from sampler import FlowSchedule
 from vader import checkpoint_units, sharded
 
 TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
+
+
+@dataclass
+class HighNoise:
+    """Wan2.2 A14B's first expert, as sampler.sample takes it: it runs every step whose timestep is
+    `boundary` or above, with its own guidance."""
+
+    expert: torch.nn.Module
+    boundary: float  # a timestep: boundary_ratio x num_train_timesteps
+    guidance: float
+    visit: object = contextlib.nullcontext  # a context that holds `expert` on the device for its steps
 
 
 @dataclass
@@ -101,7 +112,7 @@ class WanModel(VideoModel):
 
     @property
     def high_noise(self):
-        """The first steps' expert for the sampler (sampler.HighNoise), or None for one transformer."""
+        """The first steps' expert for the sampler (`HighNoise`), or None for one transformer."""
         if self.high_expert is None:
             return None
         boundary = self.boundary_ratio * self.schedule.num_train_timesteps
