@@ -13,19 +13,17 @@ behind the family interface of models.py, and this file is all of it.
   reading 512 tokens with an attention mask. It lives in CPU memory and visits the GPU alone.
 
 Wan2.2 keeps all three and changes two things.
-- TI2V-5B: a new VAE (`is_residual`, 48 latent channels) that folds each 2x2 pixel patch into
-  channels before its three downsamplings, so a latent cell covers 16x16 pixels and 4 frames,
-  still causal in time: the same exact prefix, `frame_pool` and checkpointing serve it. Its
-  3072-wide transformer then sees a 704x1280 video as 22x40 tokens a latent frame, what Wan2.1
-  1.3B sees at 352x640. diffusers' pipeline hands it one timestep per token
-  (`expand_timesteps`), so that image-to-video can hold the conditioning frame at t = 0; text to
-  video gives every token the same t, so one timestep per video (`_timestep_per_video`) computes
-  the same velocity without a (B, tokens, 6 x 3072) float32 modulation table in every block.
+- TI2V-5B: a new VAE (`is_residual`, 48 latent channels) folds each 2x2 pixel patch into
+  channels before three downsamplings, so a latent cell covers 16x16 pixels and 4 frames, still
+  causally: the same exact prefix, `frame_pool` and checkpointing serve it. diffusers' pipeline
+  gives its transformer one timestep per token (`expand_timesteps`), so that image-to-video can
+  hold the conditioning frame at t = 0; in text to video every token has the same t, and one
+  timestep per video (`_timestep_per_video`) gives the same velocity without a (B, tokens,
+  6 x 3072) float32 modulation table in every block.
 - T2V-A14B: two 14B transformers of Wan2.1 14B's shape, `transformer` for the noisiest steps
-  (t >= boundary_ratio x 1000, read from model_index.json) and `transformer_2` for the rest.
-  VADER trains only its last K steps, so only the low-noise expert gets a LoRA and a graph; it
-  is this family's `unet`. The high-noise expert runs without gradients in the first steps
-  (`HighNoise`), in CPU memory otherwise; under --shard it is sharded too.
+  (t >= boundary_ratio x 1000, from model_index.json) and `transformer_2` for the rest. VADER
+  trains only the last K steps, so only the low-noise expert, this family's `unet`, gets a LoRA
+  and a graph; the high-noise one runs without gradients (`HighNoise`).
 """
 import contextlib
 import functools
@@ -120,13 +118,20 @@ class WanModel(VideoModel):
 
     @contextlib.contextmanager
     def high_expert_on_device(self):
-        """A14B's high-noise expert visits the device for its steps while the low-noise one (LoRA
-        included) waits in CPU memory, so a card holds one 14B expert at a time, for two 28.6 GB
-        copies each way per video. A sharded expert (--shard) stays where FSDP keeps it."""
+        """A14B's high-noise expert on the device for its steps. A card that would still have the
+        expert's size free after taking it in (141 GB) keeps it there for good; on a smaller one it
+        visits while the low-noise one (LoRA included) waits in CPU memory, so the card holds one
+        14B expert at a time, for two 28.6 GB copies each way per batch of videos. A sharded
+        expert (--shard) stays where FSDP keeps it."""
         # No GPU, or the memory simulator's "meta" model: there the two experts' equal weights count as
         # if swapped, the high-noise one never and the low-noise one throughout.
         if torch.device(self.device).type in ("cpu", "meta") or not _in_cpu_memory(self.high_expert) \
                 or sharded(self.high_expert):
+            yield
+            return
+        size = sum(p.nbytes for p in self.high_expert.parameters())
+        if torch.device(self.device).type == "cuda" and torch.cuda.mem_get_info(self.device)[0] >= 2 * size:
+            self.high_expert.to(self.device)
             yield
             return
         self.unet.to("cpu")

@@ -249,10 +249,11 @@ class Placed(torch.nn.Module):
         return self
 
 
-def test_one_expert_at_a_time_on_the_gpu_and_no_denoiser_while_a_whole_video_decodes():
+def test_one_expert_at_a_time_on_the_gpu_and_no_denoiser_while_a_whole_video_decodes(monkeypatch):
     from vader import denoiser_in_cpu_memory
     from wan import WanModel
 
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, 80 * 2**30))  # a card with no room to spare
     low, high = Placed("cuda"), Placed("cpu")
     model = WanModel(low, Placed("cuda"), Placed("cpu"), None, FlowSchedule(shift=12.0), MODELS["wan22-a14b"],
                      "cuda", high_expert=high, boundary_ratio=0.875)
@@ -264,6 +265,21 @@ def test_one_expert_at_a_time_on_the_gpu_and_no_denoiser_while_a_whole_video_dec
         assert low.where == "cpu"
     assert low.where == "cuda"
     with denoiser_in_cpu_memory(model, enabled=False):
+        assert low.where == "cuda"
+
+
+def test_a_card_with_room_for_both_experts_keeps_the_high_noise_one(monkeypatch):
+    from wan import WanModel
+
+    low, high = Placed("cuda"), Placed("cpu")  # Placed's weight stays in CPU memory: each visit asks again
+    model = WanModel(low, Placed("cuda"), Placed("cpu"), None, FlowSchedule(shift=12.0), MODELS["wan22-a14b"],
+                     "cuda", high_expert=high, boundary_ratio=0.875)
+    size = sum(p.nbytes for p in high.parameters())
+    for free, low_during in ((2 * size, "cuda"), (2 * size - 1, "cpu")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 10 * size))
+        high.where = "cpu"
+        with model.high_noise.visit():
+            assert (high.where, low.where) == ("cuda", low_during)
         assert low.where == "cuda"
 
 
