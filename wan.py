@@ -61,7 +61,8 @@ class WanModel(VideoModel):
 
     lora_prefix = "transformer."  # diffusers' WanPipeline loads a LoRA's "transformer." keys
     schedule_class = FlowSchedule
-    parts = "transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
+    parts = ("transformer/, vae/, text_encoder/, tokenizer/, scheduler/; for Wan2.2 A14B also transformer_2/ and "
+             "model_index.json")
 
     @property
     def vae_factor(self):
@@ -214,6 +215,8 @@ class WanModel(VideoModel):
 
         index = model_index(source)
         experts = index.get("boundary_ratio") is not None and (index.get("transformer_2") or [None])[0] is not None
+        if spec.guidance_high is not None and not experts:  # A14B's entry, but one transformer in sight
+            raise OSError(f"{source} has no model_index.json naming a transformer_2 and a boundary_ratio")
         low = "transformer_2" if experts else "transformer"
         parts = dict(unet=WanTransformer3DModel.from_pretrained(source, subfolder=low, torch_dtype=dtype),
                      vae=AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=dtype),

@@ -147,6 +147,20 @@ def test_an_a14b_folder_loads_both_experts(a14b, a14b_folder):
     assert 40 - high_noise_steps(a14b.schedule, 40, a14b.high_noise) == 15
 
 
+def test_an_a14b_folder_without_its_model_index_is_refused(a14b_folder, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from infra.cli import UserError
+    from models import _load
+
+    shutil.copytree(a14b_folder, tmp_path / "a14b")
+    (tmp_path / "a14b" / "model_index.json").unlink()  # which transformer is which is no longer known
+    with pytest.raises(UserError, match="no model_index.json naming a transformer_2 and a boundary_ratio"):
+        _load(str(tmp_path / "a14b"), replace(MODELS["wan22-a14b"], source=str(tmp_path / "a14b")), "cpu",
+              torch.float32)
+
+
 def count_experts(model):
     """Record which expert each denoiser call ran, "high" or "low", and its timestep (a (B,) tensor by then)."""
     calls = []
