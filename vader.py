@@ -41,7 +41,8 @@ What autograd keeps for backward is cut three ways, each where it happens:
 3. Checkpointed decoding (`model.decode_frames`), always on: the decoder's activations are
    recomputed in backward, at two more decoder forwards of f frames per step, and inside the
    decode each of the decoder's resnets (and a causal VAE's resamplers) is a checkpoint of its
-   own; with --low-memory each frame (each video, for a causal VAE) is its own checkpoint.
+   own; with --low-memory each frame is its own checkpoint (for a causal VAE each latent frame
+   of each video, taking and returning the feature cache: `wan.decode_by_latent_frame`).
    --low-memory also moves what autograd still saves (the reward model's activations, the
    sampler's arithmetic) to CPU memory and back (`saved_on_cpu`), at the cost of copies, and
    sends the idle denoiser there while a whole video decodes (`denoiser_in_cpu_memory`).

@@ -165,7 +165,8 @@ class WanModel(VideoModel):
         The checkpoint runs with `early_stop=False`. By default a recomputation stops as soon as
         it has rebuilt the tensors backward needs, here before the decode's final `clear_cache()`,
         and the causal cache would keep the recomputed activations alive through the rest of
-        backward (the transformer's). With `one_at_a_time` each video is its own checkpoint.
+        backward (the transformer's). With `one_at_a_time` (--low-memory) each latent frame of
+        each video is its own checkpoint (`decode_by_latent_frame`).
         """
         config = self.vae.config
         mean = torch.tensor(config.latents_mean, device=z0.device).view(1, -1, 1, 1, 1)  # (1, C, 1, 1, 1)
@@ -176,9 +177,11 @@ class WanModel(VideoModel):
             return self.vae.decode(z).sample  # (n, 3, 1 + 4 (m - 1), H, W) in [-1, 1]
 
         def run(z):
-            if use_checkpoint and torch.is_grad_enabled():
-                return checkpoint(decode, z, use_reentrant=False, early_stop=False)
-            return decode(z)
+            if not (use_checkpoint and torch.is_grad_enabled()):
+                return decode(z)
+            if one_at_a_time:
+                return decode_by_latent_frame(self.vae, z)
+            return checkpoint(decode, z, use_reentrant=False, early_stop=False)
 
         x = torch.cat([run(zi) for zi in z.split(1)]) if one_at_a_time else run(z)  # (B, 3, 1 + 4 (m - 1), H, W)
         x = x[:, :, frame_idx.to(x.device)]  # (B, 3, f, H, W)
@@ -247,6 +250,37 @@ def model_index(source):
         return dict(DiffusionPipeline.load_config(source))
     except (OSError, ValueError):
         return {}
+
+
+def decode_by_latent_frame(vae, z):
+    """The causal decode of z (B, C, m, h, w) as m checkpoints, one a latent frame -> (B, 3, 1 + 4 (m - 1), H, W).
+
+    diffusers' `_decode` loop written out: latent frame i goes through the decoder with the feature
+    cache latent frame i - 1 left (the last two frames of every causal conv's input). Each frame's
+    decode is a checkpoint that takes that cache as input and returns the new one beside its
+    pixels, so backward keeps the m - 1 caches between frames and recomputes one latent frame's
+    decode at a time, where one checkpoint around the whole decode holds all m frames'
+    activations at once when it is recomputed. At full resolution a cache is itself a good share
+    of a frame's activations, which bounds the saving (BENCHMARKS.md).
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    x = vae.post_quant_conv(z)  # a 1x1x1 convolution: it looks at no other frame
+    cache, frames = [None] * vae._cached_conv_counts["decoder"], []
+    for i in range(x.shape[2]):
+        out, *cache = checkpoint(_decode_latent_frame, vae.decoder, x[:, :, i:i + 1], i == 0, *cache,
+                                 use_reentrant=False, early_stop=False)  # out (B, 3 or 12, 1 or 4, H, W)
+        frames.append(out)
+    out = torch.cat(frames, dim=2)  # (B, 3 or 12, 1 + 4 (m - 1), H', W')
+    if vae.config.patch_size is not None:  # Wan2.2's VAE: 12 channels of 2x2 pixel patches -> 3
+        out = unpatchify(out, vae.config.patch_size)
+    return out.clamp(-1, 1)  # as `_decode` clamps
+
+
+def _decode_latent_frame(decoder, x, first, *cache):
+    """One latent frame x (B, C, 1, h, w) through the causal decoder: (its pixels, the cache it leaves)."""
+    cache = list(cache)
+    return (decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first), *cache)
 
 
 CAUSAL_UNITS = ("WanResidualBlock", "WanResample")  # the decoder's units that read and advance the feature cache

@@ -1,7 +1,7 @@
 """`python bench.py speed`: peak GPU memory and time of a training step against plain generation.
 
 A configuration is a model family at one resolution with VADER's settings: 25 DDIM steps,
-guidance, gradients through the last K steps, f = 1 decoded frame, the aesthetic reward, one
+guidance, gradients through the last K steps, f = 1 decoded frame (9 for `-f9`), the aesthetic reward, one
 video per micro-batch, LoRA r = 16. One run measures (a) the peak GPU memory and the time of one
 optimizer step (train.train_step, the step train.py runs: DDIM, decode, reward, backward, clip,
 AdamW) and (b), in the same process, plain no-grad generation of the same video with the same
@@ -23,7 +23,7 @@ from infra.cli import UserError
 from infra.files import atomic_write_text
 from train import Config
 
-SPEED_CONFIGS = {  # name -> (family, height, width, frames, K); the tiny one runs anywhere
+SPEED_CONFIGS = {  # name -> (family, height, width, frames, K[, f decoded frames, 1 if not given]); the tiny one runs anywhere
     "modelscope-256": ("unet3d", 256, 256, 16, 1),  # ModelScope's own resolution
     "modelscope-384": ("unet3d", 384, 384, 16, 1),  # VADER's ModelScope setting
     "modelscope-256-k5": ("unet3d", 256, 256, 16, 5),
@@ -33,6 +33,7 @@ SPEED_CONFIGS = {  # name -> (family, height, width, frames, K); the tiny one ru
     "wan-480-81": ("wan", 480, 832, 81, 1),  # its full length, 81 frames (21 latent)
     "wan-480-33-k5": ("wan", 480, 832, 33, 5),
     "wan-480-81-k5": ("wan", 480, 832, 81, 5),
+    "wan-480-33-f9": ("wan", 480, 832, 33, 1, 9),  # 9 decoded frames: the first 3 latent frames, 9 pixel frames
     "wan14b-480-33": ("wan-14b", 480, 832, 33, 1),  # Wan2.1 14B (several GPUs: bench.py memory --ranks)
     "wan14b-480-81": ("wan-14b", 480, 832, 81, 1),
     "wan22-5b-704-121": ("wan22-5b", 704, 1280, 121, 1),  # Wan2.2 TI2V-5B at its documented 720p, 121 frames
@@ -193,10 +194,10 @@ def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, fore
     from train import train_step
     from vader import generate, loss_scaler
 
-    family, height, width, frames, k = SPEED_CONFIGS[name]
+    family, height, width, frames, k, f = (*SPEED_CONFIGS[name], 1)[:6]
     # train.py's defaults for everything the step reads but the configuration does not set.
     cfg = SimpleNamespace(frames=frames, height=height, width=width, num_steps=num_steps,
-                          guidance=model.spec.guidance, decode_frames=1, grad_accum=1, grad_clip=Config.grad_clip,
+                          guidance=model.spec.guidance, decode_frames=f, grad_accum=1, grad_clip=Config.grad_clip,
                           low_memory=low_memory)
     # As train.py: the text encoder runs once (random tokens: its cost does not depend on them), then leaves.
     with torch.no_grad():
@@ -255,13 +256,13 @@ def real_sizes(family):
 
 def measure_speed(name, a, device, dtype):
     """One configuration's figures: seconds and peak GB of a training step and of generation."""
-    family, height, width, frames, k = SPEED_CONFIGS[name]
+    family, height, width, frames, k, f = (*SPEED_CONFIGS[name], 1)[:6]
     cuda = device.startswith("cuda")
     low_memory = low_memory_for(name, a.low_memory)
     step, generation, _ = prepare(name, device, dtype, low_memory, shard=a.shard_of)
     r = dict(config=name, device=torch.cuda.get_device_name(device) if cuda else "cpu",
              dtype=str(dtype).removeprefix("torch."), low_memory=low_memory, frames=frames, height=height,
-             width=width, num_steps=SPEED_STEPS, grad_steps=k, decode_frames=1)
+             width=width, num_steps=SPEED_STEPS, grad_steps=k, decode_frames=f)
     for what, fn in (("step", step), ("generation", generation)):
         if cuda:
             torch.cuda.empty_cache()

@@ -122,6 +122,30 @@ def test_checkpointing_each_causal_unit_changes_no_frame_and_no_gradient(name):
     assert not [f for f in model.vae._feat_map if torch.is_tensor(f)]
 
 
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22"])
+def test_a_checkpoint_per_latent_frame_decodes_exactly(name):
+    """--low-memory's causal decode, one checkpoint a latent frame carrying the feature cache
+    (wan.decode_by_latent_frame): the frames and latent gradients of the one-checkpoint decode, bit
+    for bit, for a video of 3 latent frames; and the decoder recomputes one latent frame at a time."""
+    model = load_video_model(name)
+    z = torch.randn(1, model.latent_channels, 3, 4, 4, generator=torch.Generator().manual_seed(0))  # (1, C, 3, h, w)
+    calls = []
+    model.vae.decoder.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[2]))
+
+    def decode(per_latent_frame):
+        z_ = z.clone().requires_grad_(True)
+        x = model.decode_frames(z_, torch.tensor([0, 4, 7]), one_at_a_time=per_latent_frame)  # (1, 3, 3, H, W)
+        (x * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        return x.detach(), z_.grad
+
+    whole, whole_grad = decode(False)
+    calls.clear()
+    chunked, chunked_grad = decode(True)
+    assert torch.equal(chunked, whole) and torch.equal(chunked_grad, whole_grad) and whole_grad.abs().max() > 0
+    assert calls == [1] * 6  # 3 latent frames decoded, then each recomputed once in backward
+    assert not [f for f in model.vae._feat_map if torch.is_tensor(f)]
+
+
 def test_wan_pipeline_loads_a_ti2v_5b_lora(wan22, wan22_folder, tmp_path):
     from diffusers import WanTransformer3DModel
 
