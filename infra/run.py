@@ -231,5 +231,8 @@ class Run:
         print(f"done: training reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "
               f"{trained[-1]['reward_mean']:.4f} (step {step}); wrote {out}/lora.safetensors, metrics.csv, "
               "reward_curve.png, videos/before_after.png, videos/before|after.mp4")
+        if self.model.high_noise is not None:  # Wan2.2 A14B
+            print(f"the LoRA is the low-noise expert's; in diffusers: "
+                  f"pipe.load_lora_weights({str(out / 'lora.safetensors')!r}, load_into_transformer_2=True)")
         for line in eval_summary(self.rows):
             print(line)

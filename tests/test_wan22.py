@@ -347,7 +347,7 @@ def test_train_raises_the_ti2v_5b_reward(tmp_path):
     assert (tmp_path / "videos" / "after.gif").stat().st_size > 0
 
 
-def test_train_a14b_resumes_exactly(tmp_path):
+def test_train_a14b_resumes_exactly(tmp_path, capsys):
     """Two experts through the script: the LoRA file holds the low-noise expert's keys under
     `transformer.` (diffusers' `load_into_transformer_2=True` reads them), and a resumed run ends
     bit for bit where an uncut one does. (The tiny A14B's reward barely depends on its LoRA, ~2e-3
@@ -355,6 +355,7 @@ def test_train_a14b_resumes_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     tiny = ["--model", "tiny-wan22-a14b", *FAST, "--eval-every", "0"]
     run_cli(train.main, [*tiny, "--max-steps", "2", "--output-dir", str(straight)])
+    assert "load_into_transformer_2=True" in capsys.readouterr().out  # how diffusers reads it, said at the end
     run_cli(train.main, [*tiny, "--max-steps", "1", "--output-dir", str(split)])
     run_cli(train.main, ["--resume", str(split), "--max-steps", "2"])
     resumed, reference = load_file(split / "lora.safetensors"), load_file(straight / "lora.safetensors")
