@@ -57,6 +57,29 @@ def a14b(a14b_folder):
     return load_video_model(str(a14b_folder))
 
 
+def test_a_wan_folder_takes_the_defaults_of_its_generation(tmp_path):
+    """Read off the configs alone (no weights): two experts -> A14B, a residual VAE -> TI2V-5B,
+    40 blocks -> Wan2.1 14B, else Wan2.1 1.3B."""
+    import json
+
+    def folder(name, blocks=30, residual=False, boundary=None):
+        root = tmp_path / name
+        for sub, config in (("transformer", {"_class_name": "WanTransformer3DModel", "num_layers": blocks}),
+                            ("vae", {"_class_name": "AutoencoderKLWan", "is_residual": residual})):
+            (root / sub).mkdir(parents=True)
+            (root / sub / "config.json").write_text(json.dumps(config))
+        if boundary is not None:
+            (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": boundary}))
+        return str(root)
+
+    cases = {folder("a14b", 40, boundary=0.875): "wan22-a14b", folder("5b", residual=True): "wan22-5b",
+             folder("14b", 40): "wan-14b", folder("1.3b"): "wan"}
+    for source, entry in cases.items():
+        spec = spec_of(source)
+        assert (spec.source, spec.frames, spec.num_steps, spec.guidance) == \
+            (source, MODELS[entry].frames, MODELS[entry].num_steps, MODELS[entry].guidance), entry
+
+
 #### TI2V-5B: the residual VAE and per-token timesteps
 
 def test_a_ti2v_5b_folder_loads_with_its_defaults(wan22, wan22_folder):
