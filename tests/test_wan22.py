@@ -356,6 +356,7 @@ def test_real_sizes():
     assert count(high) == count(low) == count(build_architecture("wan-14b")[0]) == 14_288_491_584
     lora = inject_lora(low, rank=16, targets=MODELS["wan22-a14b"].lora_targets)
     assert len(lora_layers(low)) == 320 and not lora_layers(high)
+    assert sum(p.numel() for p in lora) == 320 * 16 * (5120 + 5120)  # 52.4 M, on the low-noise expert alone
 
 
 #### The scripts
