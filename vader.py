@@ -148,13 +148,15 @@ def checkpoint_blocks(unet, enabled=True):
     checkpoint_units(filter(None, units), enabled)
 
 
-def checkpoint_units(units, enabled=True):
+def checkpoint_units(units, enabled=True, wrap=_checkpointed):
     """Make each module's forward a checkpoint of its own (while autograd records), in place;
-    calling it again rewraps the class's own forward, and `enabled=False` restores it."""
+    calling it again rewraps the class's own forward, and `enabled=False` restores it. `wrap`
+    (forward, *args) runs the checkpoint: a causal VAE's units need one that replays their cache
+    (wan.py)."""
     for unit in units:
         unit.__dict__.pop("forward", None)  # back to the class's own forward
         if enabled:
-            unit.forward = functools.partial(_checkpointed, unit.forward)
+            unit.forward = functools.partial(wrap, unit.forward)
 
 
 def saved_on_cpu(enabled, device):
@@ -218,19 +220,32 @@ def denoiser_in_cpu_memory(model, enabled=True):
     """--low-memory: while a whole video decodes, the idle denoiser waits in CPU memory.
 
     A training step decodes f frames, but the before/after and evaluation videos decode all F,
-    and a large VAE's decode of a whole video at 720p needs more than the step (Wan2.2's: 9 GiB
-    of activations for the four frames of one latent frame), on top of the denoiser's weights.
-    Moving the denoiser out for the decode costs one copy each way per batch of videos. A sharded
-    denoiser (--shard) stays where FSDP keeps it; on a CPU there is nowhere else to go.
+    and a large VAE's decode of a whole video at high resolution can need more than the step, on
+    top of the denoiser's weights. Moving the denoiser out for the decode costs one copy each way
+    per batch of videos. A sharded denoiser (--shard) stays where FSDP keeps it; on a CPU there is
+    nowhere else to go.
     """
     if not enabled or torch.device(model.device).type in ("cpu", "meta") or sharded(model.unet):
         yield
         return
-    model.unet.to("cpu")
+    with visiting(model.device, leaving=[model.unet]):
+        yield
+
+
+@contextlib.contextmanager
+def visiting(device, arriving=(), leaving=()):
+    """For the block, `arriving` modules on `device` and `leaving` ones in CPU memory; then back."""
+    for m in leaving:
+        m.to("cpu")
+    for m in arriving:
+        m.to(device)
     try:
         yield
     finally:
-        model.unet.to(model.device)
+        for m in arriving:
+            m.to("cpu")
+        for m in leaving:
+            m.to(device)
 
 
 def sharded(module):

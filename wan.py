@@ -26,16 +26,16 @@ Wan2.2 keeps all three and changes two things.
   and a graph; the high-noise one runs without gradients (`HighNoise`).
 """
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from infra.files import model_index
 from models import VideoModel
 from sampler import FlowSchedule
-from vader import checkpoint_units, sharded
+from vader import checkpoint_units, sharded, visiting
 
 TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
 
@@ -98,16 +98,8 @@ class WanModel(VideoModel):
         if self.device == "cpu":
             yield
             return
-        away = [m for m in (self.unet, self.vae) if not _in_cpu_memory(m)]
-        for m in away:
-            m.to("cpu")
-        self.text_encoder.to(self.device)
-        try:
+        with visiting(self.device, [self.text_encoder], [m for m in (self.unet, self.vae) if not _in_cpu_memory(m)]):
             yield
-        finally:
-            self.text_encoder.to("cpu")
-            for m in away:
-                m.to(self.device)
 
     @property
     def high_noise(self):
@@ -120,10 +112,10 @@ class WanModel(VideoModel):
     @contextlib.contextmanager
     def high_expert_on_device(self):
         """A14B's high-noise expert on the device for its steps. A card that would still have the
-        expert's size free after taking it in (141 GB) keeps it there for good; on a smaller one it
-        visits while the low-noise one (LoRA included) waits in CPU memory, so the card holds one
-        14B expert at a time, for two 28.6 GB copies each way per batch of videos. A sharded
-        expert (--shard) stays where FSDP keeps it."""
+        expert's size free after taking it in keeps it there for good; on a smaller one it visits
+        while the low-noise one (LoRA included) waits in CPU memory, so the card holds one expert
+        at a time, for two copies of an expert each way per batch of videos. A sharded expert
+        (--shard) stays where FSDP keeps it."""
         # No GPU, or the memory simulator's "meta" model: there the two experts' equal weights count as
         # if swapped, the high-noise one never and the low-noise one throughout.
         if torch.device(self.device).type in ("cpu", "meta") or not _in_cpu_memory(self.high_expert) \
@@ -135,13 +127,8 @@ class WanModel(VideoModel):
             self.high_expert.to(self.device)
             yield
             return
-        self.unet.to("cpu")
-        self.high_expert.to(self.device)
-        try:
+        with visiting(self.device, [self.high_expert], [self.unet]):
             yield
-        finally:
-            self.high_expert.to("cpu")
-            self.unet.to(self.device)
 
     def frame_pool(self, frames, f):
         """The shortest prefix of the video that holds f frames: a frame can only be decoded exactly
@@ -159,8 +146,8 @@ class WanModel(VideoModel):
         frames returned equal those of a full decode, exactly, because the decoder only looks back.
         The whole decode is one checkpoint, recomputed in backward, and inside it each resnet and
         resampler is a checkpoint of its own that replays the feature cache it started from
-        (`checkpoint_causal_units`: run again on its own, a unit would otherwise read the cache of
-        a later frame).
+        (`_with_cache`: run again on its own, a unit would otherwise read the cache of a later
+        frame).
 
         The checkpoint runs with `early_stop=False`. By default a recomputation stops as soon as
         it has rebuilt the tensors backward needs, here before the decode's final `clear_cache()`,
@@ -198,12 +185,12 @@ class WanModel(VideoModel):
         recomputes one sub-layer at a time, so the peak holds one sub-layer's activations (the
         FFN's 4x-wide hidden state, the attention's q, k, v), not the whole block's, for one more
         forward of each sub-layer per grad step. The VAE is checkpointed whole in `decode_frames`,
-        and inside it each resnet and resampler of the decoder (`checkpoint_causal_units`).
+        and inside it each resnet and resampler of the decoder (`_with_cache`).
         Also the timestep hook, on both experts of A14B (the high-noise one needs no checkpointing:
         it never runs with gradients)."""
         self.unet.enable_gradient_checkpointing()
         checkpoint_units(unit for block in self.unet.blocks for unit in (block.attn1, block.attn2, block.ffn))
-        checkpoint_causal_units(m for m in self.vae.decoder.modules() if type(m).__name__ in CAUSAL_UNITS)
+        checkpoint_units((m for m in self.vae.decoder.modules() if type(m).__name__ in CAUSAL_UNITS), wrap=_with_cache)
         for transformer in filter(None, (self.unet, self.high_expert)):
             transformer.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
 
@@ -242,16 +229,6 @@ def registry_entry(source, transformer_config, vae_config):
     return "wan-14b" if transformer_config.get("num_layers") == 40 else "wan"
 
 
-def model_index(source):
-    """A pipeline folder's model_index.json, from a local folder or the hub ({} when there is none)."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        return dict(DiffusionPipeline.load_config(source))
-    except (OSError, ValueError):
-        return {}
-
-
 def decode_by_latent_frame(vae, z):
     """The causal decode of z (B, C, m, h, w) as m checkpoints, one a latent frame -> (B, 3, 1 + 4 (m - 1), H, W).
 
@@ -286,24 +263,17 @@ def _decode_latent_frame(decoder, x, first, *cache):
 CAUSAL_UNITS = ("WanResidualBlock", "WanResample")  # the decoder's units that read and advance the feature cache
 
 
-def checkpoint_causal_units(units):
-    """Make each of the causal decoder's resnets and resamplers a checkpoint of its own, exactly.
+def _with_cache(forward, x, feat_cache=None, feat_idx=[0], **kwargs):  # noqa: B006 (diffusers' signature)
+    """A causal decoder unit's forward (a resnet's, a resampler's) as an exact checkpoint of its own.
 
     A unit reads the feature cache its causal convolutions left at the previous latent frame
     (`feat_cache[i]`, the last two frames of each conv's input) and overwrites it with this
     frame's, so run again in backward it would read a later frame's cache: a plain checkpoint
-    would recompute something else. `_with_cache` hands every run of the unit, the first and the
-    recomputation, the cache as the unit found it, and writes the first run's updates back into
-    the decoder's cache. Backward through the whole-decode checkpoint (`decode_frames`) then keeps
-    only each unit's input and recomputes one unit at a time, as SD's VAE is checkpointed per resnet.
+    would recompute something else. Every run here, the first and the recomputation, gets the
+    cache as the unit found it, and the first run's updates go back into the decoder's cache.
+    Backward through the whole-decode checkpoint (`decode_frames`) then keeps only each unit's
+    input and recomputes one unit at a time, as SD's VAE is checkpointed per resnet.
     """
-    for unit in units:
-        unit.__dict__.pop("forward", None)
-        unit.forward = functools.partial(_with_cache, unit.forward)
-
-
-def _with_cache(forward, x, feat_cache=None, feat_idx=[0], **kwargs):  # noqa: B006 (diffusers' signature)
-    """A causal unit's forward as a checkpoint that replays the feature cache it started from."""
     if feat_cache is None or not torch.is_grad_enabled():
         return forward(x, feat_cache, feat_idx, **kwargs)
     start, before, first = feat_idx[0], list(feat_cache), {}

@@ -206,3 +206,14 @@ def model_configs(name):
             return None
 
     return config("transformer") or config("unet"), config("vae")
+
+
+def model_index(name):
+    """A pipeline folder's or hub id's model_index.json as a dict ({} when there is none): where Wan2.2
+    A14B names its second expert and the boundary between the two."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(name))
+    except (OSError, ValueError):  # not there, or no connection
+        return {}

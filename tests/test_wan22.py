@@ -116,7 +116,7 @@ def test_the_residual_vae_decodes_a_prefix_exactly(wan22):
 
 @pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22"])
 def test_checkpointing_each_causal_unit_changes_no_frame_and_no_gradient(name):
-    """The decoder's resnets and resamplers as checkpoints of their own (wan.checkpoint_causal_units):
+    """The decoder's resnets and resamplers as checkpoints of their own (wan._with_cache):
     the same frames and latent gradients, bit for bit, as the decode without them, through 3 latent
     frames of feature cache; each unit runs again in backward; the cache is empty afterwards."""
     from wan import CAUSAL_UNITS
