@@ -52,16 +52,18 @@ class ModelSpec:
     recipe: dict = field(default_factory=dict)  # training defaults that differ from the paper's
     variant: str = ""  # the hub's half-precision copy of the UNet and VAE, half the download; cast to --dtype
     guidance_high: float = None  # Wan2.2 A14B: the high-noise expert's guidance (--guidance is the trained one's)
+    fps: int = 8  # the frame rate the model's videos are made for: what a reward reading the clip at its own rate needs
 
 
 TINY_RECIPE = {"lr": 1e-2, "grad_accum": 1, "batch_size": 2}  # random weights (infra/tiny.py): a large step
 MODELS = {
     "tiny": ModelSpec("", 32, 32, 8, 10, 3.0, recipe=TINY_RECIPE),
     # Wan2.1, Wan2.2 TI2V-5B and Wan2.2 A14B in miniature (infra/tiny.py); 9 frames are 3 latent frames.
-    "tiny-wan": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", recipe=TINY_RECIPE),
-    "tiny-wan22": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", scheduler={"flow_shift": 5.0}, recipe=TINY_RECIPE),
+    "tiny-wan": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", recipe=TINY_RECIPE, fps=16),
+    "tiny-wan22": ModelSpec("", 32, 32, 9, 10, 5.0, family="wan", scheduler={"flow_shift": 5.0}, recipe=TINY_RECIPE,
+                             fps=24),
     "tiny-wan22-a14b": ModelSpec("", 32, 32, 9, 10, 3.0, family="wan", scheduler={"flow_shift": 12.0},
-                                 guidance_high=4.0, recipe=TINY_RECIPE),
+                                 guidance_high=4.0, recipe=TINY_RECIPE, fps=16),
     # The toy world (toy/world.py): a tiny UNet3D pretrained on captioned clips of one coloured shape
     # moving over a plain background. Its recipe is the demo: align it to the learned judge on the
     # captions of the two colour/shape pairs it never saw; the weight-free detector reads 16 videos
@@ -86,18 +88,18 @@ MODELS = {
     # Euler steps as VideoX-Fun's reward trainer samples, guidance 5 as the pipeline's. --low-memory
     # by default, so the transformer's block inputs are not held during the decoder's backward.
     "wan": ModelSpec("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 480, 832, 33, 40, 5.0, family="wan",
-                     recipe={"low_memory": True}),
+                     recipe={"low_memory": True}, fps=16),
     # Wan2.1 T2V 14B, for several GPUs (--shard): the documented 480p setting, 81 frames, 50 steps,
     # guidance 5, flow shift 3 (5 is 720p's); the 1.3B's VAE and UMT5.
     "wan-14b": ModelSpec("Wan-AI/Wan2.1-T2V-14B-Diffusers", 480, 832, 81, 50, 5.0, family="wan",
-                         scheduler={"flow_shift": 3.0}, recipe={"low_memory": True}),
+                         scheduler={"flow_shift": 3.0}, recipe={"low_memory": True}, fps=16),
     # Wan2.2 TI2V-5B as documented: 704x1280 (H x W), 121 frames, 50 steps, guidance 5, flow shift 5.
     "wan22-5b": ModelSpec("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 704, 1280, 121, 50, 5.0, family="wan",
-                          scheduler={"flow_shift": 5.0}, recipe={"low_memory": True}),
+                          scheduler={"flow_shift": 5.0}, recipe={"low_memory": True}, fps=24),
     # Wan2.2 T2V-A14B as its t2v-A14B config: 480x832, 81 frames, 40 steps, flow shift 12, guidance 4
     # for the high-noise expert and 3 for the low-noise one, which alone is trained.
     "wan22-a14b": ModelSpec("Wan-AI/Wan2.2-T2V-A14B-Diffusers", 480, 832, 81, 40, 3.0, family="wan",
-                            scheduler={"flow_shift": 12.0}, guidance_high=4.0, recipe={"low_memory": True}),
+                            scheduler={"flow_shift": 12.0}, guidance_high=4.0, recipe={"low_memory": True}, fps=16),
 }
 
 

@@ -185,6 +185,11 @@ _ELSEWHERE = {
                    "X-CLIP video-prompt similarity, logit scale x cosine (microsoft/xclip-base-patch32)"),
     "temporal": ("reward_models.video:temporal",
                  "V-JEPA 2 predictability of the clip's second half from its first, ~-1..0 (facebook/vjepa2-vitl-fpc64-256)"),
+    "videoreward": ("reward_models.videoreward:videoreward",
+                    "VideoAlign's VideoReward on Qwen2-VL-2B: visual quality + motion quality + text alignment, each "
+                    "normalised, ~-3..3 each (KwaiVGI/VideoReward; needs 2+ frames across the clip)"),
+    "tiny_videoreward": ("reward_models.videoreward:tiny_videoreward",
+                         "VideoReward's code on a tiny random Qwen2-VL (for the CPU and the tiny models)"),
     "redness": ("toy.rewards:redness", "toy world: how red the shape's colour is, as a direction from the background, -1..1"),
     "size": ("toy.rewards:size", "toy world: the shape's area as a fraction of the frame, 0..1"),
     "contrast": ("toy.rewards:contrast", "toy world: the shape's mean RGB distance from the background, 0..1"),
@@ -250,6 +255,7 @@ def load_reward(name, device="cpu", dtype=torch.float32, **options):
         return sum(w * fn(frames, prompts) for w, fn in fns)  # (B,)
 
     weighted_sum.min_frames = max(fn.min_frames for _, fn in fns)
+    weighted_sum.fps = next((fn.fps for _, fn in fns if getattr(fn, "fps", None)), None)  # vader.spreads
     return weighted_sum
 
 

@@ -29,8 +29,8 @@ from lora import inject_lora
 from models import load_video_model, spec_of
 from rewards import load_eval_rewards, load_reward, parse_options
 from sampler import high_noise_steps, pick_grad_steps, sample
-from vader import (check_video_shape, decode_random_frames, encode_prompts, loss_scaler, noise_share, resolve_device,
-                   resolve_dtype, saved_on_cpu)
+from vader import (check_video_shape, decode_random_frames, encode_prompts, frames_for, loss_scaler, noise_share,
+                   resolve_device, resolve_dtype, saved_on_cpu, spreads)
 
 
 def opt(default, help):
@@ -60,7 +60,9 @@ class Config:
     grad_steps: int = opt(1, "K, the last sampler steps that keep gradients (VADER: 1).")
     random_grad_steps: bool = opt(False, "Draw K afresh each step, uniformly from 1..--grad-steps (AlignProp's "
                                                  "randomised truncation); with --grad-steps 1 it changes nothing.")
-    decode_frames: int = opt(1, "f, how many of the F frames the VAE decodes for the reward (random each step).")
+    decode_frames: int = opt(None, "f, how many of the F frames the VAE decodes for the reward: random ones each step "
+                                   "(None: 1), or for a reward that watches the clip at its own frame rate "
+                                   "(videoreward) frames spread over it (None: as many as that rate gives).")
     max_steps: int = opt(200, "Optimizer steps to train for.")
     batch_size: int = opt(1, "Videos per micro-batch on each process (VADER: 1).")
     grad_accum: int = opt(16, "Micro-batches per optimizer step (VADER: 16).")
@@ -184,6 +186,8 @@ def load_models(cfg, device, dtype, sharding=False):
     with `sharding` (--shard on several processes) its denoiser stays in CPU memory until it is sharded."""
     reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
     eval_fns = load_eval_rewards(cfg.eval_rewards, device, dtype, build=bool(cfg.eval_every))
+    if cfg.decode_frames is None:  # resolved here, so config.json records the number
+        cfg.decode_frames = frames_for(reward_fn, cfg.frames, spec_of(cfg.model).fps)
     if cfg.decode_frames < reward_fn.min_frames:
         raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
     model = load_video_model(cfg.model, "cpu" if sharding else device, dtype)
@@ -220,8 +224,8 @@ def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, 
             z0 = sample(model.unet, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, k,
                         checkpoint_steps=cfg.low_memory,
                         high_noise=model.high_noise)  # (B, C, F_lat, h, w): a graph through the last k steps only
-            frames = decode_random_frames(model, z0, cfg.frames, cfg.decode_frames, generator,
-                                          cfg.low_memory)  # (B, f, 3, H, W)
+            frames = decode_random_frames(model, z0, cfg.frames, cfg.decode_frames, generator, cfg.low_memory,
+                                          spread=spreads(reward_fn))  # (B, f, 3, H, W)
             r = reward_fn(frames, prompts).float()  # (B,)
         loss = -r.mean()
         scaler.scale(loss / cfg.grad_accum).backward()  # fp16: scaled up; the mean over micro-batches
@@ -283,7 +287,8 @@ def main(argv=None):
                                write=run.main)
 
         step = run.start(model, optimizer, generator, videos, params,
-                         lambda params: print_banner(cfg, model, dtype, device, world, prompts, held_out, params))
+                         lambda params: print_banner(cfg, model, dtype, device, world, prompts, held_out, params,
+                                                         spreads(reward_fn)))
 
         #### Training loop
         while step < cfg.max_steps and not run.stopped():

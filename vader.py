@@ -110,12 +110,47 @@ def choose_frames(num_frames, f, generator=None):
     return torch.randperm(num_frames, generator=generator)[:f].sort().values
 
 
-def decode_random_frames(model, z0, frames, f, generator, low_memory=False):
-    """f random frames of each video z0 (B, C, F_lat, h, w), decoded with gradients -> (B, f, 3, H, W) in [0, 1].
+def spread_frames(num_frames, f):
+    """f frames spread evenly over the clip, the first and the last included: round(linspace(0, F - 1, f)),
+    the frames a video reader sampling the clip at a lower rate picks."""
+    return torch.linspace(0, num_frames - 1, f).round().long()
 
-    Only the latent frames the pool needs are handed to the decoder: all of them for SD's VAE,
-    the causal prefix for Wan's.
+
+def spreads(reward_fn):
+    """Whether a reward watches the clip at its own frame rate (it then carries `fps`: VideoReward)."""
+    return getattr(reward_fn, "fps", None) is not None
+
+
+def frames_for(reward_fn, num_frames, fps):
+    """The default f: 1 for a reward that scores frames, or for one that watches the clip at its own
+    rate the frames that rate gives of an F-frame clip made at `fps`, in pairs, at least 4 and at
+    most F (the rule of Qwen2-VL's video reader: 33 frames at 16 fps, read at 2 fps -> 4; 81 -> 10)."""
+    if not spreads(reward_fn):
+        return 1
+    n = max(num_frames / fps * reward_fn.fps, 4)
+    return max(reward_fn.min_frames, min(num_frames, round(n / 2) * 2))
+
+
+def frames_seen(reward_fn, video, f, fps):
+    """What a reward scores of whole videos (B, F, 3, H, W) made at `fps`: every frame, or for one that
+    watches the clip at its own rate f frames spread over it (None: `frames_for`'s number)."""
+    if not spreads(reward_fn):
+        return video
+    f = f or frames_for(reward_fn, video.shape[1], fps)
+    return video[:, spread_frames(video.shape[1], f).to(video.device)]  # (B, f, 3, H, W)
+
+
+def decode_random_frames(model, z0, frames, f, generator, low_memory=False, spread=False):
+    """f frames of each video z0 (B, C, F_lat, h, w), decoded with gradients -> (B, f, 3, H, W) in [0, 1].
+
+    Random frames by default, from the pool the VAE decodes exactly: all of them for SD's VAE, the
+    causal prefix for Wan's. A reward that judges motion needs frames across the whole clip
+    (`spread`): for SD's VAE they cost what any f frames cost; Wan's causal VAE must decode every
+    latent frame up to the last one, affordable because under --low-memory each latent frame is
+    its own checkpoint and the caches between them wait in host memory (`wan.decode_by_latent_frame`).
     """
+    if spread:
+        return model.decode_frames(z0, spread_frames(frames, f).to(z0.device), one_at_a_time=low_memory)
     pool = model.frame_pool(frames, f)  # the first `pool` pixel frames can be decoded exactly
     idx = choose_frames(pool, f, generator).to(z0.device)
     z0 = z0[:, :, :model.latent_frames(pool)]  # (B, C, F_pool, h, w)
@@ -164,6 +199,16 @@ def saved_on_cpu(enabled, device):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=torch.device(device).type == "cuda")
+
+
+def to_host(t):
+    """A copy of t in host memory; autograd carries its gradient back to t's device."""
+    return t.to("cpu")
+
+
+def to_device(t, device):
+    """t on `device` (from host memory: a copy, with its gradient flowing back)."""
+    return t.to(device)
 
 
 def resolve_device(device="auto"):

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from infra.files import model_index
 from models import VideoModel
 from sampler import FlowSchedule
-from vader import checkpoint_units, sharded, visiting
+from vader import checkpoint_units, sharded, to_device, to_host, visiting
 
 TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
 
@@ -167,7 +167,7 @@ class WanModel(VideoModel):
             if not (use_checkpoint and torch.is_grad_enabled()):
                 return decode(z)
             if one_at_a_time:
-                return decode_by_latent_frame(self.vae, z)
+                return decode_by_latent_frame(self.vae, z, offload=True)
             return checkpoint(decode, z, use_reentrant=False, early_stop=False)
 
         x = torch.cat([run(zi) for zi in z.split(1)]) if one_at_a_time else run(z)  # (B, 3, 1 + 4 (m - 1), H, W)
@@ -229,16 +229,21 @@ def registry_entry(source, transformer_config, vae_config):
     return "wan-14b" if transformer_config.get("num_layers") == 40 else "wan"
 
 
-def decode_by_latent_frame(vae, z):
+def decode_by_latent_frame(vae, z, offload=False):
     """The causal decode of z (B, C, m, h, w) as m checkpoints, one a latent frame -> (B, 3, 1 + 4 (m - 1), H, W).
 
     diffusers' `_decode` loop written out: latent frame i goes through the decoder with the feature
     cache latent frame i - 1 left (the last two frames of every causal conv's input). Each frame's
     decode is a checkpoint that takes that cache as input and returns the new one beside its
-    pixels, so backward keeps the m - 1 caches between frames and recomputes one latent frame's
-    decode at a time, where one checkpoint around the whole decode holds all m frames'
-    activations at once when it is recomputed. At full resolution a cache is itself a good share
-    of a frame's activations, which bounds the saving (BENCHMARKS.md).
+    pixels, so backward recomputes one latent frame's decode at a time, where one checkpoint
+    around the whole decode holds all m frames' activations at once when it is recomputed.
+
+    What backward must keep are the m - 1 caches between frames, and at full resolution each is
+    about as large as a frame's activations. With `offload` they wait in host memory
+    (`vader.to_host`) and come back one at a time, when their frame is recomputed: the device then
+    holds one latent frame's decode however long the video, which is what lets a reward see
+    frames spread over the whole clip (`vader.decode_random_frames`). The gradient of a cache
+    crosses back the same way, so frames, caches and gradients are exactly those of the full decode.
     """
     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
@@ -247,6 +252,8 @@ def decode_by_latent_frame(vae, z):
     for i in range(x.shape[2]):
         out, *cache = checkpoint(_decode_latent_frame, vae.decoder, x[:, :, i:i + 1], i == 0, *cache,
                                  use_reentrant=False, early_stop=False)  # out (B, 3 or 12, 1 or 4, H, W)
+        if offload:
+            cache = [to_host(c) if torch.is_tensor(c) else c for c in cache]
         frames.append(out)
     out = torch.cat(frames, dim=2)  # (B, 3 or 12, 1 + 4 (m - 1), H', W')
     if vae.config.patch_size is not None:  # Wan2.2's VAE: 12 channels of 2x2 pixel patches -> 3
@@ -256,7 +263,7 @@ def decode_by_latent_frame(vae, z):
 
 def _decode_latent_frame(decoder, x, first, *cache):
     """One latent frame x (B, C, 1, h, w) through the causal decoder: (its pixels, the cache it leaves)."""
-    cache = list(cache)
+    cache = [to_device(c, x.device) if torch.is_tensor(c) else c for c in cache]  # back from host memory, if there
     return (decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first), *cache)
 
 

@@ -43,7 +43,7 @@ RULES = [
     # K = 0 would leave no step with a gradient: nothing to train.
     ("grad_steps", "a whole number from 1 to --num-steps ({num_steps})",
      lambda x, c: whole(x) and 1 <= x <= c.num_steps),
-    ("decode_frames", "a whole number from 1 to --frames ({frames})", lambda x, c: whole(x) and 1 <= x <= c.frames),
+    ("decode_frames", "a whole number from 1 to --frames ({frames})", lambda x, c: x is None or whole(x) and 1 <= x <= c.frames),
     ("guidance", "a finite number >= 0", lambda x, c: number(x) and x >= 0),
     ("lr", "a finite number above 0 and at most 1", lambda x, c: number(x) and 0 < x <= 1),
     ("weight_decay", "a finite number >= 0", lambda x, c: number(x) and x >= 0),

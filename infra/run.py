@@ -20,7 +20,7 @@ from infra.video import plot_before_after, tile, write_strip, write_video
 from lora import save_lora
 from models import base_id
 from sampler import high_noise_steps
-from vader import generate
+from vader import frames_seen, generate
 
 
 def describe(spec):
@@ -34,7 +34,7 @@ def describe(spec):
             f"| training defaults: {recipe}")
 
 
-def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
+def print_banner(cfg, model, dtype, device, world, prompts, held_out, params, spread=False):
     """The derived numbers of the run, printed once at start-up."""
     print(f"model {cfg.model}: {cfg.frames} frames of {cfg.height}x{cfg.width}, {cfg.num_steps} sampler steps, "
           f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}"
@@ -45,12 +45,13 @@ def print_banner(cfg, model, dtype, device, world, prompts, held_out, params):
         print(f"two experts: steps 1-{high} (t >= {model.high_noise.boundary:g}) the high-noise one, guidance "
               f"{model.high_noise.guidance}, no LoRA, no gradients; steps {high + 1}-{cfg.num_steps} the low-noise "
               f"one, guidance {cfg.guidance}, with the LoRA")
-    pool = model.frame_pool(cfg.frames, cfg.decode_frames)
+    pool = cfg.frames if spread else model.frame_pool(cfg.frames, cfg.decode_frames)
     print(f"reward {cfg.reward} | {len(prompts)} prompts ({len(held_out)} held out) | "
           f"{cfg.batch_size * cfg.grad_accum * world} videos per optimizer step ({cfg.batch_size} x "
           f"{cfg.grad_accum} accumulated x {world} processes) | grad through the last "
           f"{'1..' if cfg.random_grad_steps else ''}{cfg.grad_steps} of {cfg.num_steps} steps | "
           f"{cfg.decode_frames} of {cfg.frames} frames decoded"
+          + (" (spread over the clip, at the reward's frame rate)" if spread else "")
           + (f" (from the first {pool}: the VAE decodes a frame only after those before it)" if pool < cfg.frames else ""))
     print(f"LoRA rank {cfg.lora_rank}: {sum(p.numel() for p in params):,} trainable parameters | lr {cfg.lr} | "
           f"output {cfg.output_dir}")
@@ -71,7 +72,9 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, n, reward_fn=None,
     if reward_fn is not None:
         names = [prompts[i] for i in idx]
         with torch.no_grad():
-            return {"eval_reward": reward_fn(video, names).float().mean().item(), **eval_columns(eval_fns, video, names)}
+            seen = frames_seen(reward_fn, video, cfg.decode_frames, model.spec.fps)
+            return {"eval_reward": reward_fn(seen, names).float().mean().item(),
+                    **eval_columns(eval_fns, video, names, model.spec.fps)}
 
 
 class Run:

@@ -270,15 +270,18 @@ def read_metrics(path):
 
 
 @torch.no_grad()
-def eval_columns(eval_rewards, frames, prompts):
-    """{column: value} of the evaluation rewards (rewards.load_eval_rewards) on videos (B, F, 3, H, W):
-    `eval_<name>`, the mean reward, or `eval_<name>/<part>` for each part of a reward with parts."""
+def eval_columns(eval_rewards, frames, prompts, fps):
+    """{column: value} of the evaluation rewards (rewards.load_eval_rewards) on videos (B, F, 3, H, W) made
+    at `fps`: `eval_<name>`, the mean reward, or `eval_<name>/<part>` for each part of a reward with parts."""
+    from vader import frames_seen
+
     out = {}
     for name, fn in eval_rewards.items():
+        seen = frames_seen(fn, frames, None, fps)
         if hasattr(fn, "parts"):
-            out.update({f"eval_{name}/{part}": value for part, value in fn.parts(frames, prompts).items()})
+            out.update({f"eval_{name}/{part}": value for part, value in fn.parts(seen, prompts).items()})
         else:
-            out[f"eval_{name}"] = fn(frames, prompts).float().mean().item()
+            out[f"eval_{name}"] = fn(seen, prompts).float().mean().item()
     return out
 
 

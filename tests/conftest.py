@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 # each, then 10-20). The two workers of pytest.ini take whole files in collection order, so the
 # long files start at once and the short ones fill in at the end; by default pytest-xdist would
 # order the files by their number of tests, which left a long file to run alone at the end.
-SLOWEST_FIRST = ["test_ownership.py", "test_toy.py", "test_files.py", "test_robustness.py", "test_scripts.py", "test_wan.py",
+SLOWEST_FIRST = ["test_ownership.py", "test_toy.py", "test_videoreward.py", "test_files.py", "test_robustness.py", "test_scripts.py", "test_wan.py",
                  "test_wan22.py",
                  "test_ddpo.py", "test_models.py", "test_memory.py", "test_behaviour.py"]
 

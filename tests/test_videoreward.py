@@ -1,0 +1,216 @@
+"""VideoReward (reward_models/videoreward.py) on a tiny random Qwen2-VL, and the frames it needs.
+
+The reference for every number is the official path: transformers' own Qwen2VLProcessor and
+Qwen2-VL forward, with the release's weights loaded into a PEFT model as the release's code
+loads them. Then: the spread-frame causal decode equals the full decode, each of the three
+scores sends a gradient to the LoRA, and train.py trains on it and resumes exactly.
+"""
+import csv
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from infra.cli import UserError, run_cli
+from infra.tiny import build_tiny_videoreward
+from lora import inject_lora
+from models import load_video_model
+from reward_models import videoreward as vr
+from sampler import sample
+from vader import decode_random_frames, encode_prompts, frames_for, spread_frames
+
+PROMPTS = ["a cat", "a red fox running through deep snow at dawn"]  # different lengths: padding is exercised
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_videoreward")
+    build_tiny_videoreward(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward(folder):
+    return vr.videoreward(base=str(folder), weights=str(folder))
+
+
+def smooth_uint8(b, f, h, w, seed=0):
+    """Frames with no sharp edges (upsampled noise), as uint8: the processor's uint8 rounding and
+    clamping then differ from our float path by at most about one level."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.rand(b * f, 3, 4, 6, generator=g), size=(h, w), mode="bilinear")
+    return (x * 255).round().to(torch.uint8).view(b, f, 3, h, w)
+
+
+def processor_batch(folder, video, prompts, max_pixels=vr.MAX_PIXELS):
+    """The official path: the chat (video, then the instruction) through the processor, as the
+    release's inference does, with its pixel budget."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": list(vr.REWARD_TOKENS)})  # as the release does
+    chats = [[{"role": "user", "content": [{"type": "video", "video": "clip"},
+                                           {"type": "text", "text": vr.PROMPT.format(text_prompt=p)}]}] for p in prompts]
+    text = processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+    return processor(text=text, videos=list(video), padding=True, padding_side="right", return_tensors="pt",
+                     videos_kwargs=dict(size={"shortest_edge": vr.MIN_PIXELS, "longest_edge": max_pixels},
+                                        cap_pixels_per_frame=False))
+
+
+@pytest.mark.parametrize("size", [(480, 832), (32, 32), (100, 700), (1080, 1920)])
+def test_smart_resize_matches_transformers(size):
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
+    assert vr.smart_resize(*size) == smart_resize(*size, factor=28, min_pixels=vr.MIN_PIXELS, max_pixels=vr.MAX_PIXELS)
+    assert vr.smart_resize(480, 832) == (336, 588)  # Wan's 480p frames, as the reward reads them
+
+
+@pytest.mark.parametrize("h, w", [(480, 832), (32, 32)])
+def test_inputs_match_the_qwen2_vl_processor(folder, reward, h, w):
+    """Token ids and grid exactly; pixel values within the processor's uint8 rounding (it resizes
+    uint8 frames and rounds; we resize floats, so the gradient survives)."""
+    video = smooth_uint8(2, 4, h, w)
+    ref = processor_batch(folder, video, PROMPTS)
+    pixels, grid = vr.video_inputs(video.float() / 255)
+    assert ref.video_grid_thw.tolist() == [list(grid)] * 2
+    err = (pixels - ref.pixel_values_videos).abs()
+    # One uint8 level is 1 / 255 / 0.27 = 0.0146 after normalising; torchvision's uint8 bicubic
+    # filter, in fixed point, is off by up to a few levels where it upsamples 10x.
+    assert err.max() < 0.06 and err.mean() < 0.006
+    tokenizer = reward.modules[0].tokenizer
+    n = grid[0] * grid[1] * grid[2] // 4
+    ours = tokenizer([vr.chat_text(p, n) for p in PROMPTS], padding=True, padding_side="right", return_tensors="pt")
+    assert torch.equal(ours.input_ids, ref.input_ids) and torch.equal(ours.attention_mask, ref.attention_mask)
+
+
+def release_model_in_peft(folder):
+    """The release's model as its own code builds it, on transformers 5: Qwen2-VL with an `rm_head`,
+    the reward tokens added, a PEFT LoRA on the language model's linears, and then the whole
+    model.pth loaded with load_state_dict (keys moved to transformers 5's names)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(vr.REWARD_TOKENS)})
+    qwen = Qwen2VLForConditionalGeneration.from_pretrained(folder)
+    qwen.resize_token_embeddings(len(tokenizer))
+    state = torch.load(folder / "checkpoint-1" / "model.pth", weights_only=True)
+    qwen.rm_head = torch.nn.Linear(qwen.config.text_config.hidden_size, state["base_model.model.rm_head.weight"].shape[0],
+                                   bias=False)
+    peft = get_peft_model(qwen, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model\.layers\.\d+\..*_proj"))
+    renamed = {re.sub(r"^base_model\.model\.visual\.", "base_model.model.model.visual.",
+                      re.sub(r"^base_model\.model\.model\.", "base_model.model.model.language_model.", k)): v
+               for k, v in state.items()}
+    peft.load_state_dict(renamed, strict=True)
+    return peft.eval(), tokenizer
+
+
+def test_scores_match_the_release_model(folder, reward):
+    """The three raw scores of our path equal those of transformers' Qwen2-VL forward on the processor's
+    inputs, with PEFT's unmerged LoRA and the plain positions 0, 1, 2, ... the release ran with.
+    Frames at a size the reader keeps (multiples of 28 within the budget), so both see the same pixels."""
+    peft, tokenizer = release_model_in_peft(folder)
+    video = smooth_uint8(2, 4, 308, 336)
+    batch = processor_batch(folder, video, PROMPTS)
+    b, length = batch.input_ids.shape
+    with torch.no_grad():
+        hidden = peft.base_model.model.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values_videos=batch.pixel_values_videos,
+            video_grid_thw=batch.video_grid_thw, position_ids=torch.arange(length).expand(3, b, length), use_cache=False,
+        ).last_hidden_state  # (B, L, D)
+        ids = tokenizer.convert_tokens_to_ids(list(vr.REWARD_TOKENS))
+        at = torch.stack([hidden[batch.input_ids == i] for i in ids], dim=1)  # (B, 3, D)
+        ref = peft.base_model.model.rm_head(at).diagonal(dim1=1, dim2=2)  # the release's 3-output head: (B, 3)
+        ours = reward.modules[0](video.float() / 255, PROMPTS)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    mean, std = torch.tensor([m for m, _ in vr.NORMS.values()]), torch.tensor([s for _, s in vr.NORMS.values()])
+    torch.testing.assert_close(reward(video.float() / 255, PROMPTS), ((ref - mean) / std).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_a_one_output_head_and_bad_weights(folder, tmp_path):
+    """A head of one output (the model card's form) is read at each token; a file that is not a
+    VideoReward checkpoint, or a folder without one, is a one-line UserError."""
+    build_tiny_videoreward(tmp_path / "one", heads=1)
+    one = vr.videoreward(base=str(tmp_path / "one"), weights=str(tmp_path / "one" / "checkpoint-1" / "model.pth"))
+    frames = torch.rand(1, 2, 3, 28, 28)
+    assert one.scores(frames, ["a cat"]).shape == (1, 3)
+    torch.save({"something.else": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="has no rm_head.weight"):
+        vr.videoreward(base=str(folder), weights=str(tmp_path / "bad.pth"))
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        vr.videoreward(base=str(folder), weights=str(tmp_path))
+
+
+def test_frames_for_follows_the_readers_rule():
+    """2 fps of Wan's 16 fps: 33 frames -> 4, 81 -> 10; ModelScope's 16 at 8 fps -> 4; at least 4, never above F."""
+    reward = type("R", (), {"fps": 2, "min_frames": 2})()
+    assert [frames_for(reward, n, 16) for n in (33, 81, 9)] == [4, 10, 4]
+    assert frames_for(reward, 16, 8) == 4 and frames_for(reward, 3, 8) == 3  # an odd count: the last frame repeats
+    assert spread_frames(81, 10).tolist() == [0, 9, 18, 27, 36, 44, 53, 62, 71, 80]
+
+
+def test_spread_frames_through_the_causal_decode_are_exact(wan_folder, monkeypatch):
+    """Frames spread over a Wan video, decoded a latent frame at a time with the caches in host
+    memory (here a copy: the CPU is the host), equal the plain full decode, frames and gradients."""
+    import wan
+
+    monkeypatch.setattr(wan, "to_host", lambda t: t.clone())  # a real copy, as to a GPU's host
+    model = load_video_model(str(wan_folder))
+    model.enable_checkpointing()
+    z = torch.randn(1, model.latent_channels, 5, 4, 4, requires_grad=True)  # 17 pixel frames
+    ours = decode_random_frames(model, z, 17, 4, None, low_memory=True, spread=True)  # (1, 4, 3, H, W)
+    weights = torch.randn_like(ours)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), z)
+    ref = model.decode_frames(z, spread_frames(17, 4), use_checkpoint=False)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), z)
+    assert torch.equal(ours, ref) and torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert grad[:, :, 0].abs().sum() > 0 and grad[:, :, -1].abs().sum() > 0  # the first and the last latent frame
+
+
+@pytest.mark.parametrize("score", ["vq", "mq", "ta"])
+def test_each_score_reaches_the_lora(wan_folder, score):
+    """Each of visual quality, motion quality and text alignment alone sends a nonzero gradient
+    through the reward, the spread causal decode and the sampler's last step into the LoRA."""
+    weights = {k: float(k == score) for k in ("vq", "mq", "ta")}
+    reward = vr.tiny_videoreward(**weights)
+    model = load_video_model(str(wan_folder))
+    model.enable_checkpointing()
+    params = inject_lora(model.unet, 4, targets=model.spec.lora_targets)
+    for p in params:  # B = 0 at the start would zero every gradient but B's own
+        torch.nn.init.normal_(p, std=0.1)
+    cond, uncond = encode_prompts(model, ["a cat", ""]).split(1)
+    z_T = torch.randn(1, model.latent_channels, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    z0 = sample(model.unet, z_T, cond, uncond, model.schedule, 2, 5.0, 1)
+    frames = decode_random_frames(model, z0, 9, 4, None, low_memory=True, spread=True)
+    reward(frames, ["a cat"]).sum().backward()
+    assert sum(p.grad.abs().sum() for p in params) > 0
+
+
+def test_train_on_tiny_wan_resumes_exactly(tmp_path):
+    """train.py with the tiny VideoReward on the tiny Wan: 4 frames spread over the clip by default
+    (config.json records them), and a run cut after one step and resumed ends bit for bit where
+    an uncut one does."""
+    fast = ["--model", "tiny-wan", "--reward", "tiny_videoreward", "--prompts", "animals.txt", "--num-steps", "2",
+            "--frames", "5", "--num-videos", "1", "--eval-every", "0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_cli(train.main, [*fast, "--max-steps", "2", "--output-dir", str(straight)])
+    run_cli(train.main, [*fast, "--max-steps", "1", "--output-dir", str(split)])
+    run_cli(train.main, ["--resume", str(split), "--max-steps", "2"])
+    assert '"decode_frames": 4' in (straight / "config.json").read_text()
+    resumed, reference = load_file(split / "lora.safetensors"), load_file(straight / "lora.safetensors")
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_train_on_tiny_raises_the_held_out_reward(tmp_path):
+    """The ModelScope family: per-frame VAE, frames spread over the clip; the held-out reward rises,
+    and the three scores are watched as columns of metrics.csv."""
+    run_cli(train.main, ["--model", "tiny", "--reward", "tiny_videoreward", "--prompts", "animals.txt",
+                         "--num-steps", "2", "--max-steps", "2", "--eval-every", "2", "--eval-videos", "2",
+                         "--eval-prompts", "animals_heldout.txt", "--eval-rewards", "tiny_videoreward",
+                         "--num-videos", "1", "--output-dir", str(tmp_path)])
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["eval_reward"]]
+    assert len(rows) == 2 and float(rows[1]["eval_reward"]) > float(rows[0]["eval_reward"])
+    assert all(rows[0][f"eval_tiny_videoreward/{k}"] for k in ("VQ", "MQ", "TA", "sum"))
