@@ -29,8 +29,8 @@ from lora import inject_lora
 from models import load_video_model, spec_of
 from rewards import load_eval_rewards, load_reward, parse_options
 from sampler import high_noise_steps, pick_grad_steps, sample
-from vader import (check_video_shape, decode_random_frames, encode_prompts, frames_for, loss_scaler, noise_share,
-                   resolve_device, resolve_dtype, saved_on_cpu, spreads)
+from vader import (check_video_shape, decode_random_frames, encode_prompts, frames_for, leaves_in_backward, loss_scaler,
+                   noise_share, resolve_device, resolve_dtype, saved_on_cpu, spreads)
 
 
 def opt(default, help):
@@ -185,6 +185,8 @@ def load_models(cfg, device, dtype, sharding=False):
     """The reward (checked against --decode-frames), the evaluation rewards and the video model;
     with `sharding` (--shard on several processes) its denoiser stays in CPU memory until it is sharded."""
     reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
+    if cfg.low_memory:
+        reward_fn = leaves_in_backward(reward_fn, device)
     eval_fns = load_eval_rewards(cfg.eval_rewards, device, dtype, build=bool(cfg.eval_every))
     if cfg.decode_frames is None:  # resolved here, so config.json records the number
         cfg.decode_frames = frames_for(reward_fn, cfg.frames, spec_of(cfg.model).fps)

@@ -201,14 +201,38 @@ def saved_on_cpu(enabled, device):
     return torch.autograd.graph.save_on_cpu(pin_memory=torch.device(device).type == "cuda")
 
 
+def leaves_in_backward(reward_fn, device):
+    """--low-memory: the reward model waits in host memory while the decoder and the denoiser run backward.
+
+    Backward reaches the reward first (its ops came last) and is done with it once the frames'
+    gradient exists; from then on its weights only take room, and a video-language judge's are
+    gigabytes. A hook on the frames sends its modules (`reward_fn.modules`) to host memory then,
+    and the next call brings them back: two copies of the reward model per micro-batch. Rewards
+    without `modules` (a weighted sum) stay where they are.
+    """
+    modules = getattr(reward_fn, "modules", None)
+    if not modules or torch.device(device).type == "cpu":
+        return reward_fn
+
+    def reward(frames, prompts):
+        move_modules(modules, device)  # back from host memory, if backward sent it there
+        r = reward_fn(frames, prompts)
+        if frames.requires_grad:
+            frames.register_hook(lambda grad: move_modules(modules, "cpu"))
+        return r
+
+    reward.__dict__.update(reward_fn.__dict__)  # min_frames, fps, parts, ...
+    return reward
+
+
+def move_modules(modules, device):
+    for m in modules:
+        m.to(device)
+
+
 def to_host(t):
     """A copy of t in host memory; autograd carries its gradient back to t's device."""
     return t.to("cpu")
-
-
-def to_device(t, device):
-    """t on `device` (from host memory: a copy, with its gradient flowing back)."""
-    return t.to(device)
 
 
 def resolve_device(device="auto"):

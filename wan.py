@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from infra.files import model_index
 from models import VideoModel
 from sampler import FlowSchedule
-from vader import checkpoint_units, sharded, to_device, to_host, visiting
+from vader import checkpoint_units, sharded, to_host, visiting
 
 TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
 
@@ -244,14 +244,23 @@ def decode_by_latent_frame(vae, z, offload=False):
     holds one latent frame's decode however long the video, which is what lets a reward see
     frames spread over the whole clip (`vader.decode_random_frames`). The gradient of a cache
     crosses back the same way, so frames, caches and gradients are exactly those of the full decode.
+    (Backward must be `.backward()`, as train.py's: `torch.autograd.grad` does not pass a reentrant
+    checkpoint, used here below.)
     """
     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
     x = vae.post_quant_conv(z)  # a 1x1x1 convolution: it looks at no other frame
     cache, frames = [None] * vae._cached_conv_counts["decoder"], []
+    # With several latent frames each checkpoint is reentrant: one node of the graph, which runs
+    # only once the gradients of both its pixels and its cache have arrived, and then recomputes
+    # and backpropagates its whole latent frame before the next node starts. A non-reentrant
+    # checkpoint is recomputed at the first of its saved tensors that backward reaches, and the
+    # pixels' gradient reaches every latent frame's at once, so several frames would be
+    # recomputed together. Alone, a latent frame has no cache to wait for.
+    reentrant = x.shape[2] > 1
     for i in range(x.shape[2]):
         out, *cache = checkpoint(_decode_latent_frame, vae.decoder, x[:, :, i:i + 1], i == 0, *cache,
-                                 use_reentrant=False, early_stop=False)  # out (B, 3 or 12, 1 or 4, H, W)
+                                 use_reentrant=reentrant, **({} if reentrant else {"early_stop": False}))
         if offload:
             cache = [to_host(c) if torch.is_tensor(c) else c for c in cache]
         frames.append(out)
@@ -262,8 +271,12 @@ def decode_by_latent_frame(vae, z, offload=False):
 
 
 def _decode_latent_frame(decoder, x, first, *cache):
-    """One latent frame x (B, C, 1, h, w) through the causal decoder: (its pixels, the cache it leaves)."""
-    cache = [to_device(c, x.device) if torch.is_tensor(c) else c for c in cache]  # back from host memory, if there
+    """One latent frame x (B, C, 1, h, w) through the causal decoder: (its pixels, the cache it leaves).
+
+    A cache entry in host memory comes back to the device where its conv reads it (diffusers'
+    causal conv moves it), so one entry at a time, and its gradient leaves as soon as that
+    conv's backward has made it."""
+    cache = list(cache)
     return (decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first), *cache)
 
 
@@ -278,26 +291,32 @@ def _with_cache(forward, x, feat_cache=None, feat_idx=[0], **kwargs):  # noqa: B
     frame's, so run again in backward it would read a later frame's cache: a plain checkpoint
     would recompute something else. Every run here, the first and the recomputation, gets the
     cache as the unit found it, and the first run's updates go back into the decoder's cache.
-    Backward through the whole-decode checkpoint (`decode_frames`) then keeps only each unit's
-    input and recomputes one unit at a time, as SD's VAE is checkpointed per resnet.
+    Backward through the decode's checkpoint (`decode_frames`) then keeps only each unit's input
+    and recomputes one unit at a time, as SD's VAE is checkpointed per resnet.
+
+    The cache's tensors go in as the checkpoint's inputs, not as a closure's: a checkpoint saves
+    its inputs for backward the way autograd saves any tensor, so inside the decode's own
+    checkpoint they are dropped after the first run and kept only while it is recomputed.
     """
     if feat_cache is None or not torch.is_grad_enabled():
         return forward(x, feat_cache, feat_idx, **kwargs)
-    start, before, first = feat_idx[0], list(feat_cache), {}
+    start, slots, first = feat_idx[0], list(feat_cache), {}
+    held = [i for i, c in enumerate(slots) if torch.is_tensor(c)]
 
-    def run(x):
-        cache, idx = list(before), [start]  # the cache as the unit found it, on every run
+    def run(x, *tensors):
+        cache, idx = list(slots), [start]  # the cache as the unit found it, on every run
+        for i, t in zip(held, tensors):
+            cache[i] = t
         out = forward(x, cache, idx, **kwargs)
         if "done" not in first:  # the first run's updates go on to the next unit; a recomputation's are dropped
             first.update(cache=cache, end=idx[0])
         return out
 
-    out = checkpoint(run, x, use_reentrant=False, early_stop=False)
+    out = checkpoint(run, x, *(slots[i] for i in held), use_reentrant=False, early_stop=False)
     feat_cache[:], feat_idx[0] = first.pop("cache"), first.pop("end")
     first["done"] = True
-    # Until backward, keep only the entries this unit reads (its own convs', left by the previous
-    # latent frame), not the whole cache: the rest are other units' inputs, and theirs to keep.
-    before[:] = [c if start <= i < feat_idx[0] else None for i, c in enumerate(before)]
+    for i in held:  # the closure keeps only the markers ("Rep", None); the tensors are the checkpoint's to keep
+        slots[i] = None
     return out
 
 

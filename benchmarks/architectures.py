@@ -97,3 +97,57 @@ def build_wan(device="meta", dtype=torch.float32, config=WAN_1_3B_TRANSFORMER, v
             if any(k in name.split(".") for k in keep):
                 p.data = p.data.float()
     return models
+
+
+# Qwen2-VL-2B-Instruct (Qwen/Qwen2-VL-2B-Instruct, config.json), VideoReward's base: a 32-block vision
+# tower 1280 wide whose merger hands 1536-wide tokens to a 28-layer Qwen2 language model (12 heads,
+# 2 key-value heads, FFN 8960) with tied embeddings. VideoReward adds three tokens and cuts the
+# embeddings to its tokenizer's 151,660 rows.
+QWEN2_VL_2B = dict(
+    text_config=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                     num_key_value_heads=2, vocab_size=151_660, rms_norm_eps=1e-6,
+                     rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+    vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+    tie_word_embeddings=True,
+)
+
+
+def word_tokenizer():
+    """A stand-in for Qwen2's tokenizer, offline: each word and each run of punctuation of VideoReward's
+    instruction is a token (about what a BPE of 151 k tokens makes of English), and the chat's
+    special tokens are single tokens, as in the real one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from reward_models.videoreward import PROMPT, REWARD_TOKENS, SYSTEM, chat_text
+    from infra.tiny import QWEN_SPECIALS
+
+    words = pre_tokenizers.Whitespace().pre_tokenize_str(SYSTEM + PROMPT + " user assistant")
+    vocab = {"[UNK]": 0} | {w: i + 1 for i, w in enumerate(dict.fromkeys(w for w, _ in words))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": [*QWEN_SPECIALS[1:], *REWARD_TOKENS]})
+    assert len(fast(chat_text("a prompt", 1)).input_ids) > 0
+    return fast
+
+
+def build_videoreward(device="meta", dtype=torch.float32, checkpointing=True):
+    """VideoReward's model (reward_models.videoreward.VideoRewardModel) at Qwen2-VL-2B's size with random
+    weights: the vision tower and language model without the language-model head, `rm_head` with
+    three outputs, and `word_tokenizer`'s tokens."""
+    from transformers import Qwen2VLConfig, Qwen2VLModel
+
+    from reward_models.videoreward import VideoRewardModel
+
+    quiet_libraries()
+    tokenizer = word_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                            "<|video_pad|>")}
+    config = Qwen2VLConfig(**QWEN2_VL_2B, vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"])
+    with torch.device(device):
+        qwen = Qwen2VLModel(config)
+        head = torch.nn.Linear(config.text_config.hidden_size, 3, bias=False)
+    return VideoRewardModel(qwen, head, tokenizer).checkpoint(checkpointing).to(dtype).eval().requires_grad_(False)

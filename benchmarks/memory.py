@@ -94,7 +94,7 @@ class LiveBytes(TorchDispatchMode):
             for t in tensors:
                 self.add(t, category)
         self.hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
-                      torch.nn.modules.module.register_module_forward_hook(self._leave)]
+                      torch.nn.modules.module.register_module_forward_hook(self._leave, always_call=True)]
 
     def close(self):
         for h in self.hooks:
@@ -170,26 +170,37 @@ def name_modules(prefix, module):
 
 @contextlib.contextmanager
 def host_offload(counter):
-    """--low-memory's `save_on_cpu`, seen by the counter: what autograd saves is copied to host
-    memory (not counted) and comes back to the device in backward (counted when it does)."""
-    original = torch.autograd.graph.save_on_cpu
+    """--low-memory's moves to host memory, seen by the counter: what autograd saves (`save_on_cpu`)
+    the causal decoder's caches between latent frames (wan.py's `to_host`), and the reward model
+    while the rest runs backward (vader.leaves_in_backward) are copied to host memory (not
+    counted) and come back to the device when needed (counted when they do)."""
+    import vader
+    import wan
+
+    def to_host(t):
+        counter.host = True
+        try:
+            return t.clone()
+        finally:
+            counter.host = False
 
     class save_on_host(torch.autograd.graph.saved_tensors_hooks):
         def __init__(self, pin_memory=False, device_type="cuda"):
-            def pack(t):
-                counter.host = True
-                try:
-                    return t.clone()
-                finally:
-                    counter.host = False
+            super().__init__(to_host, lambda t: t.clone())
 
-            super().__init__(pack, lambda t: t.clone())
+    def move_modules(modules, device):  # vader.leaves_in_backward's moves: host copies uncounted, device ones counted
+        for m in modules:
+            if getattr(m, "_in_host_memory", False) != (device == "cpu"):
+                for t in (*m.parameters(), *m.buffers()):
+                    t.data = to_host(t.data) if device == "cpu" else t.data.clone()
+                m._in_host_memory = device == "cpu"
 
-    torch.autograd.graph.save_on_cpu = save_on_host
+    originals = torch.autograd.graph.save_on_cpu, wan.to_host, vader.move_modules
+    torch.autograd.graph.save_on_cpu, wan.to_host, vader.move_modules = save_on_host, to_host, move_modules
     try:
         yield
     finally:
-        torch.autograd.graph.save_on_cpu = original
+        torch.autograd.graph.save_on_cpu, wan.to_host, vader.move_modules = originals
 
 
 def add_compare_parser(sub):
@@ -216,6 +227,8 @@ def simulate(name, low_memory=False, fake=True, num_steps=None):
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     dtype = torch.float32 if name in SMALL else torch.bfloat16  # the small models' CPU dtype, real or fake
     step, generation, parts = prepare(name, "cpu", dtype, low_memory, mode, foreach=True, num_steps=num_steps)
+    if fake:
+        vision_attention_on_fake_tensors(name, parts["reward_modules"])
     with mode or contextlib.nullcontext():
         model, optimizer = parts["model"], parts["optimizer"]
         for prefix, module in (("unet", model.unet), ("vae", model.vae), *(("reward", m) for m in parts["reward_modules"])):
@@ -263,6 +276,45 @@ def simulate(name, low_memory=False, fake=True, num_steps=None):
                 block = max(sum(p.nbytes for p in b.parameters()) for b in model.shard_blocks())
                 result["step"]["denoiser_gib"], result["step"]["block_gib"] = denoiser / GIB, block / GIB
     return result
+
+
+def vision_attention_on_fake_tensors(name, reward_modules):
+    """Let VideoReward's vision tower run on fake tensors, at the memory cost it has on a GPU.
+
+    Qwen2-VL's vision tower attends within each pair of frames: it reads the video's grid
+    (t, gh, gw) to lay out its rotary positions and the t segments of attention (`cu_seqlens`),
+    then runs SDPA on one segment at a time. A fake grid has no values to read, so the grid is
+    worked out here from the configuration, the positions and segments computed from it on real
+    tensors and handed in, and the attention done by `segment_attention` (transformers' varlen
+    path, with equal segments of known length): the same SDPA per segment, so the same memory.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from transformers import AttentionInterface
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+
+    from benchmarks.speed import config_of
+    from reward_models.videoreward import MAX_PIXELS, VideoRewardModel, smart_resize
+
+    _, height, width, _, _, f, options = config_of(name)
+    model = next((m for m in reward_modules if isinstance(m, VideoRewardModel)), None)
+    if model is None:
+        return
+    h, w = smart_resize(height, width, model.patch * model.merge, max_pixels=(options or {}).get("max_pixels", MAX_PIXELS))
+    t, gh, gw = -(-f // model.temporal), h // model.patch, w // model.patch
+    with unset_fake_temporarily():
+        grid = torch.tensor([[t, gh, gw]])  # one video per micro-batch, as the configurations run
+        given = dict(position_ids=get_vision_position_ids(grid, model.merge), cu_seqlens=get_vision_cu_seqlens(grid),
+                     max_seqlen=gh * gw)
+
+    def segment_attention(module, q, k, v, attention_mask=None, scaling=None, dropout=0.0, max_length_q=None, **kw):
+        b, heads, n, d = q.shape  # (1, heads, t gh gw, d) -> t segments of gh gw
+        q, k, v = (x.view(b, heads, n // max_length_q, max_length_q, d).transpose(1, 2) for x in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)  # (1, t, heads, L, d)
+        return out.transpose(2, 3).reshape(b, n, heads, d), None
+
+    AttentionInterface.register("flash_segments", segment_attention)
+    model.qwen.visual.config._attn_implementation = "flash_segments"  # "flash": transformers' varlen branch
+    model.qwen.visual.register_forward_pre_hook(lambda m, args, kwargs: (args, {**kwargs, **given}), with_kwargs=True)
 
 
 def register_cpu_attention_flops():

@@ -23,7 +23,9 @@ from infra.cli import UserError
 from infra.files import atomic_write_text
 from train import Config
 
-SPEED_CONFIGS = {  # name -> (family, height, width, frames, K[, f decoded frames, 1 if not given]); the tiny one runs anywhere
+# name -> (family, height, width, frames, K[, f decoded frames (1)[, VideoReward's options (None: the aesthetic reward)]]);
+# the tiny ones run anywhere. VideoReward's frames are spread over the clip, as many as it reads at 2 fps.
+SPEED_CONFIGS = {
     "modelscope-256": ("unet3d", 256, 256, 16, 1),  # ModelScope's own resolution
     "modelscope-384": ("unet3d", 384, 384, 16, 1),  # VADER's ModelScope setting
     "modelscope-256-k5": ("unet3d", 256, 256, 16, 5),
@@ -40,6 +42,14 @@ SPEED_CONFIGS = {  # name -> (family, height, width, frames, K[, f decoded frame
     "wan22-5b-704-49": ("wan22-5b", 704, 1280, 49, 1),
     "wan22a14b-480-81": ("wan22-a14b", 480, 832, 81, 1),  # Wan2.2 T2V-A14B, its 480p at 81 frames
     "wan22a14b-480-33": ("wan22-a14b", 480, 832, 33, 1),
+    # Wan2.1 1.3B and ModelScope with VideoReward (reward_models/videoreward.py): 480x832 frames read at
+    # 336x588, its pixel budget; "-full" keeps the reward model's activations (no checkpointing inside it),
+    # "-100k" halves the budget (224x392).
+    "wan-480-33-vr": ("wan", 480, 832, 33, 1, 4, {}),
+    "wan-480-81-vr": ("wan", 480, 832, 81, 1, 10, {}),
+    "wan-480-33-vr-full": ("wan", 480, 832, 33, 1, 4, {"checkpointing": False}),
+    "wan-480-81-vr-100k": ("wan", 480, 832, 81, 1, 10, {"max_pixels": 100_352}),
+    "modelscope-256-vr": ("unet3d", 256, 256, 16, 1, 4, {}),
     "tiny": ("tiny", 32, 32, 8, 1),
     "toy": ("toy", 32, 32, 8, 1),
     "tiny-wan": ("tiny-wan", 32, 32, 9, 1),
@@ -75,6 +85,12 @@ def add_parser(sub):
                         "peak (rank 0's in the table, every rank's in the JSON)")
     s.add_argument("--output-dir", default="runs/bench", help="where speed-<config>.json goes")
     s.set_defaults(run=run_speed)
+
+
+def config_of(name):
+    """SPEED_CONFIGS[name] with its defaults filled in: (family, height, width, frames, K, f, reward options)."""
+    values = SPEED_CONFIGS[name]
+    return (*values, *(1, None)[len(values) - 5:])
 
 
 def low_memory_for(name, flag):
@@ -120,6 +136,16 @@ def random_aesthetic(config, device, dtype):
     from rewards import per_frame
 
     return per_frame(score), [clip, head]
+
+
+def random_videoreward(device, dtype, checkpointing=True, **options):
+    """VideoReward (reward_models.videoreward) at Qwen2-VL-2B's size, with random weights and a stand-in
+    tokenizer (benchmarks.architectures.build_videoreward): (reward, its frozen modules)."""
+    from benchmarks.architectures import build_videoreward
+    from reward_models.videoreward import reward_from
+
+    model = build_videoreward(device, dtype, checkpointing)
+    return reward_from(model, **options), [model]
 
 
 def speed_model(family, device, dtype, denoiser_device=None):
@@ -173,11 +199,18 @@ def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_s
     (`materialize_fake`), and `foreach=True`, AdamW's choice on a GPU. `shard` = (rank, world)
     under torchrun: the denoiser is built in CPU memory and sharded as train.py --shard does.
     """
-    family = SPEED_CONFIGS[name][0]
+    family, reward = config_of(name)[0], config_of(name)[6]
     build_on = device if fake_mode is None else "meta"
     model = speed_model(family, build_on, dtype, "cpu" if shard else None)
-    reward_fn, reward_modules = random_aesthetic(CLIP_TINY_CONFIG if family in SMALL else CLIP_L14_CONFIG,
-                                                 build_on, dtype)
+    if reward is not None:
+        reward_fn, reward_modules = random_videoreward(build_on, dtype, **reward)
+        if low_memory:  # as train.py: the reward waits in host memory during the decoder's and denoiser's backward
+            from vader import leaves_in_backward
+
+            reward_fn = leaves_in_backward(reward_fn, "cuda" if fake_mode is not None else device)
+    else:
+        reward_fn, reward_modules = random_aesthetic(CLIP_TINY_CONFIG if family in SMALL else CLIP_L14_CONFIG,
+                                                     build_on, dtype)
     with fake_mode or contextlib.nullcontext():
         if fake_mode is not None:
             for module in (model.unet, model.vae, model.text_encoder, *reward_modules):
@@ -194,7 +227,7 @@ def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, fore
     from train import train_step
     from vader import generate, loss_scaler
 
-    family, height, width, frames, k, f = (*SPEED_CONFIGS[name], 1)[:6]
+    family, height, width, frames, k, f, _ = config_of(name)
     # train.py's defaults for everything the step reads but the configuration does not set.
     cfg = SimpleNamespace(frames=frames, height=height, width=width, num_steps=num_steps,
                           guidance=model.spec.guidance, decode_frames=f, grad_accum=1, grad_clip=Config.grad_clip,
@@ -256,7 +289,7 @@ def real_sizes(family):
 
 def measure_speed(name, a, device, dtype):
     """One configuration's figures: seconds and peak GB of a training step and of generation."""
-    family, height, width, frames, k, f = (*SPEED_CONFIGS[name], 1)[:6]
+    family, height, width, frames, k, f, _ = config_of(name)
     cuda = device.startswith("cuda")
     low_memory = low_memory_for(name, a.low_memory)
     step, generation, _ = prepare(name, device, dtype, low_memory, shard=a.shard_of)

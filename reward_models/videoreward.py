@@ -109,21 +109,32 @@ class VideoRewardModel(nn.Module):
         """(B, f, 3, H, W) in [0, 1], B prompts -> raw scores (B, 3): VQ, MQ, TA."""
         pixels, (t, gh, gw) = video_inputs(frames, max_pixels, self.patch, self.merge, self.temporal)
         n = t * gh * gw // self.merge**2  # language-model tokens per video
-        text = self.tokenizer([chat_text(p, n) for p in prompts], padding=True, padding_side="right",
-                              return_tensors="pt")
+        ids = self.tokenizer([chat_text(p, n) for p in prompts], padding=True, padding_side="right").input_ids
+        start = ids[0].index(self.video_id)  # the video's n placeholders: the same place in every row
+        reward_at = [[row.index(i) for i in self.reward_ids] for row in ids]  # (B, 3) positions
         device = self.rm_head.weight.device
-        ids, mask = text.input_ids.to(device), text.attention_mask.to(device)  # (B, L)
+        ids = torch.tensor(ids, device=device)  # (B, L), right-padded
+        mask = (ids != self.tokenizer.pad_token_id).long()
         grid = torch.tensor([[t, gh, gw]] * len(prompts), device=device)
         video = self.qwen.visual(pixels.to(self.rm_head.weight.dtype), grid_thw=grid).pooler_output  # (B n, D)
         embeds = self.qwen.get_input_embeddings()(ids)  # (B, L, D)
-        embeds = embeds.masked_scatter((ids == self.video_id)[..., None], video.to(embeds.dtype))
+        embeds = torch.cat([embeds[:, :start], video.view(len(prompts), n, -1).to(embeds.dtype), embeds[:, start + n:]],
+                           dim=1)  # the placeholders' embeddings replaced by the video's tokens
         # Positions 0, 1, 2, ... for every token: the release ran the language model without Qwen2-VL's
         # 3-D rotary positions (its forward passed no position ids, and then the text model counts up),
         # so the head was trained on hidden states computed that way.
         hidden = self.qwen.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        at = torch.stack([hidden[ids == i] for i in self.reward_ids], dim=1)  # (B, 3, D)
+        at = hidden[torch.arange(len(prompts), device=device)[:, None], torch.tensor(reward_at, device=device)]  # (B, 3, D)
         out = self.rm_head(at).float()  # (B, 3, 1) or (B, 3, 3): one output, or one per dimension
         return out[..., 0] if out.shape[-1] == 1 else out.diagonal(dim1=1, dim2=2)  # (B, 3)
+
+    def checkpoint(self, enabled=True):
+        """Backward recomputes one vision block or one decoder layer at a time (transformers' own
+        checkpointing acts only in training mode, and a frozen judge stays in eval mode)."""
+        from vader import checkpoint_units
+
+        checkpoint_units([*self.qwen.visual.blocks, *self.qwen.language_model.layers], enabled=enabled)
+        return self
 
 
 def convert_checkpoint(state, scale):
@@ -159,7 +170,6 @@ def load_model(base, weights, device, dtype, checkpointing=True):
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
     from infra.files import read_tensor_state
-    from vader import checkpoint_units
 
     def load(source):
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -182,10 +192,7 @@ def load_model(base, weights, device, dtype, checkpointing=True):
     if missing or unexpected:
         raise UserError(f"weights={str(weights)!r} does not fit {base!r} (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); pass the VideoReward model.pth and its base Qwen2-VL")
-    # Backward recomputes one vision block or one decoder layer at a time (the layers' own
-    # checkpointing acts only in training mode; a frozen judge stays in eval mode).
-    checkpoint_units([*qwen.model.visual.blocks, *qwen.model.language_model.layers], enabled=checkpointing)
-    return freeze(model, device, dtype)
+    return freeze(model.checkpoint(checkpointing), device, dtype)
 
 
 def _release_config(weights):
@@ -215,20 +222,26 @@ def videoreward(device="cpu", dtype=torch.float32, base=BASE, weights=None, vq=1
             raise UserError(f"weights={weights!r} holds no checkpoint-*/model.pth")
         weights = found[-1]
     path = weights_file(weights, REPO, CHECKPOINT, "weights")
-    model = load_model(base, path, device, dtype, checkpointing)
-    scale = torch.tensor([vq, mq, ta], dtype=torch.float32, device=device)
-    mean = torch.tensor([NORMS[k][0] for k in NORMS], device=device) if normalized else torch.zeros(3, device=device)
-    std = torch.tensor([NORMS[k][1] for k in NORMS], device=device) if normalized else torch.ones(3, device=device)
+    return reward_from(load_model(base, path, device, dtype, checkpointing), vq, mq, ta, normalized, max_pixels)
+
+
+def reward_from(model, vq=1.0, mq=1.0, ta=1.0, normalized=True, max_pixels=MAX_PIXELS):
+    """The reward function (the rewards.py contract) of a VideoRewardModel, with `videoreward`'s options."""
+    mean = [m if normalized else 0.0 for m, _ in NORMS.values()]
+    std = [s if normalized else 1.0 for _, s in NORMS.values()]
 
     def scores(frames, prompts):  # (B, 3): VQ, MQ, TA, each normalised unless normalized=false
-        return (model(frames, prompts, max_pixels) - mean) / std
+        raw = model(frames, prompts, max_pixels)
+        return (raw - raw.new_tensor(mean)) / raw.new_tensor(std)
 
     def reward(frames, prompts):
-        return (scores(frames, prompts) * scale).sum(dim=1)  # (B,)
+        s = scores(frames, prompts)
+        return (s * s.new_tensor([vq, mq, ta])).sum(dim=1)  # (B,)
 
     def parts(frames, prompts):  # as an evaluation reward: one column of metrics.csv per score, and the sum
         s = scores(frames, prompts)
-        return {**{k: s[:, i].mean().item() for i, k in enumerate(NORMS)}, "sum": (s * scale).sum(1).mean().item()}
+        return {**{k: s[:, i].mean().item() for i, k in enumerate(NORMS)},
+                "sum": (s * s.new_tensor([vq, mq, ta])).sum(1).mean().item()}
 
     reward.min_frames, reward.fps, reward.scores, reward.parts, reward.modules = 2, FPS, scores, parts, [model]
     return reward

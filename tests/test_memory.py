@@ -40,7 +40,7 @@ def test_fake_run_matches_the_same_counter_on_real_tensors(tiny_fake, tiny_real)
     for what in ("step", "generation"):
         assert fake[what]["peak_gib"] == pytest.approx(real[what]["peak_gib"], rel=0.03), what
         assert fake[what]["flops"] == real[what]["flops"] > 0
-    assert fake["step"]["where"].startswith(("backward (recomputing): unet.", "backward (recomputing): vae."))
+    assert fake["step"]["where"].startswith("backward") and fake["step"]["where"] == real["step"]["where"]
 
 
 def test_the_breakdown_adds_up_and_names_the_parts(tiny_fake):

@@ -148,8 +148,9 @@ def test_checkpointing_each_causal_unit_changes_no_frame_and_no_gradient(name):
 @pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22"])
 def test_a_checkpoint_per_latent_frame_decodes_exactly(name):
     """--low-memory's causal decode, one checkpoint a latent frame carrying the feature cache
-    (wan.decode_by_latent_frame): the frames and latent gradients of the one-checkpoint decode, bit
-    for bit, for a video of 3 latent frames; and the decoder recomputes one latent frame at a time."""
+    (wan.decode_by_latent_frame): the frames of the one-checkpoint decode bit for bit, and its latent
+    gradients to float32 rounding (the reentrant checkpoints add the cache's gradients in another
+    order), for a video of 3 latent frames; and the decoder recomputes one latent frame at a time."""
     model = load_video_model(name)
     z = torch.randn(1, model.latent_channels, 3, 4, 4, generator=torch.Generator().manual_seed(0))  # (1, C, 3, h, w)
     calls = []
@@ -164,7 +165,8 @@ def test_a_checkpoint_per_latent_frame_decodes_exactly(name):
     whole, whole_grad = decode(False)
     calls.clear()
     chunked, chunked_grad = decode(True)
-    assert torch.equal(chunked, whole) and torch.equal(chunked_grad, whole_grad) and whole_grad.abs().max() > 0
+    assert torch.equal(chunked, whole) and whole_grad.abs().max() > 0
+    torch.testing.assert_close(chunked_grad, whole_grad, rtol=1e-5, atol=1e-6)
     assert calls == [1] * 6  # 3 latent frames decoded, then each recomputed once in backward
     assert not [f for f in model.vae._feat_map if torch.is_tensor(f)]
 
