@@ -28,7 +28,7 @@ from infra.cli import UserError
 from reward_models.common import freeze, from_pretrained, load_checkpoint, weights_file
 from reward_models.options import check_options, parse_options, parse_reward_spec, route_options
 
-__all__ = ["REWARDS", "load_reward", "load_eval_rewards", "parse_options", "per_frame", "register"]
+__all__ = ["REWARDS", "load_reward", "load_eval_rewards", "parse_options", "per_frame", "register", "reward_recipe"]
 
 CLIP_L14 = "openai/clip-vit-large-patch14"  # the backbone of the aesthetic head (and of the `clip` reward)
 AESTHETIC_REPO, AESTHETIC_FILE = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"
@@ -202,6 +202,20 @@ _ELSEWHERE = {
 }
 REWARDS.update({name: description for name, (_, description) in _ELSEWHERE.items()})
 _FACTORIES.update({name: path for name, (path, _) in _ELSEWHERE.items()})
+
+
+# Training defaults a reward brings (a typed flag wins). VideoReward drifts towards an over-exposed,
+# animated look when over-optimised, which it cannot see itself: second opinions watch for it, an
+# image aesthetic judge and the motion measure, on held-out videos (docs/rewards.md).
+RECIPES = {"videoreward": {"eval_every": 25, "eval_rewards": "aesthetic,dynamics"}}
+
+
+def reward_recipe(spec):
+    """The training defaults of the rewards in `spec` ("videoreward" or a weighted sum)."""
+    out = {}
+    for name, _ in parse_reward_spec(spec):
+        out.update(RECIPES.get(name, {}))
+    return out
 
 
 def register(name, description):

@@ -27,7 +27,7 @@ from infra.runlog import find_resume_point
 from infra.sharding import check_torch, shard_denoiser
 from lora import inject_lora
 from models import load_video_model, spec_of
-from rewards import load_eval_rewards, load_reward, parse_options
+from rewards import load_eval_rewards, load_reward, parse_options, reward_recipe
 from sampler import high_noise_steps, pick_grad_steps, sample
 from vader import (check_video_shape, decode_random_frames, encode_prompts, frames_for, leaves_in_backward, loss_scaler,
                    noise_share, resolve_device, resolve_dtype, saved_on_cpu, spreads)
@@ -101,8 +101,8 @@ LOWER_MEMORY = ("--decode-frames 1, --grad-steps 1, a smaller --height/--width o
 
 
 def parse_config(argv=None):
-    """Build the Config once: dataclass defaults < the model's registry entry and recipe < a resumed
-    run's own settings < typed flags. Returns (cfg, the flags typed)."""
+    """Build the Config once: dataclass defaults < the model's registry entry and recipe < the reward's
+    recipe < a resumed run's own settings < typed flags. Returns (cfg, the flags typed)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
@@ -115,6 +115,7 @@ def parse_config(argv=None):
     given = vars(p.parse_args(argv))  # only the flags actually typed
     spec = spec_of(given.get("model", Config.model))  # a folder's or hub id's family and size are read off its configs
     defaults = {**{k: getattr(spec, k) for k in GENERATION}, **spec.recipe}
+    defaults.update(reward_recipe(given.get("reward", defaults.get("reward", Config.reward))))
     cfg = Config(**{**defaults, **given})
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
     if not cfg.resume:

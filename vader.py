@@ -10,7 +10,10 @@ Two tricks keep that affordable, both here:
 - Frame subsampling: decoding all F frames through the VAE with gradients is the largest
   memory cost after the denoiser, so only f of them are decoded, random ones each step, drawn
   from the frames the model's VAE can decode exactly on their own (`model.frame_pool`: all F for
-  SD's per-frame VAE; a prefix of the video for a causal one, wan.py).
+  SD's per-frame VAE; a prefix of the video for a causal one, wan.py). A reward that judges
+  motion (VideoReward) instead reads f frames spread over the whole clip at its own frame rate
+  (`spread_frames`); a causal VAE then decodes every latent frame, which under --low-memory costs
+  the memory of one latent frame's decode however long the video (`wan.decode_by_latent_frame`).
 - Cached prompt embeddings: the text encoder runs once per prompt, then leaves the GPU.
 
 #### Precision and memory
@@ -42,10 +45,13 @@ What autograd keeps for backward is cut three ways, each where it happens:
    recomputed in backward, at two more decoder forwards of f frames per step, and inside the
    decode each of the decoder's resnets (and a causal VAE's resamplers) is a checkpoint of its
    own; with --low-memory each frame is its own checkpoint (for a causal VAE each latent frame
-   of each video, taking and returning the feature cache: `wan.decode_by_latent_frame`).
+   of each video, taking and returning the feature cache, which waits in host memory between
+   them: `wan.decode_by_latent_frame`).
    --low-memory also moves what autograd still saves (the reward model's activations, the
-   sampler's arithmetic) to CPU memory and back (`saved_on_cpu`), at the cost of copies, and
-   sends the idle denoiser there while a whole video decodes (`denoiser_in_cpu_memory`).
+   sampler's arithmetic) to CPU memory and back (`saved_on_cpu`), at the cost of copies, sends
+   the idle denoiser there while a whole video decodes (`denoiser_in_cpu_memory`), and a reward
+   model that says which modules it is (`reward_fn.modules`) once backward is done with it
+   (`leaves_in_backward`).
 What each lever saves at real sizes is measured by `python bench.py memory` (BENCHMARKS.md).
 """
 import contextlib
@@ -226,6 +232,7 @@ def leaves_in_backward(reward_fn, device):
 
 
 def move_modules(modules, device):
+    """Each module's weights to `device` (its own function, so the memory simulator can count the moves)."""
     for m in modules:
         m.to(device)
 

@@ -5,7 +5,8 @@
 # CONFIGS=wan-480-33,wan-480-81 measures Wan instead (in a call of its own: it takes longer);
 # CONFIGS=wan22-5b-704-49,wan22-5b-704-121 Wan2.2 TI2V-5B (one 24 GB card is the goal), and
 # CONFIGS=wan22a14b-480-33 Wan2.2 A14B on one card (the high-noise expert visits from CPU memory;
-# 60 GB of host RAM for the two experts).
+# 60 GB of host RAM for the two experts), and CONFIGS=wan-480-33-vr,wan-480-81-vr,modelscope-256-vr the
+# VideoReward step (Qwen2-VL-2B at real size, random weights; the goals are a 16 and a 24 GB card).
 # SHARD_GPUS=N (a machine with N >= 2 GPUs) also measures Wan2.1 14B under --shard on N processes
 # (speed-wan14b-*-shardN.json, every rank's peak) beside bench.py memory's per-process prediction
 # for N (memory-wan14b-*-ranks.json).

@@ -40,7 +40,8 @@ GIB = 2**30
 GPUS = {"RTX 4090": 165.2, "H100 SXM": 989.4}
 UTILISATION = 0.4  # the share of that peak a UNet step reaches, for the estimate only
 GOALS_GIB = {"modelscope-256": 5.5, "modelscope-384": 7.5, "zeroscope-576": 10.0, "animatediff-512": 9.0,
-             "wan-480-33": 12.0, "wan-480-81": 16.0, "wan22-5b-704-121": 22.0, "wan22-5b-704-49": 16.0}
+             "wan-480-33": 8.0, "wan-480-81": 16.0, "wan22-5b-704-121": 22.0, "wan22-5b-704-49": 16.0,
+             "wan-480-33-vr": 16.0, "wan-480-81-vr": 24.0, "modelscope-256-vr": 12.0}  # an 8, 16 or 24 GB card
 # Per process under --shard, (config, processes) -> GiB: 4 or 8 cards of 24 GB; one 80 GB card unsharded.
 GOALS_PER_RANK_GIB = {("wan14b-480-33", 4): 22.0, ("wan14b-480-81", 8): 22.0, ("wan14b-480-81", 1): 70.0,
                       ("wan22a14b-480-81", 1): 70.0, ("wan22a14b-480-33", 4): 22.0, ("wan22a14b-480-81", 4): 22.0}
@@ -88,7 +89,7 @@ class LiveBytes(TorchDispatchMode):
         self.total, self.noted, self.flops = 0, 0, 0
         self.host = False  # True while tensors are made in host memory (--low-memory's offload)
         self.modules, self.phase, self.where, self.breakdown = [], "forward", "", {}
-        self.part_peaks = {}  # "vae" or "rest" -> (peak bytes while inside it, the module then)
+        self.part_peaks = {}  # "vae", "reward" or "rest" -> (peak bytes while inside it, the module then)
         self.categories = {}  # storage key -> category, for the static tensors and later labels
         for category, tensors in static:
             for t in tensors:
@@ -118,7 +119,7 @@ class LiveBytes(TorchDispatchMode):
         self.total += self.live[key]
         weakref.finalize(storage, self._free, key)
         inside = self.modules[-1] if self.modules else ""
-        part = "vae" if inside.startswith("vae") else "rest"
+        part = "vae" if inside.startswith("vae") else "reward" if inside.startswith("reward") else "rest"
         if self.total > self.part_peaks.get(part, (0, ""))[0]:
             self.part_peaks[part] = (self.total, inside)
         if self.total > self.peak:
@@ -266,6 +267,8 @@ def simulate(name, low_memory=False, fake=True, num_steps=None):
                 else:
                     result[what].update(peak_gib=rest[0] / GIB, where=f"forward: {rest[1] or '-'}")
                 result[what]["breakdown_gib"] = {}  # the counter's was taken with the denoiser on the device
+            if what == "step" and "reward" in counter.part_peaks:  # the peak while the reward model runs or is recomputed
+                result["step"]["reward_peak_gib"] = counter.part_peaks["reward"][0] / GIB
             if what == "step":  # gradients and AdamW's moments now exist: their sizes, for the table
                 grads = sum(p.grad.nbytes for p in parts["params"] if p.grad is not None)
                 state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
@@ -406,7 +409,7 @@ def parse_ranks(text):
 #### The command
 
 def run_memory(a):
-    from benchmarks.speed import config_names, low_memory_for
+    from benchmarks.speed import config_names, config_of, low_memory_for
 
     names = config_names(a.config)
     if a.num_steps < 1:
@@ -434,6 +437,8 @@ def run_memory(a):
         atomic_write_text(Path(a.output_dir) / f"{stem}.json", json.dumps(record, indent=2) + "\n")
         if a.ranks or name in SHARDED_BY_DEFAULT:
             sharded.append((name, step))
+        if "reward_peak_gib" in step and config_of(name)[6] is not None:  # VideoReward: its own share is a lever's
+            print(f"  {name}: {step['reward_peak_gib']:.2f} GiB at most while the reward model runs or is recomputed")
     for name, step in sharded:
         print_per_rank(name, step, ranks, a.output_dir)
     print(f"\nbreakdowns, the phase and module of each peak: {a.output_dir}/memory-*.json")

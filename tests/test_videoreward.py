@@ -55,8 +55,7 @@ def processor_batch(folder, video, prompts, max_pixels=vr.MAX_PIXELS):
                                            {"type": "text", "text": vr.PROMPT.format(text_prompt=p)}]}] for p in prompts]
     text = processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
     return processor(text=text, videos=list(video), padding=True, padding_side="right", return_tensors="pt",
-                     videos_kwargs=dict(size={"shortest_edge": vr.MIN_PIXELS, "longest_edge": max_pixels},
-                                        cap_pixels_per_frame=False))
+                     videos_kwargs=dict(size={"shortest_edge": vr.MIN_PIXELS, "longest_edge": max_pixels}))
 
 
 @pytest.mark.parametrize("size", [(480, 832), (32, 32), (100, 700), (1080, 1920)])
@@ -220,3 +219,29 @@ def test_train_on_tiny_raises_the_held_out_reward(tmp_path):
         rows = [r for r in csv.DictReader(f) if r["eval_reward"]]
     assert len(rows) == 2 and float(rows[1]["eval_reward"]) > float(rows[0]["eval_reward"])
     assert all(rows[0][f"eval_tiny_videoreward/{k}"] for k in ("VQ", "MQ", "TA", "sum"))
+
+
+def test_the_reward_model_leaves_the_device_once_backward_is_done_with_it(monkeypatch):
+    """--low-memory (vader.leaves_in_backward): each call brings the reward's modules to the device,
+    and the frames' gradient, which exists only once backward has left the reward, sends them to
+    host memory; without a gradient (evaluation) they stay."""
+    import vader
+
+    moves = []
+    monkeypatch.setattr(vader, "move_modules", lambda modules, device: moves.append((len(modules), device)))
+    judge = torch.nn.Linear(3, 1)
+
+    def reward(frames, prompts):
+        return judge(frames.mean(dim=(1, 3, 4))).squeeze(-1)  # (B,)
+
+    reward.modules, reward.fps = [judge], 2
+    wrapped = vader.leaves_in_backward(reward, "cuda")
+    assert wrapped.fps == 2 and vader.leaves_in_backward(reward, "cpu") is reward
+    frames = torch.rand(2, 4, 3, 8, 8, requires_grad=True)
+    r = wrapped(frames, ["a", "b"])
+    assert moves == [(1, "cuda")]
+    r.sum().backward()
+    assert moves == [(1, "cuda"), (1, "cpu")] and frames.grad is not None
+    with torch.no_grad():
+        wrapped(frames, ["a", "b"])
+    assert moves == [(1, "cuda"), (1, "cpu"), (1, "cuda")]
