@@ -26,6 +26,7 @@ Wan2.2 keeps all three and changes two things.
   and a graph; the high-noise one runs without gradients (`HighNoise`).
 """
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -287,37 +288,47 @@ def _with_cache(forward, x, feat_cache=None, feat_idx=[0], **kwargs):  # noqa: B
     """A causal decoder unit's forward (a resnet's, a resampler's) as an exact checkpoint of its own.
 
     A unit reads the feature cache its causal convolutions left at the previous latent frame
-    (`feat_cache[i]`, the last two frames of each conv's input) and overwrites it with this
-    frame's, so run again in backward it would read a later frame's cache: a plain checkpoint
-    would recompute something else. Every run here, the first and the recomputation, gets the
-    cache as the unit found it, and the first run's updates go back into the decoder's cache.
-    Backward through the decode's checkpoint (`decode_frames`) then keeps only each unit's input
-    and recomputes one unit at a time, as SD's VAE is checkpointed per resnet.
+    (`feat_cache[i]`, the last two frames of each conv's input: one slot a conv, from
+    `feat_idx` on) and overwrites it with this frame's, so run again in backward it would read a
+    later frame's cache: a plain checkpoint would recompute something else. Every run here, the
+    first and the recomputation, gets its slots as the unit found them, and the first run's
+    updates go back into the decoder's cache. Backward through the decode's checkpoint
+    (`decode_frames`) then keeps only each unit's input and recomputes one unit at a time, as
+    SD's VAE is checkpointed per resnet.
 
-    The cache's tensors go in as the checkpoint's inputs, not as a closure's: a checkpoint saves
-    its inputs for backward the way autograd saves any tensor, so inside the decode's own
-    checkpoint they are dropped after the first run and kept only while it is recomputed.
+    The unit's cached tensors go in as the checkpoint's inputs, not a closure's: a checkpoint saves
+    its inputs for backward as autograd saves any tensor, so inside the decode's own checkpoint
+    they are dropped after its first run and kept only while it is recomputed.
     """
     if feat_cache is None or not torch.is_grad_enabled():
         return forward(x, feat_cache, feat_idx, **kwargs)
-    start, slots, first = feat_idx[0], list(feat_cache), {}
-    held = [i for i, c in enumerate(slots) if torch.is_tensor(c)]
+    start, size = feat_idx[0], len(feat_cache)
+    own = range(start, start + _cache_slots(forward.__self__))
+    found = {i: feat_cache[i] for i in own}  # tensors, or the markers diffusers uses ("Rep", None)
+    held, first = [i for i in own if torch.is_tensor(found[i])], {}
 
     def run(x, *tensors):
-        cache, idx = list(slots), [start]  # the cache as the unit found it, on every run
+        cache = [None] * size
+        cache[start:start + len(own)] = [found[i] for i in own]
         for i, t in zip(held, tensors):
             cache[i] = t
-        out = forward(x, cache, idx, **kwargs)
+        out = forward(x, cache, [start], **kwargs)
         if "done" not in first:  # the first run's updates go on to the next unit; a recomputation's are dropped
-            first.update(cache=cache, end=idx[0])
+            first.update({i: cache[i] for i in own})
         return out
 
-    out = checkpoint(run, x, *(slots[i] for i in held), use_reentrant=False, early_stop=False)
-    feat_cache[:], feat_idx[0] = first.pop("cache"), first.pop("end")
-    first["done"] = True
-    for i in held:  # the closure keeps only the markers ("Rep", None); the tensors are the checkpoint's to keep
-        slots[i] = None
+    out = checkpoint(run, x, *(found[i] for i in held), use_reentrant=False, early_stop=False)
+    for i in own:
+        feat_cache[i] = first.pop(i)
+    feat_idx[0], first["done"] = start + len(own), True
+    found.update({i: None for i in held})  # the closure keeps only the markers
     return out
+
+
+@functools.cache
+def _cache_slots(unit):
+    """How many cache slots a decoder unit uses: one for each causal conv that looks back in time."""
+    return sum(type(m).__name__ == "WanCausalConv3d" and m.kernel_size[0] > 1 for m in unit.modules())
 
 
 def _in_cpu_memory(module):

@@ -63,6 +63,9 @@ def add_parser(sub):
     m.add_argument("--ranks", default="",
                    help="also predict the peak per process under train.py --shard on these numbers of processes, "
                         f"e.g. 1,2,4,8 (default: 1,2,4,8 for {', '.join(SHARDED_BY_DEFAULT)})")
+    m.add_argument("--reward-only", action="store_true",
+                   help="for the VideoReward configurations: the reward model's forward and backward alone, from "
+                        "the configuration's decoded frames (what checkpointing inside it and its pixel budget save)")
     m.add_argument("--output-dir", default="runs/bench", help="where memory-<config>.json goes")
     m.set_defaults(run=run_memory)
 
@@ -320,6 +323,30 @@ def vision_attention_on_fake_tensors(name, reward_modules):
     model.qwen.visual.register_forward_pre_hook(lambda m, args, kwargs: (args, {**kwargs, **given}), with_kwargs=True)
 
 
+def simulate_reward(name):
+    """Peak bytes of a VideoReward configuration's reward alone: forward and backward from its f
+    decoded frames (1, f, 3, H, W), weights counted; -> (peak GiB, weights GiB)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.speed import config_of, materialize_fake, random_videoreward
+
+    _, height, width, _, _, f, options = config_of(name)
+    if options is None:
+        raise UserError(f"--reward-only: {name} is not a VideoReward configuration (their names end in -vr...)")
+    reward, modules = random_videoreward("meta", torch.bfloat16, **options)
+    vision_attention_on_fake_tensors(name, modules)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for m in modules:
+            materialize_fake(m)
+        weights = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        frames = torch.rand(1, f, 3, height, width, requires_grad=True)
+        counter = LiveBytes([("frozen weights", weights)])
+        with counter:
+            reward(frames, ["a prompt"]).sum().backward()
+        counter.close()
+    return counter.peak / GIB, sum(t.nbytes for t in weights) / GIB
+
+
 def register_cpu_attention_flops():
     """FlopCounterMode counts CUDA's fused attention but not the CPU's; the FLOPs are the same."""
     from torch.utils import flop_counter as fc
@@ -415,6 +442,12 @@ def run_memory(a):
     if a.num_steps < 1:
         raise UserError(f"--num-steps must be at least 1, got {a.num_steps}")
     ranks, sharded = parse_ranks(a.ranks or "1,2,4,8"), []
+    if a.reward_only:
+        print("| config | reward alone: peak GiB | its weights | its activations |\n| --- | --- | --- | --- |")
+        for name in names:
+            peak, weights = simulate_reward(name)
+            print(f"| {name} | {peak:.2f} | {weights:.2f} | {peak - weights:.2f} |", flush=True)
+        return
     register_cpu_attention_flops()
     gpus = " | ".join(f"step s on {g} (estimate)" for g in GPUS)
     print(f"| config | low-memory | step peak GiB | goal | generation peak GiB | peak at | TFLOP step | "

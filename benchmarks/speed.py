@@ -48,6 +48,7 @@ SPEED_CONFIGS = {
     "wan-480-33-vr": ("wan", 480, 832, 33, 1, 4, {}),
     "wan-480-81-vr": ("wan", 480, 832, 81, 1, 10, {}),
     "wan-480-33-vr-full": ("wan", 480, 832, 33, 1, 4, {"checkpointing": False}),
+    "wan-480-81-vr-full": ("wan", 480, 832, 81, 1, 10, {"checkpointing": False}),
     "wan-480-81-vr-100k": ("wan", 480, 832, 81, 1, 10, {"max_pixels": 100_352}),
     "modelscope-256-vr": ("unet3d", 256, 256, 16, 1, 4, {}),
     "tiny": ("tiny", 32, 32, 8, 1),
