@@ -209,16 +209,26 @@ def test_train_on_tiny_wan_resumes_exactly(tmp_path):
 
 
 def test_train_on_tiny_raises_the_held_out_reward(tmp_path):
-    """The ModelScope family: per-frame VAE, frames spread over the clip; the held-out reward rises,
-    and the three scores are watched as columns of metrics.csv."""
+    """The ModelScope family: per-frame VAE, frames spread over the clip; the held-out reward rises."""
     run_cli(train.main, ["--model", "tiny", "--reward", "tiny_videoreward", "--prompts", "animals.txt",
                          "--num-steps", "2", "--max-steps", "2", "--eval-every", "2", "--eval-videos", "2",
-                         "--eval-prompts", "animals_heldout.txt", "--eval-rewards", "tiny_videoreward",
-                         "--num-videos", "1", "--output-dir", str(tmp_path)])
+                         "--eval-prompts", "animals_heldout.txt", "--num-videos", "1", "--output-dir", str(tmp_path)])
     with open(tmp_path / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["eval_reward"]]
     assert len(rows) == 2 and float(rows[1]["eval_reward"]) > float(rows[0]["eval_reward"])
-    assert all(rows[0][f"eval_tiny_videoreward/{k}"] for k in ("VQ", "MQ", "TA", "sum"))
+
+
+def test_watched_it_gives_a_column_per_score_from_spread_frames(reward):
+    """Under --eval-rewards the three normalised scores and their sum are columns of metrics.csv,
+    scored on the frames the reward reads of the whole held-out videos (4 spread over 16 at 8 fps)."""
+    from infra.runlog import eval_columns
+
+    videos = torch.rand(2, 16, 3, 28, 28)
+    columns = eval_columns({"videoreward": reward}, videos, PROMPTS, fps=8)
+    scores = reward.scores(videos[:, spread_frames(16, 4)], PROMPTS)  # (2, 3)
+    assert columns.keys() == {f"eval_videoreward/{k}" for k in ("VQ", "MQ", "TA", "sum")}
+    assert columns["eval_videoreward/MQ"] == pytest.approx(scores[:, 1].mean().item(), rel=1e-5)
+    assert columns["eval_videoreward/sum"] == pytest.approx(scores.sum(1).mean().item(), rel=1e-5)
 
 
 def test_the_reward_model_leaves_the_device_once_backward_is_done_with_it(monkeypatch):
