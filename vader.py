@@ -227,7 +227,7 @@ def leaves_in_backward(reward_fn, device):
             frames.register_hook(lambda grad: move_modules(modules, "cpu"))
         return r
 
-    reward.__dict__.update(reward_fn.__dict__)  # min_frames, fps, parts, ...
+    reward.min_frames, reward.fps = reward_fn.min_frames, getattr(reward_fn, "fps", None)
     return reward
 
 

@@ -241,12 +241,12 @@ def decode_by_latent_frame(vae, z, offload=False):
 
     What backward must keep are the m - 1 caches between frames, and at full resolution each is
     about as large as a frame's activations. With `offload` they wait in host memory
-    (`vader.to_host`) and come back one at a time, when their frame is recomputed: the device then
-    holds one latent frame's decode however long the video, which is what lets a reward see
-    frames spread over the whole clip (`vader.decode_random_frames`). The gradient of a cache
-    crosses back the same way, so frames, caches and gradients are exactly those of the full decode.
-    (Backward must be `.backward()`, as train.py's: `torch.autograd.grad` does not pass a reentrant
-    checkpoint, used here below.)
+    (`vader.to_host`) and come back a conv at a time while their frame is recomputed: the device
+    then holds one latent frame's decode however long the video, which is what lets a reward see
+    frames spread over the whole clip (`vader.decode_random_frames`). A cache's gradient crosses
+    back the same way. The frames are bit for bit the full decode's, the gradients equal to
+    float32 rounding (the caches' gradients add up in another order). Backward must be
+    `.backward()`, as train.py's: `torch.autograd.grad` does not pass the reentrant checkpoints below.
     """
     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 

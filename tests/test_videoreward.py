@@ -244,7 +244,7 @@ def test_the_reward_model_leaves_the_device_once_backward_is_done_with_it(monkey
     def reward(frames, prompts):
         return judge(frames.mean(dim=(1, 3, 4))).squeeze(-1)  # (B,)
 
-    reward.modules, reward.fps = [judge], 2
+    reward.modules, reward.fps, reward.min_frames = [judge], 2, 2
     wrapped = vader.leaves_in_backward(reward, "cuda")
     assert wrapped.fps == 2 and vader.leaves_in_backward(reward, "cpu") is reward
     frames = torch.rand(2, 4, 3, 8, 8, requires_grad=True)
