@@ -244,7 +244,8 @@ def decode_by_latent_frame(vae, z, offload=False):
     (`vader.to_host`) and come back a conv at a time while their frame is recomputed: the device
     then holds one latent frame's decode however long the video, which is what lets a reward see
     frames spread over the whole clip (`vader.decode_random_frames`). A cache's gradient crosses
-    back the same way. The frames are bit for bit the full decode's, the gradients equal to
+    back the same way: one copy of every cache each way per video, and host memory for all of
+    them (BENCHMARKS.md). The frames are bit for bit the full decode's, the gradients equal to
     float32 rounding (the caches' gradients add up in another order). Backward must be
     `.backward()`, as train.py's: `torch.autograd.grad` does not pass the reentrant checkpoints below.
     """
