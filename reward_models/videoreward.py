@@ -215,6 +215,11 @@ def videoreward(device="cpu", dtype=torch.float32, base=BASE, weights=None, vq=1
     of a frame; checkpointing=false: keep the reward model's activations for backward instead
     of recomputing them. Frames should span the clip at about 2 fps (train.py picks them so).
     """
+    for name, value in (("vq", vq), ("mq", mq), ("ta", ta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"videoreward: {name}={value!r} is not a number; give each score's weight, e.g. vq=1,mq=2,ta=0")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 28 * 28:
+        raise UserError(f"videoreward: max_pixels={max_pixels!r} must be a whole number of at least 784 (one merged patch)")
     if weights is not None and Path(weights).expanduser().is_dir():
         found = sorted(glob.glob(str(Path(weights).expanduser() / "checkpoint-*" / "model.pth")),
                        key=lambda p: int(Path(p).parent.name.split("-")[-1]))

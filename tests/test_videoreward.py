@@ -140,6 +140,8 @@ def test_a_one_output_head_and_bad_weights(folder, tmp_path):
         vr.videoreward(base=str(folder), weights=str(tmp_path / "bad.pth"))
     with pytest.raises(UserError, match="holds no checkpoint"):
         vr.videoreward(base=str(folder), weights=str(tmp_path))
+    with pytest.raises(UserError, match="mq='lots' is not a number"):
+        vr.videoreward(base=str(folder), weights=str(folder), mq="lots")
 
 
 def test_frames_for_follows_the_readers_rule():
