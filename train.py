@@ -266,7 +266,7 @@ def main(argv=None):
         join_process_group(world, device)
 
         # Text embeddings once per prompt, in one call; the text encoder is not needed again, and
-        # leaves host memory too (Wan's UMT5: 11.4 GB).
+        # leaves host memory too.
         cond, held_cond, uncond = encode_prompts(model, prompts + held_out + [""]).split(
             [len(prompts), len(held_out), 1])  # (P, L, D), (P_eval, L, D), (1, L, D)
         model.text_encoder = None

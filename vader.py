@@ -237,11 +237,6 @@ def move_modules(modules, device):
         m.to(device)
 
 
-def to_host(t):
-    """A copy of t in host memory; autograd carries its gradient back to t's device."""
-    return t.to("cpu")
-
-
 def resolve_device(device="auto"):
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
     if device == "auto":

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from infra.files import model_index
 from models import VideoModel
 from sampler import FlowSchedule
-from vader import checkpoint_units, sharded, to_host, visiting
+from vader import checkpoint_units, sharded, visiting
 
 TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
 
@@ -168,7 +168,7 @@ class WanModel(VideoModel):
             if not (use_checkpoint and torch.is_grad_enabled()):
                 return decode(z)
             if one_at_a_time:
-                return decode_by_latent_frame(self.vae, z, offload=True)
+                return decode_by_latent_frame(self.vae, z)
             return checkpoint(decode, z, use_reentrant=False, early_stop=False)
 
         x = torch.cat([run(zi) for zi in z.split(1)]) if one_at_a_time else run(z)  # (B, 3, 1 + 4 (m - 1), H, W)
@@ -230,7 +230,7 @@ def registry_entry(source, transformer_config, vae_config):
     return "wan-14b" if transformer_config.get("num_layers") == 40 else "wan"
 
 
-def decode_by_latent_frame(vae, z, offload=False):
+def decode_by_latent_frame(vae, z):
     """The causal decode of z (B, C, m, h, w) as m checkpoints, one a latent frame -> (B, 3, 1 + 4 (m - 1), H, W).
 
     diffusers' `_decode` loop written out: latent frame i goes through the decoder with the feature
@@ -240,8 +240,8 @@ def decode_by_latent_frame(vae, z, offload=False):
     around the whole decode holds all m frames' activations at once when it is recomputed.
 
     What backward must keep are the m - 1 caches between frames, and at full resolution each is
-    about as large as a frame's activations. With `offload` they wait in host memory
-    (`vader.to_host`) and come back a conv at a time while their frame is recomputed: the device
+    about as large as a frame's activations. They wait in host memory (`to_host`; on a CPU that
+    is where they are) and come back a conv at a time while their frame is recomputed: the device
     then holds one latent frame's decode however long the video, which is what lets a reward see
     frames spread over the whole clip (`vader.decode_random_frames`). A cache's gradient crosses
     back the same way: one copy of every cache each way per video, and host memory for all of
@@ -263,13 +263,17 @@ def decode_by_latent_frame(vae, z, offload=False):
     for i in range(x.shape[2]):
         out, *cache = checkpoint(_decode_latent_frame, vae.decoder, x[:, :, i:i + 1], i == 0, *cache,
                                  use_reentrant=reentrant, **({} if reentrant else {"early_stop": False}))
-        if offload:
-            cache = [to_host(c) if torch.is_tensor(c) else c for c in cache]
+        cache = [to_host(c) if torch.is_tensor(c) else c for c in cache]
         frames.append(out)
     out = torch.cat(frames, dim=2)  # (B, 3 or 12, 1 + 4 (m - 1), H', W')
     if vae.config.patch_size is not None:  # Wan2.2's VAE: 12 channels of 2x2 pixel patches -> 3
         out = unpatchify(out, vae.config.patch_size)
     return out.clamp(-1, 1)  # as `_decode` clamps
+
+
+def to_host(t):
+    """A copy of t in host memory; autograd carries its gradient back to t's device."""
+    return t.to("cpu")
 
 
 def _decode_latent_frame(decoder, x, first, *cache):

@@ -119,8 +119,8 @@ def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from reward_models.videoreward import PROMPT, REWARD_TOKENS, SYSTEM, chat_text
     from infra.tiny import QWEN_SPECIALS
+    from reward_models.videoreward import PROMPT, REWARD_TOKENS, SYSTEM
 
     words = pre_tokenizers.Whitespace().pre_tokenize_str(SYSTEM + PROMPT + " user assistant")
     vocab = {"[UNK]": 0} | {w: i + 1 for i, w in enumerate(dict.fromkeys(w for w, _ in words))}
@@ -128,7 +128,6 @@ def word_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>")
     fast.add_special_tokens({"additional_special_tokens": [*QWEN_SPECIALS[1:], *REWARD_TOKENS]})
-    assert len(fast(chat_text("a prompt", 1)).input_ids) > 0
     return fast
 
 

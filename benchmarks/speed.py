@@ -200,7 +200,7 @@ def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_s
     (`materialize_fake`), and `foreach=True`, AdamW's choice on a GPU. `shard` = (rank, world)
     under torchrun: the denoiser is built in CPU memory and sharded as train.py --shard does.
     """
-    family, reward = config_of(name)[0], config_of(name)[6]
+    family, *_, reward = config_of(name)
     build_on = device if fake_mode is None else "meta"
     model = speed_model(family, build_on, dtype, "cpu" if shard else None)
     if reward is not None:

@@ -176,18 +176,18 @@ def load_model(base, weights, device, dtype, checkpointing=True):
         qwen = Qwen2VLForConditionalGeneration.from_pretrained(source, torch_dtype=dtype)
         return tokenizer, qwen
 
-    state = read_tensor_state(weights, "VideoReward weights (weights=)", "point weights= at the downloaded model.pth")
+    config = _release_config(weights)
+    state = convert_checkpoint(
+        read_tensor_state(weights, "VideoReward weights (weights=)", "point weights= at the downloaded model.pth"),
+        config.get("lora_alpha", LORA_ALPHA) / config.get("lora_r", LORA_R))
+    state.pop("lm_head.weight", None)  # the language-model head stays behind
+    if "rm_head.weight" not in state:
+        raise UserError(f"weights={str(weights)!r} has no rm_head.weight: is it VideoReward's model.pth?")
     tokenizer, qwen = from_pretrained(load, base, "base")
     tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
     qwen.resize_token_embeddings(len(tokenizer))
-    head_weight = next((v for k, v in state.items() if k.endswith("rm_head.weight") and "original_module" not in k), None)
-    if head_weight is None:
-        raise UserError(f"weights={str(weights)!r} has no rm_head.weight: is it VideoReward's model.pth?")
-    head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
-    model = VideoRewardModel(qwen.model, head, tokenizer)  # the language-model head stays behind
-    config = _release_config(weights)
-    scale = config.get("lora_alpha", LORA_ALPHA) / config.get("lora_r", LORA_R)
-    state = {k: v for k, v in convert_checkpoint(state, scale).items() if not k.startswith("lm_head.")}
+    out_features, hidden = state["rm_head.weight"].shape
+    model = VideoRewardModel(qwen.model, nn.Linear(hidden, out_features, bias=False), tokenizer)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"weights={str(weights)!r} does not fit {base!r} (missing {missing[:3]}, unexpected "
@@ -260,4 +260,5 @@ def tiny_videoreward(device="cpu", dtype=torch.float32, vq=1.0, mq=1.0, ta=1.0, 
 
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_videoreward(tmp)
-        return videoreward(device, dtype, tmp, tmp, vq, mq, ta, normalized, max_pixels, checkpointing)
+        return videoreward(device, dtype, base=tmp, weights=tmp, vq=vq, mq=mq, ta=ta, normalized=normalized,
+                           max_pixels=max_pixels, checkpointing=checkpointing)
