@@ -19,7 +19,7 @@ import torch
 
 from infra.checks import check_device, check_flags, check_output_dir
 from infra.cli import UserError, run_cli
-from infra.distributed import average_gradients, distributed_env, join_process_group
+from infra.distributed import average_gradients, distributed_env, join_process_group, leave_process_group
 from infra.files import read_json, read_prompts
 from infra.folder import check_run_folder
 from infra.run import Run, make_videos, print_banner
@@ -308,6 +308,7 @@ def main(argv=None):
             step += 1
             run.record(step, loss, rewards, grad_norm, k, finite, seconds=time.time() - t0)
         run.finish(step, [prompts[i % len(prompts)] for i in range(cfg.num_videos)])
+    leave_process_group(world)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,17 @@ def join_process_group(world, device):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
+def leave_process_group(world):
+    """End the process group once every process is done. Left to the interpreter's exit, gloo's
+    threads can still be running when the process is torn down, which aborts it (SIGABRT,
+    "terminate called without an active exception") after all its work is written."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier(world):
     """Wait until every process gets here (nothing to wait for on one)."""
     if world > 1:
