@@ -11,28 +11,29 @@ more, which is what lets alignment fit one GPU.
 
 Manual mixed precision. The frozen base may sit in bf16 or fp16 (half the memory, and it never
 receives updates, so rounding cannot accumulate in it). The LoRA weights, their gradients and
-the optimizer state stay float32: updates of lr 2e-4 to numbers of size ~1e-2 would be rounded
-away in bf16 (8 mantissa bits), so the adapter path computes in float32 and only its output is
-cast back to the activations' dtype.
+the optimizer state stay float32. bf16 keeps 8 significant bits (7 stored, one implicit), so
+neighbouring bf16 numbers near 0.01 are 6.1e-5 apart: an AdamW step of lr 2e-4 would land as
+1.83e-4, and on a weight of 0.0625 or more (neighbours 4.9e-4 apart) it would round away
+entirely, step after step. So the adapter path computes in float32 and only its output is cast
+back to the activations' dtype (tests/test_lora.py holds these numbers to torch).
 
-Saved files use PEFT's key layout (`unet.<module path>.lora_A.weight`, `...lora_B.weight`; for
-Wan `transformer.<path>...`), so other tools can read them; rank and alpha travel in the
-safetensors metadata, twice: as plain fields for `load_lora`, and as the LoraConfig fields that
-diffusers' `load_lora_weights` reads, so diffusers applies the same alpha / r scaling. The
-metadata also names the base model: a LoRA learns a correction to one set of frozen weights, so
-on another base of the same shapes it loads but means something else, and `load_lora` says so.
+Saved files use PEFT's key layout (`<prefix><module path>.lora_A.weight`, `...lora_B.weight`,
+the prefix being the pipeline component: `unet.` for the UNets), so other tools can read them.
+Rank and alpha travel in the safetensors metadata twice: as plain fields for `load_lora`, and as
+the LoraConfig fields that diffusers' `load_lora_weights` reads, so diffusers applies the same
+alpha / r scaling. The metadata also names the base model: a LoRA learns a correction to one set
+of frozen weights, so on another base of the same shapes it loads but means something else.
 """
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from infra.cli import UserError
-from infra.files import atomic_path, read_safetensors
+from infra.files import atomic_path
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, spatial and temporal
 
@@ -70,12 +71,12 @@ class LoRAUpdate(torch.autograd.Function):
     """(alpha / r) B A x computed in float32 for an x in bf16 or fp16, saving x itself for backward.
 
     Written plainly, `lora_A(x.float())` makes autograd keep the float32 copy of x until backward,
-    twice x's own size, and one for every adapted projection: to_q, to_k and to_v read the same x
-    and would keep three copies. Here each adapter saves x as it is, in bf16, and the three save
-    the same tensor, so one shared bf16 copy replaces three float32 ones. It is still memory the
-    frozen layer alone would not keep: a linear whose weight needs no gradient saves only its
-    weight (grad_x = grad_y W), not x (tests/test_lora.py holds this to autograd). Backward casts
-    x again; the arithmetic is that of autograd on the plain form.
+    twice x's own size, and one for every adapted projection that reads it: in self-attention
+    to_q, to_k and to_v read the same x and would keep three copies. Here each adapter saves x as
+    it is, in bf16, and the three save the same tensor, so one shared bf16 copy replaces three
+    float32 ones. It is still memory the frozen layer alone would not keep: a linear whose weight
+    needs no gradient saves only its weight (grad_x = grad_y W), not x (tests/test_lora.py holds
+    this to autograd). Backward casts x again; the arithmetic is that of autograd on the plain form.
     """
 
     @staticmethod
@@ -118,7 +119,7 @@ def inject_lora(model, rank=16, alpha=None, targets=TARGETS, dropout=0.0):
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)]
     if not names:
-        raise UserError(f"no nn.Linear in the model matches the LoRA targets {list(targets)}")
+        raise ValueError(f"no nn.Linear in the model matches the LoRA targets {list(targets)}")
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
     return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
@@ -133,14 +134,10 @@ def lora_state_dict(model, prefix="unet."):
     return out
 
 
-def save_lora(model, path, prefix="unet.", base="", write=True):
+def save_lora(model, path, prefix="unet.", base="", tensors=None):
     """Write the adapters to a safetensors file (atomically); rank, alpha and the base model's name
-    (`base`, models.base_id) go in its metadata.
-
-    Adapters sharded across processes (--shard: FSDP2's DTensors) are gathered whole first, the
-    same file a single process writes. The gather is a collective: every process calls this, and
-    only the one with `write` writes.
-    """
+    (`base`) go in its metadata. `tensors` stands in for `lora_state_dict(model, prefix)` when the
+    caller has gathered the adapters from elsewhere."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
@@ -150,72 +147,33 @@ def save_lora(model, path, prefix="unet.", base="", write=True):
     # prefixed by the component they belong to; without them it would take alpha = r.
     config = {"r": first.rank, "lora_alpha": first.alpha, "target_modules": sorted(layers)}
     meta["lora_adapter_metadata"] = json.dumps({f"{prefix}{k}": v for k, v in config.items()})
-    tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous().cpu()
-               for k, v in lora_state_dict(model, prefix).items()}
-    if not write:
-        return
-    data = save(tensors, metadata=meta)  # serialised in memory, so a full disk is an OSError of the write below
-    with atomic_path(path) as tmp:
+    tensors = tensors if tensors is not None else lora_state_dict(model, prefix)
+    data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+    with atomic_path(path) as tmp:  # a temporary file renamed over `path`: a crash leaves no half file
         Path(tmp).write_bytes(data)
 
 
-def read_lora_file(path):
-    """(tensors, metadata) of a LoRA file; `UserError` if it is missing, damaged or not a LoRA file:
-    rank a whole number >= 1, alpha finite and positive, every tensor a finite float matrix, and
-    each A (r, in) with its B (out, r)."""
-    tensors, meta = read_safetensors(path, "LoRA file", "pass the lora.safetensors of a training run")
-    if "rank" not in meta or "alpha" not in meta:
-        raise UserError(f"{path} has no LoRA rank/alpha metadata; was it written by save_lora?")
-    try:
-        rank, alpha = int(meta["rank"]), float(meta["alpha"])
-    except ValueError:
-        rank, alpha = 0, 0.0
-    if rank < 1 or not (math.isfinite(alpha) and alpha > 0):
-        raise UserError(f"{path} has the LoRA metadata rank={meta['rank']!r}, alpha={meta['alpha']!r}; a rank is a "
-                        "whole number >= 1 and alpha a positive number: the file is damaged, use another copy")
-    for k, v in tensors.items():
-        is_a = ".lora_A." in k
-        pair = k.replace(".lora_A.", ".lora_B.") if is_a else k.replace(".lora_B.", ".lora_A.")
-        a, b = (v, tensors.get(pair)) if is_a else (tensors.get(pair), v)
-        if pair == k or a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, which is not half of a rank-{rank} LoRA pair "
-                            "(A (r, in), B (out, r)); pass the lora.safetensors of a training run")
-        if not v.is_floating_point() or not torch.isfinite(v).all():
-            raise UserError(f"{path}: {k} holds {'inf or NaN' if v.is_floating_point() else v.dtype} values, so it "
-                            "would make every video black; use an earlier checkpoint's lora.safetensors")
-    return tensors, meta
-
-
-def load_lora(model, path, base=None):
+def load_lora(model, path):
     """Load adapters saved by `save_lora` into `model`, injecting them first if it has none.
 
-    Every key must match: a file for another model or another set of targets is refused rather
-    than half loaded, and the message names the first key or shape that does not fit. With `base`
-    (models.base_id of the model), a file trained on another base gets a warning.
+    Every key and shape must match: a file for another model or another set of targets is
+    refused (ValueError, naming the first key that does not fit) rather than half loaded.
     """
-    tensors, meta = read_lora_file(path)
-    trained_on = meta.get("base_model", "")
-    if base and trained_on and trained_on != base:
-        print(f"warning: {path} was trained on {trained_on}, and is loaded into {base}: the shapes fit, but a LoRA "
-              "is a correction to the weights it was trained on, so on another base expect another result",
-              file=sys.stderr)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     prefix = meta.get("prefix", "unet.")
     if not lora_layers(model):
         paths = {k[len(prefix):].rsplit(".lora_", 1)[0] for k in tensors}
         inject_lora(model, int(meta["rank"]), float(meta["alpha"]), targets=tuple(paths))
     expected = lora_state_dict(model, prefix)
-    if set(expected) != set(tensors):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
         first = f"the model has {missing[0]} but the file does not" if missing else f"the file has {extra[0]}, the model does not"
-        raise UserError(
-            f"{path} does not fit this model ({len(missing)} adapters missing, {len(extra)} unexpected: {first}); "
-            "load it into the model it was trained on"
-        )
+        raise ValueError(f"{path} does not fit this model ({len(missing)} adapters missing, {len(extra)} unexpected: {first})")
+    for k in sorted(tensors):
+        if expected[k].shape != tensors[k].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, the model needs {tuple(expected[k].shape)}")
     with torch.no_grad():
-        for k in sorted(tensors):
-            if expected[k].shape != tensors[k].shape:
-                raise UserError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, the model needs "
-                                f"{tuple(expected[k].shape)}; load it into the model it was trained on")
         for k, v in tensors.items():
             expected[k].copy_(v)
 

@@ -1,19 +1,16 @@
 """Video models: the registry, the family interface, and the UNet families that implement it.
 
-A family is everything VADER needs to know about one kind of latent video diffusion model, and
-vader.py and train.py ask it nothing else: how it encodes prompts (`embed`, `text_encoder_on_device`),
-its latent shape (`latent_channels`, `latent_frames`, `vae_factor`, `size_multiple`), which frames
-it can decode exactly and how (`frame_pool`, `decode_frames`), how it is checkpointed and read
-from a diffusers-layout folder (`enable_checkpointing`, `load_components`), which blocks FSDP
-shards under --shard (`shard_blocks`), and a second expert for the noisiest steps (`high_noise`).
-The denoiser, in the field `unet` whatever its kind (the name every LoRA file was written with),
-maps latents (B, C, F, h, w) and text to a prediction of the same shape. The two UNet families
-share SD's VAE:
+A family answers the questions vader.py lists (how it encodes prompts, its latent shape, which
+frames it decodes exactly and how, its `denoiser` and `schedule`), and those the harness asks:
+how it is checkpointed and read from a diffusers-layout folder (`enable_checkpointing`,
+`load_components`), which blocks FSDP shards under --shard (`shard_blocks`). The denoiser sits
+in the field `unet` whatever its kind (the name every LoRA file was written with) and maps
+latents (B, C, F, h, w) and text to a prediction of the same shape. The two UNet families share
+SD's VAE:
 - "unet3d": ModelScope T2V and its fine-tunes (Zeroscope): a `UNet3DConditionModel`, OpenCLIP-H text.
 - "animatediff": an SD 1.5 `UNet2DConditionModel` with AnimateDiff's motion modules inserted by
   `UNetMotionModel.from_unet2d(unet, adapter)`, CLIP ViT-L text.
 Wan's flow-matching transformers and causal VAEs (Wan2.1, Wan2.2) are a chapter of their own: wan.py."""
-import contextlib
 import importlib
 import os
 from dataclasses import dataclass, field, replace
@@ -23,7 +20,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from infra.cli import UserError, quiet_libraries
-from infra.files import first_line, model_configs
+from infra.offload import swapped
+from infra.files import first_line, model_configs, model_index
 from infra.tiny import TINY_BUILDERS, tiny_folder
 from lora import TARGETS
 from sampler import Schedule
@@ -64,40 +62,34 @@ MODELS = {
                              fps=24),
     "tiny-wan22-a14b": ModelSpec("", 32, 32, 9, 10, 3.0, family="wan", scheduler={"flow_shift": 12.0},
                                  guidance_high=4.0, recipe=TINY_RECIPE, fps=16),
-    # The toy world (toy/world.py): a tiny UNet3D pretrained on captioned clips of one coloured shape
-    # moving over a plain background. Its recipe is the demo: align it to the learned judge on the
-    # captions of the two colour/shape pairs it never saw; the weight-free detector reads 16 videos
-    # of those pairs and 16 of seen ones, at the start and the end.
+    # The toy world (toy/world.py): a tiny UNet3D pretrained on clips of one coloured shape moving
+    # over a plain background. Its recipe is the demo: align it to the learned judge on the captions
+    # of the two colour/shape pairs it never saw; the detector reads 32 held-out videos.
     "toy": ModelSpec(str(TOY_FOLDER), 32, 32, 8, 10, 3.0,
                      recipe={"reward": "toy_judge", "prompts": "toy_heldout.txt", "eval_prompts": "toy_eval.txt",
                              "max_steps": 60, "lr": 3e-3, "grad_steps": 2, "grad_accum": 1, "batch_size": 2,
                              "eval_every": 60, "eval_videos": 32, "eval_rewards": "detector,toy_judge,dynamics"}),
-    # VADER's ModelScope setting (Table 6 of 2407.08737 and its configs): 25 DDIM steps,
-    # guidance 9; the pipeline's default 256x256 with 16 frames (VADER: 384x384). The hub
-    # redirects the old id damo-vilab/text-to-video-ms-1.7b here.
+    # VADER's ModelScope setting (Table 6 of 2407.08737 and its configs): 25 DDIM steps, guidance 9;
+    # the pipeline's default 256x256 with 16 frames (VADER: 384x384). Formerly damo-vilab/....
     "modelscope": ModelSpec("ali-vilab/text-to-video-ms-1.7b", 256, 256, 16, 25, 9.0, variant="fp16"),
     # The ModelScope architecture fine-tuned for 576x320, 24 frames.
     "zeroscope": ModelSpec("cerspense/zeroscope_v2_576w", 320, 576, 24, 25, 9.0),
-    # SD 1.5 (the official mirror of the withdrawn runwayml repository) plus the v1-5-2 motion
-    # adapter; 512x512, 16 frames, 25 steps and guidance 7.5 as in its docs. Any SD 1.5 fine-tune
-    # in the diffusers layout can replace the source (--model FOLDER).
+    # SD 1.5 (the official mirror of the withdrawn runwayml repository) plus the v1-5-2 motion adapter;
+    # 512x512, 16 frames, 25 steps, guidance 7.5 as in its docs. Any SD 1.5 fine-tune can replace it.
     "animatediff": ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, 512, 16, 25, 7.5,
                              family="animatediff", adapter="guoyww/animatediff-motion-adapter-v1-5-2",
                              scheduler=ANIMATEDIFF_SCHEDULER, variant="fp16"),
-    # Wan2.1 T2V 1.3B at 480x832 (wan.py), 33 frames (the model's full 81 with --frames 81); 40
-    # Euler steps as VideoX-Fun's reward trainer samples, guidance 5 as the pipeline's. --low-memory
-    # by default, so the transformer's block inputs are not held during the decoder's backward.
+    # Wan2.1 T2V 1.3B at 480x832 (wan.py), 33 frames (81 with --frames 81); 40 Euler steps as
+    # VideoX-Fun's reward trainer samples, guidance 5 as the pipeline's; --low-memory by default.
     "wan": ModelSpec("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 480, 832, 33, 40, 5.0, family="wan",
                      recipe={"low_memory": True}, fps=16),
-    # Wan2.1 T2V 14B, for several GPUs (--shard): the documented 480p setting, 81 frames, 50 steps,
-    # guidance 5, flow shift 3 (5 is 720p's); the 1.3B's VAE and UMT5.
+    # Wan2.1 T2V 14B, for several GPUs (--shard): the documented 480p setting (flow shift 3; 720p's is 5).
     "wan-14b": ModelSpec("Wan-AI/Wan2.1-T2V-14B-Diffusers", 480, 832, 81, 50, 5.0, family="wan",
                          scheduler={"flow_shift": 3.0}, recipe={"low_memory": True}, fps=16),
     # Wan2.2 TI2V-5B as documented: 704x1280 (H x W), 121 frames, 50 steps, guidance 5, flow shift 5.
     "wan22-5b": ModelSpec("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 704, 1280, 121, 50, 5.0, family="wan",
                           scheduler={"flow_shift": 5.0}, recipe={"low_memory": True}, fps=24),
-    # Wan2.2 T2V-A14B as its t2v-A14B config: 480x832, 81 frames, 40 steps, flow shift 12, guidance 4
-    # for the high-noise expert and 3 for the low-noise one, which alone is trained.
+    # Wan2.2 T2V-A14B as its t2v-A14B config: guidance 4 for the high-noise expert, 3 for the trained one.
     "wan22-a14b": ModelSpec("Wan-AI/Wan2.2-T2V-A14B-Diffusers", 480, 832, 81, 40, 3.0, family="wan",
                             scheduler={"flow_shift": 12.0}, guidance_high=4.0, recipe={"low_memory": True}, fps=16),
 }
@@ -118,17 +110,14 @@ class VideoModel:
     device: str = "cpu"  # where the denoiser and the VAE live
 
     lora_prefix = "unet."  # the key prefix of a LoRA file, as diffusers' pipelines load it
-    high_noise = None  # a second expert for the noisiest steps (wan.HighNoise): Wan2.2 A14B's alone
+    denoiser = property(lambda self: self.unet)  # what sampler.sample runs (Wan2.2 A14B: its two experts)
     schedule_class = Schedule
     parts = "unet/, vae/, text_encoder/, tokenizer/, scheduler/, and a motion adapter for an SD 1.5 UNet"
 
-    @property
-    def vae_factor(self):
-        """Pixels per latent cell: each SD VAE up block but the last doubles the resolution."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    size_multiple = property(lambda self: self.vae_factor)  # height and width must be multiples of this
-
+    # Pixels per latent cell (each SD VAE up block but the last doubles the resolution), and what
+    # height and width must be multiples of.
+    vae_factor = property(lambda self: 2 ** (len(self.vae.config.block_out_channels) - 1))
+    size_multiple = property(lambda self: self.vae_factor)
     temporal_factor = 1  # pixel frames per latent frame after the first: 1 for SD's per-frame VAE
 
     def latent_frames(self, frames):
@@ -137,8 +126,7 @@ class VideoModel:
 
     latent_channels = property(lambda self: self.unet.config.in_channels)
 
-    # Tokens per prompt: the tokenizer's (CLIP's 77); 77 for the benchmarks' tokenizer-less models.
-    text_length = property(lambda self: self.tokenizer.model_max_length if self.tokenizer is not None else 77)
+    text_length = property(lambda self: self.tokenizer.model_max_length if self.tokenizer else 77)  # CLIP's 77 tokens
 
     def embed(self, prompts):
         """Prompts -> embeddings (b, L, D): CLIP's last hidden state. CLIP encoders were trained
@@ -147,17 +135,11 @@ class VideoModel:
                                 return_tensors="pt")
         return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]  # (b, L, D)
 
-    @contextlib.contextmanager
     def text_encoder_on_device(self):
         """The text encoder visits the model's device for the prompts' one encoding, then waits on CPU."""
-        self.text_encoder.to(self.device)
-        try:
-            yield
-        finally:
-            self.text_encoder.to("cpu")
+        return swapped(self.device, arriving=[self.text_encoder])
 
-    def frame_pool(self, frames, f):  # how many first pixel frames the f decoded ones come from: all F
-        return frames
+    prefix_frames = staticmethod(lambda frames, f: frames)  # the first frames f decoded ones come from: all F
 
     def decode_frames(self, z0, frame_idx, use_checkpoint=True, one_at_a_time=False):
         """Decode only the chosen frames of z0 (B, C, F, h, w) -> frames (B, f, 3, H, W) in [0, 1].
@@ -171,11 +153,10 @@ class VideoModel:
         z = z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # (B*f, C, h, w)
         z = (z / self.vae.config.scaling_factor).to(self.vae.dtype)  # undo the latent scaling of LDM
 
-        def decode(z):
-            return self.vae.decode(z).sample  # (n, 3, H, W) in about [-1, 1]
-
-        def run(z):
-            return checkpoint(decode, z, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else decode(z)
+        def run(z):  # (n, C, h, w) -> (n, 3, H, W) in about [-1, 1]
+            if use_checkpoint and torch.is_grad_enabled():
+                return checkpoint(lambda z: self.vae.decode(z).sample, z, use_reentrant=False)
+            return self.vae.decode(z).sample
 
         x = torch.cat([run(zi) for zi in z.split(1)]) if one_at_a_time else run(z)  # (B*f, 3, H, W)
         x = (x.float() / 2 + 0.5).clamp(0, 1)  # (B*f, 3, H, W) in [0, 1]
@@ -260,14 +241,21 @@ def spec_of(name):
                         f"supported denoisers: {', '.join(DENOISERS)}. Check the folder or hub id and your connection")
     family, entry = DENOISERS[kind]
     if family == "wan":  # Wan's configs state no resolution: the defaults of its generation's entry
-        from wan import registry_entry
-
-        return replace(MODELS[registry_entry(name, denoiser, vae)], source=name, variant="")
+        return replace(MODELS[wan_entry(name, denoiser, vae)], source=name, variant="")
     spec = replace(MODELS[entry], source=name, family=family, variant="")  # its own files, whatever they are
     size = denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     local_adapter = Path(name) / "motion_adapter"  # AnimateDiff's pipeline layout carries its own
     return replace(spec, height=size, width=size,
                    adapter=str(local_adapter) if local_adapter.is_dir() else spec.adapter)
+
+
+def wan_entry(source, transformer_config, vae_config):
+    """The entry a Wan folder takes: A14B names two experts, TI2V-5B's VAE is residual, a 14B has 40 blocks."""
+    if model_index(source).get("boundary_ratio") is not None:
+        return "wan22-a14b"
+    if vae_config.get("is_residual"):
+        return "wan22-5b"
+    return "wan-14b" if transformer_config.get("num_layers") == 40 else "wan"
 
 
 def base_id(spec):

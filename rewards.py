@@ -188,7 +188,7 @@ _ELSEWHERE = {
     "videoreward": ("reward_models.videoreward:videoreward",
                     "VideoAlign's VideoReward on Qwen2-VL-2B: visual quality + motion quality + text alignment, each "
                     "normalised, ~-3..3 each (KwaiVGI/VideoReward; needs 2+ frames across the clip)"),
-    "tiny_videoreward": ("reward_models.videoreward:tiny_videoreward",
+    "tiny_videoreward": ("infra.tiny:tiny_videoreward",
                          "VideoReward's code on a tiny random Qwen2-VL (for the CPU and the tiny models)"),
     "redness": ("toy.rewards:redness", "toy world: how red the shape's colour is, as a direction from the background, -1..1"),
     "size": ("toy.rewards:size", "toy world: the shape's area as a fraction of the frame, 0..1"),
@@ -269,7 +269,7 @@ def load_reward(name, device="cpu", dtype=torch.float32, **options):
         return sum(w * fn(frames, prompts) for w, fn in fns)  # (B,)
 
     weighted_sum.min_frames = max(fn.min_frames for _, fn in fns)
-    weighted_sum.fps = next((fn.fps for _, fn in fns if getattr(fn, "fps", None)), None)  # vader.spreads
+    weighted_sum.fps = next((fn.fps for _, fn in fns if getattr(fn, "fps", None)), None)  # vader.reads_whole_clip
     return weighted_sum
 
 

@@ -14,6 +14,7 @@ import argparse
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -23,6 +24,9 @@ from infra.cli import UserError, run_cli
 from infra.files import TMP_MARK, atomic_write_text, read_prompts, write_error
 from infra.folder import check_export_folder
 from infra.video import slug, tile, write_video
+
+DEFAULT_MODEL = "modelscope"  # train.py's default
+
 
 def export_merged(model, lora_path, folder):
     """Fold the LoRA into the denoiser's weights and write it to `folder` with save_pretrained.
@@ -41,10 +45,11 @@ def export_merged(model, lora_path, folder):
     the model's --dtype (bf16 on a GPU by default; pass --dtype float32 for a full-precision copy).
     Written to a temporary folder and renamed, so a crash never leaves half an export.
     """
-    from lora import load_lora, merge_lora
+    from infra.lorafile import load_lora_file
+    from lora import merge_lora
     from models import base_id
 
-    load_lora(model.unet, lora_path, base_id(model.spec))
+    load_lora_file(model.unet, lora_path, base_id(model.spec))
     merge_lora(model.unet)  # W0 + (alpha / r) B A in every adapted layer; plain nn.Linear again
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{TMP_MARK}", dir=folder.parent))
@@ -59,15 +64,15 @@ def export_merged(model, lora_path, folder):
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
-    expert = " as the pipeline's transformer_2 (the low-noise expert)" if model.high_noise is not None else ""
+    expert = " as the pipeline's transformer_2 (the low-noise expert)" if model.denoiser is not model.unet else ""
     print(f"wrote the merged {type(model.unet).__name__} to {folder}; load it with "
           f"{type(model.unet).__name__}.from_pretrained({str(folder)!r}){expert}")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="model name (tiny, modelscope, zeroscope, animatediff, wan, ...), "
-                   "local folder or hub id")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="model name (tiny, modelscope, zeroscope, animatediff, wan, ...), local folder or "
+                   f"hub id (default: the base model the --lora file names, else {DEFAULT_MODEL})")
     p.add_argument("--lora", help="a lora.safetensors written by train.py; omit for the base model")
     p.add_argument("--prompts", default="animals.txt", help="prompts file: a path or a name under prompts/")
     p.add_argument("--num-prompts", type=int, default=4, help="how many prompts from the file (0: all)")
@@ -89,9 +94,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    from lora import load_lora, read_lora_file
+    from infra.checks import resolve_device
+    from infra.lorafile import load_lora_file, read_lora_file, trained_on
+    from infra.setup import check_model_settings
     from models import base_id, load_video_model
-    from vader import check_video_shape, encode_prompts, generate, resolve_device, resolve_dtype
+    from vader import encode_prompts, generate, resolve_dtype
 
     # Everything checked before the model loads: flags, device, the files read and the folders written.
     check_flags(args)
@@ -104,6 +111,10 @@ def main(argv=None):
         raise UserError("--export-merged folds a LoRA into the UNet: also pass --lora PATH")
     if args.lora:
         read_lora_file(args.lora)
+    if args.model is None:  # the LoRA's own base, so a LoRA never meets another base by default
+        args.model = trained_on(args.lora) if args.lora else ""
+        print(f"--model {args.model or DEFAULT_MODEL}" + (f" (the base model {args.lora} was trained on)" if args.model else ""))
+        args.model = args.model or DEFAULT_MODEL
     if args.export_merged:
         check_output_dir(Path(args.export_merged).parent, "--export-merged")
         check_export_folder(args.export_merged)
@@ -117,7 +128,7 @@ def main(argv=None):
     spec = model.spec
     gen = {k: getattr(spec, k) if getattr(args, k) is None else getattr(args, k)
            for k in ("frames", "height", "width", "num_steps", "guidance")}
-    check_video_shape(model, gen["frames"], gen["height"], gen["width"])
+    check_model_settings(model, SimpleNamespace(**gen, grad_steps=0))
     low_memory = spec.recipe.get("low_memory", False)  # as train.py runs the model (Wan: on)
     cond, uncond = encode_prompts(model, prompts + [""]).split([len(prompts), 1])  # (P, L, D), (1, L, D)
 
@@ -131,7 +142,7 @@ def main(argv=None):
 
     base = videos() if (args.side_by_side or not args.lora) else None
     if args.lora:
-        load_lora(model.unet, args.lora, base_id(spec))
+        load_lora_file(model.unet, args.lora, base_id(spec))
         aligned = videos()
     out_dir = Path(args.output_dir)
     for i, prompt in enumerate(prompts):

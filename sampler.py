@@ -14,9 +14,9 @@ N - K steps run under `torch.no_grad()`, and only the last K build an autograd g
 grad step keeps for backward: vader.py's "Precision and memory").
 
 Two samplers share the loop: DDIM for the UNet models (ModelScope, AnimateDiff), and the Euler
-solver of a flow-matching ODE for Wan (`FlowSchedule`, at the end). Each schedule gives
-`steps(N)`, the N (timestep, coefficients) pairs to visit, and `update(x, model_output, coeffs)`,
-one step; `sample` runs either, with one denoiser or with Wan2.2 A14B's two experts.
+solver of a flow-matching ODE (`FlowSchedule`, at the end; Wan's σ schedule is in wan.py). Each
+schedule gives `steps(N)`, the N (timestep, coefficients) pairs to visit, and
+`update(x, model_output, coeffs)`, one step; `sample` runs either.
 """
 import functools
 from dataclasses import dataclass
@@ -131,14 +131,15 @@ def guided_output(unet, x, t, cond, uncond, guidance):
     """Classifier-free guidance (Ho & Salimans, 2207.12598): out_u + w (out_c - out_u).
 
     The same linear combination serves every output a denoiser predicts: ε, v, or a flow
-    model's velocity (Wan2.1's pipeline guides its velocity exactly so); the names below say ε.
+    model's velocity (diffusers' flow pipelines guide the velocity exactly so); the names below say ε.
 
-    x: latents (B, C, F, h, w), float32; cond: text embeddings (B, L, D); uncond: (B, L, D) or
-    the empty prompt's (1, L, D), broadcast. Guidance 1 skips the unconditional pass. Without
+    unet: a denoiser called as diffusers' models are, `unet(x, t, encoder_hidden_states=text)`,
+    its prediction in `.sample`. x: latents (B, C, F, h, w), float32; cond: text embeddings
+    (B, L, D); uncond: (B, L, D) or the empty prompt's (1, L, D), broadcast. Guidance 1 skips the unconditional pass. Without
     gradients both passes run as one batch of 2B; in a grad step as two calls of B, so backward
     holds one pass's activations at a time, not both. Only the denoiser runs in the base dtype
     (the embeddings'): the DDIM update subtracts nearly equal numbers when ᾱ is near 1, which
-    bf16's 8 mantissa bits would wreck, so the latents stay float32.
+    bf16's 8 significant bits would wreck, so the latents stay float32.
     """
     x_in = x.to(cond.dtype)
     if guidance == 1.0:
@@ -168,51 +169,23 @@ def pick_grad_steps(num_steps, grad_steps, random_k=False, generator=None):
     return grad_steps
 
 
-def high_noise_steps(schedule, num_steps, high_noise):
-    """How many of the N steps belong to the high-noise expert (0 for a model of one denoiser)."""
-    return 0 if high_noise is None else sum(t >= high_noise.boundary for t, _ in schedule.steps(num_steps))
-
-
-def sample(unet, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_steps=0, eta=0.0,
-           generator=None, checkpoint_steps=False, high_noise=None):
+def sample(denoiser, z_T, cond, uncond, schedule, num_steps, guidance=1.0, grad_steps=0, eta=0.0,
+           generator=None, checkpoint_steps=False):
     """Run N steps of `schedule`'s sampler from z_T; gradients flow only through the last `grad_steps` (K).
 
     z_T: (B, C, F, h, w) initial noise. cond/uncond: (B, L, D) text embeddings (uncond may be
-    None when guidance is 1). Returns z_0, (B, C, F, h, w).
+    None when guidance is 1). Returns z_0, (B, C, F, h, w). `denoiser` maps (x_t, t, text) to a
+    prediction of x_t's shape: the model's UNet or transformer (models.py).
     The first N - K steps run without a graph: to the optimiser their output is a constant. With
     `checkpoint_steps` each denoiser call of the last K steps is a checkpoint of its own: only its
     inputs (x_t and the text) are stored and the call runs again in backward, so memory stays flat
     in K, and the two guidance passes of a step are recomputed one after the other, so backward
-    holds one pass's activations (a transformer's checkpointed block inputs), never both. With
-    eta > 0 the noise is drawn on the CPU from `generator`, so a seed gives the same chain on any
-    device.
-
-    `high_noise` (wan.HighNoise, for a model of two experts: `expert`, the `boundary` timestep,
-    its `guidance`, and `visit()`, which holds it on the device) takes the first, noisiest steps away
-    from `unet`, which then denoises only the last ones. Those last steps are the ones truncated
-    backprop trains, so the LoRA lives in `unet` alone and the high-noise expert only ever runs
-    without a graph. A K that reaches into the high-noise steps is refused: every step before the
-    first LoRA step has inputs that do not depend on θ, so its graph would cost a 14B expert's
-    activations for a gradient of exactly zero (training both experts would need a LoRA in each).
+    holds one pass's activations, never both. With eta > 0 the noise is drawn on the CPU from
+    `generator`, so a seed gives the same chain on any device.
     """
-    steps = list(enumerate(schedule.steps(num_steps)))
-    first_high = high_noise_steps(schedule, num_steps, high_noise)
-    if grad_steps > num_steps - first_high:
-        raise ValueError(f"grad_steps {grad_steps} reaches into the high-noise expert's steps: only the last "
-                         f"{num_steps - first_high} of {num_steps} belong to the expert that is trained")
     x = z_T
-    if first_high:
-        with high_noise.visit():
-            x = _run(high_noise.expert, x, steps[:first_high], cond, uncond, schedule, high_noise.guidance, eta,
-                     generator, num_steps)
-    return _run(unet, x, steps[first_high:], cond, uncond, schedule, guidance, eta, generator, num_steps,
-                grad_steps, checkpoint_steps)
-
-
-def _run(unet, x, steps, cond, uncond, schedule, guidance, eta, generator, num_steps, grad_steps=0,
-         checkpoint_steps=False):  # `sample`'s loop over `steps`, (index, (t, coefficients)) pairs, with one denoiser
-    for i, (t, coeffs) in steps:
-        keep_grad = i >= num_steps - grad_steps
+    for i, (t, coeffs) in enumerate(schedule.steps(num_steps)):
+        keep_grad = i >= num_steps - grad_steps  # truncated backprop: a graph for the last K steps only
         noise = None
         if eta > 0:  # drawn outside the checkpoint so the recomputation sees the same noise
             noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
@@ -220,7 +193,7 @@ def _run(unet, x, steps, cond, uncond, schedule, guidance, eta, generator, num_s
         # The default arguments bind this step's t, coefficients and noise now. A closure would
         # read them when called, and a checkpoint calls it again during backward, after the loop
         # has moved on: every recomputation would then use the last step's t.
-        def step(x_t, t=t, coeffs=coeffs, noise=noise, net=unet):
+        def step(x_t, t=t, coeffs=coeffs, noise=noise, net=denoiser):
             out = guided_output(net, x_t, t, cond, uncond, guidance)
             return schedule.update(x_t, out, coeffs, eta, noise)
 
@@ -228,33 +201,23 @@ def _run(unet, x, steps, cond, uncond, schedule, guidance, eta, generator, num_s
             with torch.no_grad():
                 x = step(x)
         elif checkpoint_steps:
-            x = step(x, net=functools.partial(checkpoint, unet, use_reentrant=False))
+            x = step(x, net=functools.partial(checkpoint, denoiser, use_reentrant=False))
         else:
             x = step(x)
     return x
 
 
-#### Flow matching: the Euler solver of a rectified-flow ODE (Wan2.1, SD3, Open-Sora 1.2)
+#### Flow matching: the Euler solver of a rectified-flow ODE (Wan, SD3, FLUX)
 #
 # A flow model is trained on the straight path between data and noise,
 #     x_σ = (1 - σ) x0 + σ ε,        σ from 1 (pure noise) down to 0 (data),
 # the conditional optimal-transport path of Lipman et al. (2210.02747, Eq. 20 with σ_min = 0),
 # which is rectified flow (Liu et al. 2209.03003, Eq. 1, with t = 1 - σ). Its network predicts
-# the path's velocity v = dx_σ/dσ = ε - x0 (the "flow_prediction" of Wan's scheduler config).
+# the path's velocity v = dx_σ/dσ = ε - x0 (a "flow_prediction" in diffusers' scheduler configs).
 # Sampling integrates the ODE dx/dσ = v(x, σ) from σ = 1 to 0; Euler's method is
 #     x_{σ_next} = x_σ + (σ_next - σ) v,
 # and since σ_next < σ, each step removes a share of the predicted noise. A final step to σ = 0
 # returns x_σ - σ v = x0 exactly, for the model's x0.
-
-def shift_sigma(sigma, shift):
-    """σ' = s σ / (1 + (s - 1) σ): Esser et al. 2403.03206, Section 5.3.2 (timestep shifting).
-
-    More pixels carry more redundant signal, so at a given σ a large video is less destroyed than
-    a small image; s > 1 moves the steps towards high noise, where the video's layout is decided.
-    Wan2.1 uses s = 3 at 480p (5 at 720p); s = 1 leaves σ unchanged.
-    """
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
 
 def flow_step(x, v, sigma, sigma_next):
     """One Euler step of dx/dσ = v from σ to σ_next (floats); x and v (B, C, F, h, w)."""
@@ -263,30 +226,18 @@ def flow_step(x, v, sigma, sigma_next):
 
 @dataclass
 class FlowSchedule:
-    """The σ schedule of flow-matching Euler sampling, as diffusers' FlowMatchEulerDiscreteScheduler,
-    in plain floats (the memory simulator's fake tensors have no values to read back)."""
+    """Euler sampling of a flow-matching ODE over N + 1 values of σ, from 1 (noise) down to 0 (data).
+
+    Here the σ are evenly spaced; a family with its own rule overrides `sigmas` (Wan's shifted σ,
+    wan.py). The coefficients are plain Python floats, known before sampling starts, so no step
+    reads a tensor back from the device.
+    """
 
     num_train_timesteps: int = 1000
-    shift: float = 1.0
-
-    @classmethod
-    def from_config(cls, config):
-        """From FlowMatchEulerDiscreteScheduler's config (`shift`) or UniPC's (`flow_shift`): Wan's
-        hub folder ships UniPC, a multistep solver; the training loop takes plain Euler steps on
-        the same shifted σ, as the reward-gradient trainers for Wan do."""
-        config = dict(config)
-        return cls(config.get("num_train_timesteps", 1000), config.get("shift", config.get("flow_shift", 1.0)))
 
     def sigmas(self, num_steps):
-        """N + 1 values of σ, from 1 down to 0.
-
-        diffusers' rule, kept for parity: N points spaced evenly between σ_max = 1 and the
-        smallest training σ (1/T, already shifted), each shifted (again), then a final 0.
-        """
-        T, s = self.num_train_timesteps, self.shift
-        lo = shift_sigma(1 / T, s)
-        even = [1 + (lo - 1) * i / (num_steps - 1) for i in range(num_steps)] if num_steps > 1 else [1.0]
-        return [shift_sigma(x, s) for x in even] + [0.0]
+        """N + 1 values of σ: 1, 1 - 1/N, ..., 1/N, 0."""
+        return [1 - i / num_steps for i in range(num_steps)] + [0.0]
 
     def steps(self, num_steps):
         """[(timestep, (σ, σ_next))]; the network reads the timestep T σ (Wan: 1000 σ)."""

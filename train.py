@@ -8,29 +8,26 @@
 `train_step` is one optimizer step of VADER, and `main`'s loop takes them; the run's folder gets
 config.json, metrics.csv, reward_curve.png, lora.safetensors, checkpoints/ and videos/.
 """
-import argparse
-import importlib.util
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from infra.checks import check_device, check_flags, check_output_dir
-from infra.cli import UserError, run_cli
-from infra.distributed import average_gradients, distributed_env, join_process_group, leave_process_group
-from infra.files import read_json, read_prompts
-from infra.folder import check_run_folder
+from infra.checks import resolve_device
+from infra.cli import run_cli
+from infra.distributed import distributed_env, join_process_group, leave_process_group, mean_over_processes
+from infra.offload import saved_on_cpu
 from infra.run import Run, make_videos, print_banner
-from infra.runlog import find_resume_point
-from infra.sharding import check_torch, shard_denoiser
+from infra.setup import (GENERATION, batch_drawer, check_settings, load_models, out_of_memory, parse_flags, resumed,
+                         split_prompts)
+from infra.sharding import shard_denoiser
 from lora import inject_lora
-from models import load_video_model, spec_of
-from rewards import load_eval_rewards, load_reward, parse_options, reward_recipe
-from sampler import high_noise_steps, pick_grad_steps, sample
-from vader import (check_video_shape, decode_random_frames, encode_prompts, frames_for, leaves_in_backward, loss_scaler,
-                   noise_share, resolve_device, resolve_dtype, saved_on_cpu, spreads)
+from models import spec_of
+from rewards import reward_recipe
+from sampler import pick_grad_steps, sample
+from vader import decode_f_frames, encode_prompts, loss_scaler, reads_whole_clip, resolve_dtype
 
 
 def opt(default, help):
@@ -94,147 +91,46 @@ class Config:
                              "then written sharded. On one process it trains the same.")
 
 
-GENERATION = ("height", "width", "frames", "num_steps", "guidance")  # defaults come from the registry entry
-LOCKED = ("model", "height", "width", "frames", "lora_rank", "lora_alpha", "lora_dropout")  # fixed by a run
-LOWER_MEMORY = ("--decode-frames 1, --grad-steps 1, a smaller --height/--width or --frames, "
-                "--batch-size 1 with a larger --grad-accum")
-
-
 def parse_config(argv=None):
     """Build the Config once: dataclass defaults < the model's registry entry and recipe < the reward's
     recipe < a resumed run's own settings < typed flags. Returns (cfg, the flags typed)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
-    for f in fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:  # --flag and --no-flag: a model's recipe may turn one on (Wan: --low-memory)
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        elif f.name == "resume":
-            p.add_argument(flag, nargs="?", const="latest", metavar="PATH", help=help)
-        else:
-            p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=help)
-    given = vars(p.parse_args(argv))  # only the flags actually typed
+    given = parse_flags(Config, argv, __doc__.split("\n\n")[0])  # only the flags actually typed
     spec = spec_of(given.get("model", Config.model))  # a folder's or hub id's family and size are read off its configs
     defaults = {**{k: getattr(spec, k) for k in GENERATION}, **spec.recipe}
     defaults.update(reward_recipe(given.get("reward", defaults.get("reward", Config.reward))))
     cfg = Config(**{**defaults, **given})
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
-    if not cfg.resume:
-        return cfg, given
-    run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume, checkpoint_config)
-    old = asdict(checkpoint_config(read_json(ckpt / "config.json", "checkpoint config")))
-    for k in LOCKED:
-        if k in given and given[k] != old[k]:
-            raise UserError(f"--resume cannot change --{k.replace('_', '-')} (the run has {old[k]}); "
-                            "start a new run with another --output-dir")
-    for k, v in given.items():
-        if k in old and old[k] != v and k != "resume":
-            print(f"resume: {k} {old[k]} -> {v}")
-    return Config(**{**old, **given, "output_dir": str(run_dir), "resume": str(ckpt), "overwrite": False}), given
-
-
-def fits(value, f):
-    """Whether a config.json value fits the Config field `f`: a bool for a bool, a whole number for
-    an int, any number for a float, a string for a str; None only for lora_alpha (alpha = r)."""
-    if value is None or isinstance(value, bool):
-        return value is None and f.name == "lora_alpha" or isinstance(value, bool) and f.type is bool
-    return isinstance(value, (int, float) if f.type is float else f.type)
-
-
-def checkpoint_config(values):
-    """A checkpoint's config.json as a Config: the LOCKED fields present, every field of its type and
-    within its rule (a newer or older version's extra fields are dropped)."""
-    known = {f.name: f for f in fields(Config)}
-    for k in LOCKED:
-        if k not in values:
-            raise UserError(f"it lacks the field {k!r}")
-    for k, v in values.items():
-        if k in known and not fits(v, known[k]):
-            raise UserError(f"its {k} is {v!r}, not a {known[k].type.__name__} value")
-    cfg = Config(**{k: v for k, v in values.items() if k in known})
-    check_flags(cfg)
-    return cfg
-
-
-def validate(cfg):
-    """Check every setting (infra/checks.py), the device and the output folder; raise UserError naming
-    the flag. Runs before anything is loaded or written."""
-    check_flags(cfg)
-    check_device(cfg.device)
-    if cfg.report_to not in ("", "wandb", "tensorboard"):
-        raise UserError(f"--report-to takes wandb or tensorboard, got {cfg.report_to!r}")
-    if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
-        raise UserError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
-    if cfg.shard:
-        check_torch()
-    check_output_dir(cfg.output_dir)
-    check_run_folder(cfg.output_dir, cfg.resume, cfg.overwrite)
-
-
-def split_prompts(cfg):
-    """(training prompts, held-out prompts): --eval-prompts, or the last tenth of --prompts under --eval-every."""
-    prompts = read_prompts(cfg.prompts)
-    held_out = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
-    if cfg.eval_every and not held_out:
-        if len(prompts) < 2:
-            raise UserError("--eval-every needs held-out prompts: pass --eval-prompts or at least 2 --prompts")
-        cut = len(prompts) - max(1, len(prompts) // 10)  # hold out the last tenth
-        prompts, held_out = prompts[:cut], prompts[cut:]
-    return prompts, held_out
-
-
-def load_models(cfg, device, dtype, sharding=False):
-    """The reward (checked against --decode-frames), the evaluation rewards and the video model;
-    with `sharding` (--shard on several processes) its denoiser stays in CPU memory until it is sharded."""
-    reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
-    if cfg.low_memory:
-        reward_fn = leaves_in_backward(reward_fn, device)
-    eval_fns = load_eval_rewards(cfg.eval_rewards, device, dtype, build=bool(cfg.eval_every))
-    if cfg.decode_frames is None:  # resolved here, so config.json records the number
-        cfg.decode_frames = frames_for(reward_fn, cfg.frames, spec_of(cfg.model).fps)
-    if cfg.decode_frames < reward_fn.min_frames:
-        raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
-    model = load_video_model(cfg.model, "cpu" if sharding else device, dtype)
-    if sharding:
-        model.vae.to(device)
-        model.device = device
-    check_video_shape(model, cfg.frames, cfg.height, cfg.width)
-    low = cfg.num_steps - high_noise_steps(model.schedule, cfg.num_steps, model.high_noise)
-    if cfg.grad_steps > low:  # Wan2.2 A14B: K must stay within the low-noise expert's steps (sampler.sample)
-        raise UserError(f"--grad-steps {cfg.grad_steps} reaches into the high-noise expert's steps, which carry no "
-                        f"LoRA: only the last {low} of the {cfg.num_steps} steps are the trained expert's; use "
-                        f"--grad-steps {low} or less")
-    return reward_fn, eval_fns, model
+    return (resumed(cfg, given) if cfg.resume else cfg), given
 
 
 #### One optimizer step of VADER
 
-def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, cfg, generator, k, shard=(0, 1)):
+def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, cfg, generator, k, world=1):
     """Sample with gradients through the last k steps, decode f frames, score them, and ascend the reward.
 
-    For each of `cfg.grad_accum` micro-batches `draw_batch()` gives (B prompts, their cached
-    embeddings (B, L, D)); the loss -mean(r) is VADER's "-r" form. The LoRA gradients (`params`)
-    are averaged over processes under torchrun, unscaled (fp16), clipped to `cfg.grad_clip`, and
-    AdamW steps, unless the loss or the gradient is not finite: such an update would poison
-    AdamW's moments for good, so it is skipped; a step that leaves a LoRA weight non-finite is undone. Returns (loss, rewards (grad_accum * B,),
-    gradient norm before clipping, finite). The benchmarks time and simulate this very function.
+    For each of `cfg.grad_accum` micro-batches `draw_batch()` gives B prompts, their cached
+    embeddings (B, L, D) and their noise z_T; the loss -mean(r) is VADER's "-r" form. The LoRA
+    gradients (`params`) are averaged over the `world` processes under torchrun, unscaled (fp16),
+    clipped to `cfg.grad_clip`, and AdamW steps, unless the loss or the gradient is not finite:
+    such an update would poison AdamW's moments for good, so it is skipped; a step that leaves a
+    LoRA weight non-finite is undone. Returns (loss, rewards (grad_accum * B,), gradient norm
+    before clipping, finite). The benchmarks time and simulate this very function.
     """
     optimizer.zero_grad(set_to_none=True)
     rewards, loss_sum = [], 0.0
     for _ in range(cfg.grad_accum):
-        prompts, cond = draw_batch()
-        with saved_on_cpu(cfg.low_memory, cond.device):
-            z_T = noise_share(model, len(prompts), cfg, generator, cond.device, shard)  # (B, C, F_lat, h, w)
-            z0 = sample(model.unet, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, k,
-                        checkpoint_steps=cfg.low_memory,
-                        high_noise=model.high_noise)  # (B, C, F_lat, h, w): a graph through the last k steps only
-            frames = decode_random_frames(model, z0, cfg.frames, cfg.decode_frames, generator, cfg.low_memory,
-                                          spread=spreads(reward_fn))  # (B, f, 3, H, W)
+        prompts, cond, z_T = draw_batch()  # B strings, (B, L, D), (B, C, F_lat, h, w)
+        with saved_on_cpu(cfg.low_memory, cond.device):  # --low-memory: what backward keeps waits in CPU memory
+            z0 = sample(model.denoiser, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, grad_steps=k,
+                        checkpoint_steps=cfg.low_memory)  # (B, C, F_lat, h, w): a graph through the last k steps only
+            frames = decode_f_frames(model, z0, cfg.frames, cfg.decode_frames, generator, spread=reads_whole_clip(reward_fn),
+                                     one_at_a_time=cfg.low_memory)  # (B, f, 3, H, W)
             r = reward_fn(frames, prompts).float()  # (B,)
         loss = -r.mean()
         scaler.scale(loss / cfg.grad_accum).backward()  # fp16: scaled up; the mean over micro-batches
         rewards.append(r.detach())
         loss_sum += loss.item() / cfg.grad_accum
-    loss = average_gradients(params, loss_sum, shard[1])  # DDP's all-reduce (FSDP2's was done in backward)
+    loss = mean_over_processes(params, loss_sum, world)  # DDP's all-reduce of the gradients, and the loss for the log
     scaler.unscale_(optimizer)  # fp16: divide the gradients by the loss scale before clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     finite = math.isfinite(loss) and torch.isfinite(grad_norm).item()
@@ -254,9 +150,9 @@ def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, 
 
 def main(argv=None):
     cfg, given = parse_config(argv)
-    validate(cfg)
+    check_settings(cfg)  # every flag, the device and the output folder, before anything loads (infra/setup.py)
     prompts, held_out = split_prompts(cfg)
-    rank, world, device = distributed_env(resolve_device(cfg.device))
+    rank, world, device = distributed_env(resolve_device(cfg.device))  # torchrun's variables; none: one process
     # The folder is claimed, and Ctrl-C and SIGTERM caught, from before the models load to the end:
     # a stop ends at the next step boundary with a checkpoint (or, while loading, with nothing written).
     with Run(cfg, Path(cfg.output_dir), rank, world, device) as run:
@@ -278,12 +174,7 @@ def main(argv=None):
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scaler = loss_scaler(dtype, device)  # dynamic loss scaling for an fp16 base; does nothing for bf16/fp32
         generator = torch.Generator().manual_seed(cfg.seed)  # noise, prompt order, K and decoded frames
-
-        def draw_batch():
-            """This process's share of one global micro-batch of prompts, drawn from the run's generator."""
-            idx = torch.randint(len(prompts), (cfg.batch_size * world,), generator=generator)
-            idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-            return [prompts[i] for i in idx], cond[idx.to(cond.device)]  # B strings, (B, L, D)
+        draw_batch = batch_drawer(model, cfg, prompts, cond, generator, rank, world)
 
         def videos(name, n, scored):
             """n videos of the training prompts (before/after) or, scored, of the held-out ones."""
@@ -291,9 +182,11 @@ def main(argv=None):
             return make_videos(model, cfg, which[0], which[1], uncond, run.out / "videos" / name, n, *which[2:],
                                write=run.main)
 
+        # A resumed run's LoRA, AdamW and generators; config.json, the banner, the before-videos and
+        # the step-0 evaluation. Returns the step to continue from.
         step = run.start(model, optimizer, generator, videos, params,
                          lambda params: print_banner(cfg, model, dtype, device, world, prompts, held_out, params,
-                                                         spreads(reward_fn)))
+                                                         reads_whole_clip(reward_fn)))
 
         #### Training loop
         while step < cfg.max_steps and not run.stopped():
@@ -301,13 +194,19 @@ def main(argv=None):
             k = pick_grad_steps(cfg.num_steps, cfg.grad_steps, cfg.random_grad_steps, generator)
             try:
                 loss, rewards, grad_norm, finite = train_step(model, reward_fn, params, optimizer, scaler, draw_batch,
-                                                              uncond, cfg, generator, k, (rank, world))
+                                                              uncond, cfg, generator, k, world)
             except torch.cuda.OutOfMemoryError:
-                raise UserError(f"out of GPU memory at {cfg.frames}x{cfg.height}x{cfg.width}; lower it with "
-                                f"{LOWER_MEMORY}") from None
+                raise out_of_memory(cfg) from None
             step += 1
-            run.record(step, loss, rewards, grad_norm, k, finite, seconds=time.time() - t0)
-        run.finish(step, [prompts[i % len(prompts)] for i in range(cfg.num_videos)])
+            scores = run.evaluate(step)  # every --eval-every steps and at the end: held-out videos, scored
+            run.record(step, loss, rewards, grad_norm, k, finite, time.time() - t0, scores)  # metrics.csv
+            if run.checkpoint_due(step):
+                run.save_checkpoint(step)  # checkpoints/step-N: the LoRA, AdamW, the generators
+
+        #### What the run leaves
+        if run.save_lora(step):  # the last checkpoint, lora.safetensors and reward_curve.png
+            run.videos("after", cfg.num_videos, False)  # videos/after.mp4, from the seeds of before.mp4
+            run.summary(step, [prompts[i % len(prompts)] for i in range(cfg.num_videos)])  # before_after.png
     leave_process_group(world)
 
 

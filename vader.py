@@ -6,14 +6,21 @@ with the gradient taken through the sampler's last K steps (sampler.py), through
 decoder, and through a frozen reward model (rewards.py), into LoRA weights θ (lora.py).
 train.py's `train_step` puts the pieces below together; the benchmarks run that same step.
 
-Two tricks keep that affordable, both here:
+The pieces ask a video model (`model`, of a family in models.py) a few questions, the same for
+every family:
+- `embed(prompts)` -> text embeddings (b, L, D), with `text_encoder_on_device()` around it;
+- its latent shape: `latent_channels`, `latent_frames(F)` (1 + (F - 1) / temporal_factor),
+  `vae_factor` (pixels per latent cell);
+- `decode_frames(z0, frame_idx)` -> the chosen pixel frames (B, f, 3, H, W) in [0, 1], and
+  `prefix_frames(F, f)`, how many first frames its VAE must see to decode f of them exactly;
+- `denoiser` and `schedule`, which sampler.sample runs.
+
+Two tricks keep VADER affordable, both here:
 - Frame subsampling: decoding all F frames through the VAE with gradients is the largest
-  memory cost after the denoiser, so only f of them are decoded, random ones each step, drawn
-  from the frames the model's VAE can decode exactly on their own (`model.frame_pool`: all F for
-  SD's per-frame VAE; a prefix of the video for a causal one, wan.py). A reward that judges
-  motion (VideoReward) instead reads f frames spread over the whole clip at its own frame rate
-  (`spread_frames`); a causal VAE then decodes every latent frame, which under --low-memory costs
-  the memory of one latent frame's decode however long the video (`wan.decode_by_latent_frame`).
+  memory cost after the denoiser, so only f of them are decoded, random ones each step. SD's VAE
+  decodes every frame on its own, so any f frames will do; a causal VAE decodes a frame only
+  after the frames before it, so the f come from a short prefix of the video. A reward that
+  judges motion instead reads f frames spread over the whole clip at its own frame rate.
 - Cached prompt embeddings: the text encoder runs once per prompt, then leaves the GPU.
 
 #### Precision and memory
@@ -26,41 +33,33 @@ a GPU that has it, fp16 on one that lacks it, float32 on a CPU; `resolve_dtype`)
 | frozen weights: denoiser, VAE, reward model | base | half the memory; never updated, so rounding cannot accumulate and no float32 master copy is needed. No autocast: each op runs in its weights' dtype |
 | text encoder | base, on the GPU only to encode | not needed once the prompts are cached |
 | text embeddings (P, L, D) | base | cached for the whole run |
-| LoRA A, B, their gradients, AdamW's moments | float32 | an lr-2e-4 update of a weight of size ~1e-2 is below bf16's 8-bit mantissa: it would round away (lora.py) |
+| LoRA A, B, their gradients, AdamW's moments | float32 | bf16 would round an lr-2e-4 update of a weight of 0.01 to 1.83e-4, and one of a weight of 0.0625 or more to nothing (lora.py) |
 | latents x_t between sampler steps | float32 | DDIM subtracts nearly equal numbers when ᾱ is near 1 (sampler.guided_output) |
 | denoiser activations | base | inside a LoRA layer the low-rank branch runs in float32 and its output is cast back (lora.LoRAUpdate) |
 | decoded frames (B, f, 3, H, W), loss, rewards | float32 | the reward's preprocessing works in float32; with fp16 the loss is scaled before backward (`loss_scaler`) |
 
 What autograd keeps for backward is cut three ways, each where it happens:
 1. Checkpointing inside the denoiser, always on (`model.enable_checkpointing`: `checkpoint_blocks`
-   below for the UNets; for Wan, diffusers' own per-block checkpointing with each block's
-   attentions and FFN checkpointed again inside it): a grad step keeps each module's input, and
-   backward recomputes one module at a time, for one more denoiser forward per grad step (two
-   of each Wan sub-layer). Guidance's two passes run as two calls in a grad step
-   (sampler.guided_output), so backward holds one pass's activations at a time.
+   below for the UNets): a grad step keeps each module's input, and backward recomputes one
+   module at a time, for one more denoiser forward per grad step. Guidance's two passes run as
+   two calls in a grad step (sampler.guided_output), so backward holds one pass's activations.
 2. Checkpointing each denoiser call of a grad step (sampler.sample's `checkpoint_steps`), only
-   with --low-memory: a grad step keeps only its inputs, so memory stays flat in K, and backward
-   recomputes one guidance pass at a time, for one more denoiser forward per grad step on top of (1).
+   with --low-memory: a grad step keeps only its inputs, so memory stays flat in K, for one more
+   denoiser forward per grad step on top of (1).
 3. Checkpointed decoding (`model.decode_frames`), always on: the decoder's activations are
    recomputed in backward, at two more decoder forwards of f frames per step, and inside the
-   decode each of the decoder's resnets (and a causal VAE's resamplers) is a checkpoint of its
-   own; with --low-memory each frame is its own checkpoint (for a causal VAE each latent frame
-   of each video, taking and returning the feature cache, which waits in host memory between
-   them: `wan.decode_by_latent_frame`).
-   --low-memory also moves what autograd still saves (the reward model's activations, the
-   sampler's arithmetic) to CPU memory and back (`saved_on_cpu`), at the cost of copies, sends
-   the idle denoiser there while a whole video decodes (`denoiser_in_cpu_memory`), and a reward
-   model that says which modules it is (`reward_fn.modules`) once backward is done with it
-   (`leaves_in_backward`).
-What each lever saves at real sizes is measured by `python bench.py memory` (BENCHMARKS.md).
+   decode each of the decoder's resnets is a checkpoint of its own; with --low-memory each frame
+   is its own checkpoint.
+--low-memory also moves what autograd still saves, and idle weights, to CPU memory and back, at
+the cost of copies (infra/offload.py). What each lever saves at real sizes is predicted by
+`python bench.py memory` (BENCHMARKS.md).
 """
-import contextlib
 import functools
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from infra.cli import UserError
+from infra.offload import denoiser_in_cpu_memory
 from sampler import sample
 
 
@@ -78,37 +77,11 @@ def encode_prompts(model, prompts, batch=32):
 
 #### Noise and frame-subsampled decoding
 
-def check_video_shape(model, frames, height, width):
-    """UserError unless the model can make a video of this size: height and width multiples of its
-    latent grid, and 1 + rk frames when its VAE packs r frames a latent frame after the first."""
-    m, r = model.size_multiple, model.temporal_factor
-    if height % m or width % m:
-        raise UserError(f"--height and --width must be multiples of {m} for this model (its latent grid), "
-                        f"got {height}x{width}")
-    if (frames - 1) % r:
-        k = (frames - 1) // r * r + 1
-        raise UserError(f"--frames must be 1 + {r}k for this model (its VAE packs {r} frames a latent frame after "
-                        f"the first), got {frames}; try {k} or {k + r}")
-
-
 def initial_noise(model, batch, frames, height, width, generator, device):
     """z_T ~ N(0, I), (B, C, F_lat, h, w), drawn on the CPU so a seed gives the same video on any device."""
-    check_video_shape(model, frames, height, width)
     shape = (batch, model.latent_channels, model.latent_frames(frames), height // model.vae_factor,
              width // model.vae_factor)
     return torch.randn(shape, generator=generator).to(device)  # (B, C, F_lat, h, w)
-
-
-def noise_share(model, b, cfg, generator, device, shard=(0, 1)):
-    """This process's B videos of z_T, (B, C, F_lat, h, w).
-
-    shard = (rank, world): under torchrun every process draws the noise of the whole global
-    batch (world * B videos) from the same generator and keeps its own B, so N processes compute
-    exactly what one process with N * B videos would, and every generator stays in step.
-    """
-    rank, world = shard
-    z_T = initial_noise(model, b * world, cfg.frames, cfg.height, cfg.width, generator, device)  # (world*B, C, F_lat, h, w)
-    return z_T[rank * b:(rank + 1) * b]  # (B, C, F_lat, h, w)
 
 
 def choose_frames(num_frames, f, generator=None):
@@ -122,45 +95,25 @@ def spread_frames(num_frames, f):
     return torch.linspace(0, num_frames - 1, f).round().long()
 
 
-def spreads(reward_fn):
+def reads_whole_clip(reward_fn):
     """Whether a reward watches the clip at its own frame rate (it then carries `fps`: VideoReward)."""
     return getattr(reward_fn, "fps", None) is not None
 
 
-def frames_for(reward_fn, num_frames, fps):
-    """The default f: 1 for a reward that scores frames, or for one that watches the clip at its own
-    rate the frames that rate gives of an F-frame clip made at `fps`, in pairs, at least 4 and at
-    most F (the rule of Qwen2-VL's video reader: 33 frames at 16 fps, read at 2 fps -> 4; 81 -> 10)."""
-    if not spreads(reward_fn):
-        return 1
-    n = max(num_frames / fps * reward_fn.fps, 4)
-    return max(reward_fn.min_frames, min(num_frames, round(n / 2) * 2))
+def decode_f_frames(model, z0, frames, f, generator, spread=False, one_at_a_time=False):
+    """f of the F frames of each video z0 (B, C, F_lat, h, w), decoded with gradients -> (B, f, 3, H, W) in [0, 1].
 
-
-def frames_seen(reward_fn, video, f, fps):
-    """What a reward scores of whole videos (B, F, 3, H, W) made at `fps`: every frame, or for one that
-    watches the clip at its own rate f frames spread over it (None: `frames_for`'s number)."""
-    if not spreads(reward_fn):
-        return video
-    f = f or frames_for(reward_fn, video.shape[1], fps)
-    return video[:, spread_frames(video.shape[1], f).to(video.device)]  # (B, f, 3, H, W)
-
-
-def decode_random_frames(model, z0, frames, f, generator, low_memory=False, spread=False):
-    """f frames of each video z0 (B, C, F_lat, h, w), decoded with gradients -> (B, f, 3, H, W) in [0, 1].
-
-    Random frames by default, from the pool the VAE decodes exactly: all of them for SD's VAE, the
-    causal prefix for Wan's. A reward that judges motion needs frames across the whole clip
-    (`spread`): for SD's VAE they cost what any f frames cost; Wan's causal VAE must decode every
-    latent frame up to the last one, affordable because under --low-memory each latent frame is
-    its own checkpoint and the caches between them wait in host memory (`wan.decode_by_latent_frame`).
+    Random frames, from the prefix the VAE decodes exactly (the whole video for SD's VAE), or with
+    `spread` frames spread over the whole clip, for a reward that judges motion: for SD's VAE they
+    cost what any f frames cost, while a causal VAE must decode every latent frame up to the last
+    one. `one_at_a_time` (--low-memory) makes each frame's decode a checkpoint of its own.
     """
     if spread:
-        return model.decode_frames(z0, spread_frames(frames, f).to(z0.device), one_at_a_time=low_memory)
-    pool = model.frame_pool(frames, f)  # the first `pool` pixel frames can be decoded exactly
-    idx = choose_frames(pool, f, generator).to(z0.device)
-    z0 = z0[:, :, :model.latent_frames(pool)]  # (B, C, F_pool, h, w)
-    return model.decode_frames(z0, idx, one_at_a_time=low_memory)  # (B, f, 3, H, W)
+        return model.decode_frames(z0, spread_frames(frames, f).to(z0.device), one_at_a_time=one_at_a_time)
+    prefix = model.prefix_frames(frames, f)  # the first `prefix` pixel frames can be decoded exactly
+    idx = choose_frames(prefix, f, generator).to(z0.device)
+    z0 = z0[:, :, :model.latent_frames(prefix)]  # (B, C, F_prefix, h, w)
+    return model.decode_frames(z0, idx, one_at_a_time=one_at_a_time)  # (B, f, 3, H, W)
 
 
 #### Checkpointing inside a UNet
@@ -192,57 +145,14 @@ def checkpoint_blocks(unet, enabled=True):
 def checkpoint_units(units, enabled=True, wrap=_checkpointed):
     """Make each module's forward a checkpoint of its own (while autograd records), in place;
     calling it again rewraps the class's own forward, and `enabled=False` restores it. `wrap`
-    (forward, *args) runs the checkpoint: a causal VAE's units need one that replays their cache
-    (wan.py)."""
+    (forward, *args) runs the checkpoint, for units that need another kind."""
     for unit in units:
         unit.__dict__.pop("forward", None)  # back to the class's own forward
         if enabled:
             unit.forward = functools.partial(wrap, unit.forward)
 
 
-def saved_on_cpu(enabled, device):
-    """--low-memory: what autograd saves for backward waits in (pinned) CPU memory instead of the GPU's."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=torch.device(device).type == "cuda")
-
-
-def leaves_in_backward(reward_fn, device):
-    """--low-memory: the reward model waits in host memory while the decoder and the denoiser run backward.
-
-    Backward reaches the reward first (its ops came last) and is done with it once the frames'
-    gradient exists; from then on its weights only take room, and a video-language judge's are
-    gigabytes. A hook on the frames sends its modules (`reward_fn.modules`) to host memory then,
-    and the next call brings them back: two copies of the reward model per micro-batch. Rewards
-    without `modules` (a weighted sum) stay where they are.
-    """
-    modules = getattr(reward_fn, "modules", None)
-    if not modules or torch.device(device).type == "cpu":
-        return reward_fn
-
-    def reward(frames, prompts):
-        move_modules(modules, device)  # back from host memory, if backward sent it there
-        r = reward_fn(frames, prompts)
-        if frames.requires_grad:
-            frames.register_hook(lambda grad: move_modules(modules, "cpu"))
-        return r
-
-    reward.min_frames, reward.fps = reward_fn.min_frames, getattr(reward_fn, "fps", None)
-    return reward
-
-
-def move_modules(modules, device):
-    """Each module's weights to `device` (its own function, so the memory simulator can count the moves)."""
-    for m in modules:
-        m.to(device)
-
-
-def resolve_device(device="auto"):
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
+#### Precision
 
 def resolve_dtype(dtype, device):
     """The frozen base's dtype: 'auto' -> bf16 on a GPU that has it, fp16 on one that lacks it, fp32 on CPU
@@ -274,53 +184,13 @@ def generate(model, cond, uncond, frames, height, width, num_steps, guidance, se
 
     Video i of the batch uses seed `seed + i`, so a video depends only on its own seed and
     prompt, not on what else is in the batch. With `low_memory` the denoiser waits in CPU memory
-    while the VAE decodes every frame (`denoiser_in_cpu_memory`).
+    while the VAE decodes every frame.
     """
     device = cond.device
     z_T = torch.cat([
         initial_noise(model, 1, frames, height, width, torch.Generator().manual_seed(seed + i), device)
         for i in range(len(cond))
     ])  # (B, C, F_lat, h, w)
-    z0 = sample(model.unet, z_T, cond, uncond, model.schedule, num_steps, guidance, high_noise=model.high_noise)
+    z0 = sample(model.denoiser, z_T, cond, uncond, model.schedule, num_steps, guidance)
     with denoiser_in_cpu_memory(model, low_memory):
         return model.decode_frames(z0, torch.arange(frames, device=device))  # (B, F, 3, H, W)
-
-
-@contextlib.contextmanager
-def denoiser_in_cpu_memory(model, enabled=True):
-    """--low-memory: while a whole video decodes, the idle denoiser waits in CPU memory.
-
-    A training step decodes f frames, but the before/after and evaluation videos decode all F,
-    and a large VAE's decode of a whole video at high resolution can need more than the step, on
-    top of the denoiser's weights. Moving the denoiser out for the decode costs one copy each way
-    per batch of videos. A sharded denoiser (--shard) stays where FSDP keeps it; on a CPU there is
-    nowhere else to go.
-    """
-    if not enabled or torch.device(model.device).type in ("cpu", "meta") or sharded(model.unet):
-        yield
-        return
-    with visiting(model.device, leaving=[model.unet]):
-        yield
-
-
-@contextlib.contextmanager
-def visiting(device, arriving=(), leaving=()):
-    """For the block, `arriving` modules on `device` and `leaving` ones in CPU memory; then back."""
-    for m in leaving:
-        m.to("cpu")
-    for m in arriving:
-        m.to(device)
-    try:
-        yield
-    finally:
-        for m in arriving:
-            m.to("cpu")
-        for m in leaving:
-            m.to(device)
-
-
-def sharded(module):
-    """Whether FSDP2 has split a module's weights (they are then DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(next(module.parameters(), None), DTensor)

@@ -1,10 +1,10 @@
 """Wan2.1 and Wan2.2: a flow-matching transformer, a causal video VAE, and a text encoder too big to keep.
 
 Read after the ModelScope path: VADER's step (train.py, vader.py) is the same; what changes is
-behind the family interface of models.py, and this file is all of it.
+behind the family interface of models.py: this file, and wan_vae.py for the causal VAE's checkpoints.
 - The denoiser, `WanTransformer3DModel`: 30 blocks (for the 1.3B) of self-attention over every
   latent patch of every frame, cross-attention to the text, and an FFN. It predicts the
-  velocity of a flow-matching ODE, sampled by sampler.FlowSchedule's Euler steps; classifier-free
+  velocity of a flow-matching ODE, sampled by sampler.py's Euler steps on Wan's shifted σ; classifier-free
   guidance combines velocities exactly as it combines ε.
 - The VAE, `AutoencoderKLWan`, compresses 8x in space and 4x in time, and is causal in time:
   F = 1 + 4k pixel frames <-> 1 + k latent frames, and a latent frame is decoded from itself
@@ -15,7 +15,7 @@ behind the family interface of models.py, and this file is all of it.
 Wan2.2 keeps all three and changes two things.
 - TI2V-5B: a new VAE (`is_residual`, 48 latent channels) folds each 2x2 pixel patch into
   channels before three downsamplings, so a latent cell covers 16x16 pixels and 4 frames, still
-  causally: the same exact prefix, `frame_pool` and checkpointing serve it. diffusers' pipeline
+  causally: the same exact prefix (`prefix_frames`) and checkpointing serve it. diffusers' pipeline
   gives its transformer one timestep per token (`expand_timesteps`), so that image-to-video can
   hold the conditioning frame at t = 0; in text to video every token has the same t, and one
   timestep per video (`_timestep_per_video`) gives the same velocity without a (B, tokens,
@@ -23,33 +23,102 @@ Wan2.2 keeps all three and changes two things.
 - T2V-A14B: two 14B transformers of Wan2.1 14B's shape, `transformer` for the noisiest steps
   (t >= boundary_ratio x 1000, from model_index.json) and `transformer_2` for the rest. VADER
   trains only the last K steps, so only the low-noise expert, this family's `unet`, gets a LoRA
-  and a graph; the high-noise one runs without gradients (`HighNoise`).
+  and a graph; the high-noise one runs without gradients (`TwoExperts`).
 """
 import contextlib
 import functools
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from infra.files import model_index
+from infra.offload import in_cpu_memory, sharded, swapped
 from models import VideoModel
 from sampler import FlowSchedule
-from vader import checkpoint_units, sharded, visiting
+from vader import checkpoint_units
+from wan_vae import CAUSAL_UNITS, checkpoint_with_cache, decode_by_latent_frame
 
 TEXT_LENGTH = 512  # WanPipeline pads or cuts every prompt to 512 UMT5 tokens
 
 
-@dataclass
-class HighNoise:
-    """Wan2.2 A14B's first expert, as sampler.sample takes it: it runs every step whose timestep is
-    `boundary` or above, with its own guidance."""
+#### Wan's side of flow matching: the shifted σ schedule (the Euler step is sampler.py's)
 
-    expert: torch.nn.Module
-    boundary: float  # a timestep: boundary_ratio x num_train_timesteps
-    guidance: float
-    visit: object = contextlib.nullcontext  # a context that holds `expert` on the device for its steps
+def shift_sigma(sigma, shift):
+    """σ' = s σ / (1 + (s - 1) σ): Esser et al. 2403.03206, Section 5.3.2 (timestep shifting).
+
+    More pixels carry more redundant signal, so at a given σ a large video is less destroyed than
+    a small image; s > 1 moves the steps towards high noise, where the video's layout is decided.
+    Wan2.1 uses s = 3 at 480p (5 at 720p); s = 1 leaves σ unchanged.
+    """
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+@dataclass
+class WanFlowSchedule(FlowSchedule):
+    """The σ schedule of diffusers' FlowMatchEulerDiscreteScheduler, with Wan's shift."""
+
+    shift: float = 1.0
+
+    @classmethod
+    def from_config(cls, config):
+        """From FlowMatchEulerDiscreteScheduler's config (`shift`) or UniPC's (`flow_shift`): Wan's
+        hub folder ships UniPC, a multistep solver; the training loop takes plain Euler steps on
+        the same shifted σ, as the reward-gradient trainers for Wan do."""
+        config = dict(config)
+        return cls(config.get("num_train_timesteps", 1000), config.get("shift", config.get("flow_shift", 1.0)))
+
+    def sigmas(self, num_steps):
+        """diffusers' rule, kept for parity: N points spaced evenly between σ_max = 1 and the
+        smallest training σ (1/T, already shifted), each shifted (again), then a final 0."""
+        T, s = self.num_train_timesteps, self.shift
+        lo = shift_sigma(1 / T, s)
+        even = [1 + (lo - 1) * i / (num_steps - 1) for i in range(num_steps)] if num_steps > 1 else [1.0]
+        return [shift_sigma(x, s) for x in even] + [0.0]
+
+
+#### Wan2.2 A14B: two experts behind one denoiser
+
+class TwoExperts:
+    """A14B's denoiser as sampler.sample calls it: `high` for every step whose timestep is
+    `boundary` or above, `low` (the trained expert, with the LoRA) for the rest.
+
+    VADER trains only the last K steps, so only the low-noise expert gets a LoRA and a graph; every
+    step before the first LoRA step has inputs that do not depend on θ, so a high-noise step with
+    a graph would cost a 14B expert's activations for a gradient of exactly zero, and is refused.
+    The high-noise expert has its own guidance weight. The sampler mixes the two halves of a
+    guided batch (no gradients: [uncond; cond]) as out_u + w (out_c - out_u) with the trained
+    expert's w, so a high-noise step returns its own guided output, out_u + w_high (out_c - out_u),
+    in both halves, which that mix leaves exactly as it is (so the sampler's guidance must not be
+    1, which skips the unconditional half: the scripts refuse it). `visit` holds the high-noise
+    expert on the device from its first step to the first low-noise one.
+    """
+
+    def __init__(self, high, low, boundary, guidance, visit):
+        self.high, self.low, self.boundary, self.guidance, self.visit = high, low, boundary, guidance, visit
+        self.visiting = None  # the open `visit` while the high-noise expert has its turn
+
+    def steps(self, schedule, num_steps):
+        """How many of the N steps are the high-noise expert's."""
+        return sum(t >= self.boundary for t, _ in schedule.steps(num_steps))
+
+    def __call__(self, x, t, encoder_hidden_states):
+        if t < self.boundary:
+            if self.visiting is not None:
+                self.visiting.__exit__(None, None, None)
+                self.visiting = None
+            return self.low(x, t, encoder_hidden_states=encoder_hidden_states)
+        if torch.is_grad_enabled():
+            raise ValueError("grad_steps reaches into the high-noise expert's steps: only the low-noise expert's "
+                             "steps are trained")
+        if self.visiting is None:
+            self.visiting = self.visit()
+            self.visiting.__enter__()
+        out_u, out_c = self.high(x, t, encoder_hidden_states=encoder_hidden_states).sample.float().chunk(2)  # (B, ...)
+        guided = out_u + self.guidance * (out_c - out_u)  # (B, C, F, h, w)
+        return SimpleNamespace(sample=torch.cat([guided, guided]))  # (2B, C, F, h, w)
 
 
 @dataclass
@@ -61,7 +130,7 @@ class WanModel(VideoModel):
     boundary_ratio: float = None  # the experts meet at timestep boundary_ratio x num_train_timesteps
 
     lora_prefix = "transformer."  # diffusers' WanPipeline loads a LoRA's "transformer." keys
-    schedule_class = FlowSchedule
+    schedule_class = WanFlowSchedule
     parts = ("transformer/, vae/, text_encoder/, tokenizer/, scheduler/; for Wan2.2 A14B also transformer_2/ and "
              "model_index.json")
 
@@ -99,16 +168,16 @@ class WanModel(VideoModel):
         if self.device == "cpu":
             yield
             return
-        with visiting(self.device, [self.text_encoder], [m for m in (self.unet, self.vae) if not _in_cpu_memory(m)]):
+        with swapped(self.device, [self.text_encoder], [m for m in (self.unet, self.vae) if not in_cpu_memory(m)]):
             yield
 
-    @property
-    def high_noise(self):
-        """The first steps' expert for the sampler (`HighNoise`), or None for one transformer."""
+    @functools.cached_property
+    def denoiser(self):
+        """The transformer, or for A14B its two experts (`TwoExperts`)."""
         if self.high_expert is None:
-            return None
+            return self.unet
         boundary = self.boundary_ratio * self.schedule.num_train_timesteps
-        return HighNoise(self.high_expert, boundary, self.spec.guidance_high, self.high_expert_on_device)
+        return TwoExperts(self.high_expert, self.unet, boundary, self.spec.guidance_high, self.high_expert_on_device)
 
     @contextlib.contextmanager
     def high_expert_on_device(self):
@@ -117,9 +186,9 @@ class WanModel(VideoModel):
         while the low-noise one (LoRA included) waits in CPU memory, so the card holds one expert
         at a time, for two copies of an expert each way per batch of videos. A sharded expert
         (--shard) stays where FSDP keeps it."""
-        # No GPU, or the memory simulator's "meta" model: there the two experts' equal weights count as
-        # if swapped, the high-noise one never and the low-noise one throughout.
-        if torch.device(self.device).type in ("cpu", "meta") or not _in_cpu_memory(self.high_expert) \
+        # No GPU, or a model on the "meta" device (bench.py memory): there the two experts' equal
+        # weights count as if swapped, the high-noise one never and the low-noise one throughout.
+        if torch.device(self.device).type in ("cpu", "meta") or not in_cpu_memory(self.high_expert) \
                 or sharded(self.high_expert):
             yield
             return
@@ -128,10 +197,10 @@ class WanModel(VideoModel):
             self.high_expert.to(self.device)
             yield
             return
-        with visiting(self.device, [self.high_expert], [self.unet]):
+        with swapped(self.device, [self.high_expert], [self.unet]):
             yield
 
-    def frame_pool(self, frames, f):
+    def prefix_frames(self, frames, f):
         """The shortest prefix of the video that holds f frames: a frame can only be decoded exactly
         by decoding every latent frame before it, so the f frames come from the first
         m = 1 + ceil((f - 1) / 4) latent frames, 1 + 4 (m - 1) pixel frames (f = 1: pixel frame 0
@@ -143,18 +212,18 @@ class WanModel(VideoModel):
     def decode_frames(self, z0, frame_idx, use_checkpoint=True, one_at_a_time=False):
         """Decode all m latent frames of z0 (B, C, m, h, w), keep pixel frames `frame_idx` of the 1 + 4 (m - 1).
 
-        z0 may be the first m latent frames of a longer video (the prefix `frame_pool` names): the
+        z0 may be the first m latent frames of a longer video (the prefix `prefix_frames` names): the
         frames returned equal those of a full decode, exactly, because the decoder only looks back.
         The whole decode is one checkpoint, recomputed in backward, and inside it each resnet and
         resampler is a checkpoint of its own that replays the feature cache it started from
-        (`_with_cache`: run again on its own, a unit would otherwise read the cache of a later
-        frame).
+        (wan_vae.checkpoint_with_cache: run again on its own, a unit would otherwise read the
+        cache of a later frame).
 
         The checkpoint runs with `early_stop=False`. By default a recomputation stops as soon as
         it has rebuilt the tensors backward needs, here before the decode's final `clear_cache()`,
         and the causal cache would keep the recomputed activations alive through the rest of
         backward (the transformer's). With `one_at_a_time` (--low-memory) each latent frame of
-        each video is its own checkpoint (`decode_by_latent_frame`).
+        each video is its own checkpoint (wan_vae.decode_by_latent_frame).
         """
         config = self.vae.config
         mean = torch.tensor(config.latents_mean, device=z0.device).view(1, -1, 1, 1, 1)  # (1, C, 1, 1, 1)
@@ -186,12 +255,13 @@ class WanModel(VideoModel):
         recomputes one sub-layer at a time, so the peak holds one sub-layer's activations (the
         FFN's 4x-wide hidden state, the attention's q, k, v), not the whole block's, for one more
         forward of each sub-layer per grad step. The VAE is checkpointed whole in `decode_frames`,
-        and inside it each resnet and resampler of the decoder (`_with_cache`).
+        and inside it each resnet and resampler of the decoder (wan_vae.py).
         Also the timestep hook, on both experts of A14B (the high-noise one needs no checkpointing:
         it never runs with gradients)."""
         self.unet.enable_gradient_checkpointing()
         checkpoint_units(unit for block in self.unet.blocks for unit in (block.attn1, block.attn2, block.ffn))
-        checkpoint_units((m for m in self.vae.decoder.modules() if type(m).__name__ in CAUSAL_UNITS), wrap=_with_cache)
+        checkpoint_units((m for m in self.vae.decoder.modules() if type(m).__name__ in CAUSAL_UNITS),
+                         wrap=checkpoint_with_cache)
         for transformer in filter(None, (self.unet, self.high_expert)):
             transformer.register_forward_pre_hook(_timestep_per_video, with_kwargs=True)
 
@@ -218,128 +288,6 @@ class WanModel(VideoModel):
                                                                           torch_dtype=dtype)
             parts["boundary_ratio"] = index["boundary_ratio"]
         return parts
-
-
-def registry_entry(source, transformer_config, vae_config):
-    """The registry entry whose defaults a Wan folder or hub id takes, read off its configs: A14B
-    names two experts, TI2V-5B's VAE is residual, a 14B transformer has 40 blocks."""
-    if model_index(source).get("boundary_ratio") is not None:
-        return "wan22-a14b"
-    if vae_config.get("is_residual"):
-        return "wan22-5b"
-    return "wan-14b" if transformer_config.get("num_layers") == 40 else "wan"
-
-
-def decode_by_latent_frame(vae, z):
-    """The causal decode of z (B, C, m, h, w) as m checkpoints, one a latent frame -> (B, 3, 1 + 4 (m - 1), H, W).
-
-    diffusers' `_decode` loop written out: latent frame i goes through the decoder with the feature
-    cache latent frame i - 1 left (the last two frames of every causal conv's input). Each frame's
-    decode is a checkpoint that takes that cache as input and returns the new one beside its
-    pixels, so backward recomputes one latent frame's decode at a time, where one checkpoint
-    around the whole decode holds all m frames' activations at once when it is recomputed.
-
-    What backward must keep are the m - 1 caches between frames, and at full resolution each is
-    about as large as a frame's activations. They wait in host memory (`to_host`; on a CPU that
-    is where they are) and come back a conv at a time while their frame is recomputed: the device
-    then holds one latent frame's decode however long the video, which is what lets a reward see
-    frames spread over the whole clip (`vader.decode_random_frames`). A cache's gradient crosses
-    back the same way: one copy of every cache each way per video, and host memory for all of
-    them (BENCHMARKS.md). The frames are bit for bit the full decode's, the gradients equal to
-    float32 rounding (the caches' gradients add up in another order). Backward must be
-    `.backward()`, as train.py's: `torch.autograd.grad` does not pass the reentrant checkpoints below.
-    """
-    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
-    x = vae.post_quant_conv(z)  # a 1x1x1 convolution: it looks at no other frame
-    cache, frames = [None] * vae._cached_conv_counts["decoder"], []
-    # With several latent frames each checkpoint is reentrant: one node of the graph, which runs
-    # only once the gradients of both its pixels and its cache have arrived, and then recomputes
-    # and backpropagates its whole latent frame before the next node starts. A non-reentrant
-    # checkpoint is recomputed at the first of its saved tensors that backward reaches, and the
-    # pixels' gradient reaches every latent frame's at once, so several frames would be
-    # recomputed together. Alone, a latent frame has no cache to wait for.
-    reentrant = x.shape[2] > 1
-    for i in range(x.shape[2]):
-        out, *cache = checkpoint(_decode_latent_frame, vae.decoder, x[:, :, i:i + 1], i == 0, *cache,
-                                 use_reentrant=reentrant, **({} if reentrant else {"early_stop": False}))
-        cache = [to_host(c) if torch.is_tensor(c) else c for c in cache]
-        frames.append(out)
-    out = torch.cat(frames, dim=2)  # (B, 3 or 12, 1 + 4 (m - 1), H', W')
-    if vae.config.patch_size is not None:  # Wan2.2's VAE: 12 channels of 2x2 pixel patches -> 3
-        out = unpatchify(out, vae.config.patch_size)
-    return out.clamp(-1, 1)  # as `_decode` clamps
-
-
-def to_host(t):
-    """A copy of t in host memory; autograd carries its gradient back to t's device."""
-    return t.to("cpu")
-
-
-def _decode_latent_frame(decoder, x, first, *cache):
-    """One latent frame x (B, C, 1, h, w) through the causal decoder: (its pixels, the cache it leaves).
-
-    A cache entry in host memory comes back to the device where its conv reads it (diffusers'
-    causal conv moves it), so one entry at a time, and its gradient leaves as soon as that
-    conv's backward has made it."""
-    cache = list(cache)
-    return (decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first), *cache)
-
-
-CAUSAL_UNITS = ("WanResidualBlock", "WanResample")  # the decoder's units that read and advance the feature cache
-
-
-def _with_cache(forward, x, feat_cache=None, feat_idx=[0], **kwargs):  # noqa: B006 (diffusers' signature)
-    """A causal decoder unit's forward (a resnet's, a resampler's) as an exact checkpoint of its own.
-
-    A unit reads the feature cache its causal convolutions left at the previous latent frame
-    (`feat_cache[i]`, the last two frames of each conv's input: one slot a conv, from
-    `feat_idx` on) and overwrites it with this frame's, so run again in backward it would read a
-    later frame's cache: a plain checkpoint would recompute something else. Every run here, the
-    first and the recomputation, gets its slots as the unit found them, and the first run's
-    updates go back into the decoder's cache. Backward through the decode's checkpoint
-    (`decode_frames`) then keeps only each unit's input and recomputes one unit at a time, as
-    SD's VAE is checkpointed per resnet.
-
-    The unit's cached tensors go in as the checkpoint's inputs, not a closure's: a checkpoint saves
-    its inputs for backward as autograd saves any tensor, so inside the decode's own checkpoint
-    they are dropped after its first run and kept only while it is recomputed.
-    """
-    if feat_cache is None or not torch.is_grad_enabled():
-        return forward(x, feat_cache, feat_idx, **kwargs)
-    start, size = feat_idx[0], len(feat_cache)
-    own = range(start, start + _cache_slots(forward.__self__))
-    found = {i: feat_cache[i] for i in own}  # tensors, or the markers diffusers uses ("Rep", None)
-    held, first = [i for i in own if torch.is_tensor(found[i])], {}
-
-    def run(x, *tensors):
-        cache = [None] * size
-        cache[start:start + len(own)] = [found[i] for i in own]
-        for i, t in zip(held, tensors):
-            cache[i] = t
-        out = forward(x, cache, [start], **kwargs)
-        if "done" not in first:  # the first run's updates go on to the next unit; a recomputation's are dropped
-            first.update({i: cache[i] for i in own})
-        return out
-
-    out = checkpoint(run, x, *(found[i] for i in held), use_reentrant=False, early_stop=False)
-    for i in own:
-        feat_cache[i] = first.pop(i)
-    feat_idx[0], first["done"] = start + len(own), True
-    found.update({i: None for i in held})  # the closure keeps only the markers
-    return out
-
-
-@functools.cache
-def _cache_slots(unit):
-    """How many cache slots a decoder unit uses: one for each causal conv that looks back in time."""
-    return sum(type(m).__name__ == "WanCausalConv3d" and m.kernel_size[0] > 1 for m in unit.modules())
-
-
-def _in_cpu_memory(module):
-    """Whether a module's weights are in CPU memory (one without weights is taken to be on the device)."""
-    p = next(module.parameters(), None)
-    return p is not None and p.device.type == "cpu"
 
 
 def _timestep_per_video(transformer, args, kwargs):

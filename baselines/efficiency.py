@@ -109,12 +109,10 @@ def vader_update(model, reward_fn, params, optimizer, scaler, prompts, cond, unc
 
     Returns the rewards (B,) of the videos it queried.
     """
+    from infra.setup import batch_drawer
     from train import train_step
 
-    def draw_batch():
-        idx = torch.randint(len(prompts), (a.batch_size,), generator=generator)
-        return [prompts[i] for i in idx], cond[idx.to(cond.device)]
-
+    draw_batch = batch_drawer(model, a, prompts, cond, generator)
     return train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, a, generator, k)[1]
 
 

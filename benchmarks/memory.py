@@ -175,11 +175,11 @@ def name_modules(prefix, module):
 @contextlib.contextmanager
 def host_offload(counter):
     """--low-memory's moves to host memory, seen by the counter: what autograd saves (`save_on_cpu`)
-    the causal decoder's caches between latent frames (wan.py's `to_host`), and the reward model
-    while the rest runs backward (vader.leaves_in_backward) are copied to host memory (not
+    the causal decoder's caches between latent frames (wan_vae.to_host), and the reward model
+    while the rest runs backward (infra.offload.reward_leaves_in_backward) are copied to host memory (not
     counted) and come back to the device when needed (counted when they do)."""
-    import vader
-    import wan
+    import infra.offload
+    import wan_vae
 
     def to_host(t):
         counter.host = True
@@ -192,19 +192,19 @@ def host_offload(counter):
         def __init__(self, pin_memory=False, device_type="cuda"):
             super().__init__(to_host, lambda t: t.clone())
 
-    def move_modules(modules, device):  # vader.leaves_in_backward's moves: host copies uncounted, device ones counted
+    def move_modules(modules, device):  # infra.offload.reward_leaves_in_backward's moves: host copies uncounted, device ones counted
         for m in modules:
             if getattr(m, "_in_host_memory", False) != (device == "cpu"):
                 for t in (*m.parameters(), *m.buffers()):
                     t.data = to_host(t.data) if device == "cpu" else t.data.clone()
                 m._in_host_memory = device == "cpu"
 
-    originals = torch.autograd.graph.save_on_cpu, wan.to_host, vader.move_modules
-    torch.autograd.graph.save_on_cpu, wan.to_host, vader.move_modules = save_on_host, to_host, move_modules
+    originals = torch.autograd.graph.save_on_cpu, wan_vae.to_host, infra.offload.move_modules
+    torch.autograd.graph.save_on_cpu, wan_vae.to_host, infra.offload.move_modules = save_on_host, to_host, move_modules
     try:
         yield
     finally:
-        torch.autograd.graph.save_on_cpu, wan.to_host, vader.move_modules = originals
+        torch.autograd.graph.save_on_cpu, wan_vae.to_host, infra.offload.move_modules = originals
 
 
 def add_compare_parser(sub):
@@ -243,7 +243,7 @@ def simulate(name, low_memory=False, fake=True, num_steps=None):
                   ("text embeddings", [parts["cond"], parts["uncond"]])]
         # Wan2.2 A14B's high-noise expert waits in host memory, and visits the GPU only while the
         # low-noise one (of equal size) is out: counting the low-noise one throughout is the same.
-        high = model.high_noise.expert if model.high_noise is not None else torch.nn.Module()
+        high = getattr(model, "high_expert", None) or torch.nn.Module()
         elsewhere = [*high.parameters(), *high.buffers()]
         def labels():
             grads = [p.grad for p in parts["params"]]

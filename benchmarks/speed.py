@@ -206,9 +206,9 @@ def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_s
     if reward is not None:
         reward_fn, reward_modules = random_videoreward(build_on, dtype, **reward)
         if low_memory:  # as train.py: the reward waits in host memory during the decoder's and denoiser's backward
-            from vader import leaves_in_backward
+            from infra.offload import reward_leaves_in_backward
 
-            reward_fn = leaves_in_backward(reward_fn, "cuda" if fake_mode is not None else device)
+            reward_fn = reward_leaves_in_backward(reward_fn, "cuda" if fake_mode is not None else device)
     else:
         reward_fn, reward_modules = random_aesthetic(CLIP_TINY_CONFIG if family in SMALL else CLIP_L14_CONFIG,
                                                      build_on, dtype)
@@ -216,8 +216,8 @@ def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_s
         if fake_mode is not None:
             for module in (model.unet, model.vae, model.text_encoder, *reward_modules):
                 materialize_fake(module)
-            if model.high_noise is not None:
-                materialize_fake(model.high_noise.expert)
+            if getattr(model, "high_expert", None) is not None:
+                materialize_fake(model.high_expert)
         step, generation, parts = _step_and_generation(model, reward_fn, name, device, dtype, low_memory, foreach,
                                                        num_steps, shard)
     return step, generation, dict(parts, reward_modules=reward_modules)
@@ -226,7 +226,7 @@ def prepare(name, device, dtype, low_memory, fake_mode=None, foreach=None, num_s
 def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, foreach, num_steps, shard=None):
     from lora import inject_lora
     from train import train_step
-    from vader import generate, loss_scaler
+    from vader import generate, initial_noise, loss_scaler
 
     family, height, width, frames, k, f, _ = config_of(name)
     # train.py's defaults for everything the step reads but the configuration does not set.
@@ -250,9 +250,16 @@ def _step_and_generation(model, reward_fn, name, device, dtype, low_memory, fore
     optimizer = torch.optim.AdamW(params, lr=Config.lr, weight_decay=Config.weight_decay, foreach=foreach)
     scaler = loss_scaler(dtype, device)
 
+    rank, world = shard or (0, 1)
+
     def step():
-        train_step(model, reward_fn, params, optimizer, scaler, lambda: (["a prompt"], cond), uncond, cfg,
-                   torch.Generator().manual_seed(0), k, shard or (0, 1))
+        generator = torch.Generator().manual_seed(0)
+
+        def draw_batch():  # as train.py's: every process draws the whole batch's noise and keeps its own
+            z_T = initial_noise(model, world, frames, height, width, generator, device)  # (world, C, F_lat, h, w)
+            return ["a prompt"], cond, z_T[rank:rank + 1]
+
+        train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, cfg, generator, k, world)
 
     def generation():
         generate(model, cond, uncond, frames, height, width, cfg.num_steps, cfg.guidance, seed=0,
@@ -328,7 +335,8 @@ def join_for_shard(device):
 
 
 def run_speed(a):
-    from vader import resolve_device, resolve_dtype
+    from infra.checks import resolve_device
+    from vader import resolve_dtype
 
     names = config_names(a.config)
     if a.repeats < 1:

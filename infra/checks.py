@@ -107,3 +107,25 @@ def check_output_dir(path, flag="--output-dir"):
         read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
         why = "is on a read-only file system" if read_only else "is not writable by this user"
         raise UserError(f"{flag} {path}: {existing} {why}; choose another {flag}")
+
+
+def check_video_shape(model, frames, height, width):
+    """UserError unless the model can make a video of this size: height and width multiples of its
+    latent grid, and 1 + rk frames when its VAE packs r frames a latent frame after the first."""
+    m, r = model.size_multiple, model.temporal_factor
+    if height % m or width % m:
+        raise UserError(f"--height and --width must be multiples of {m} for this model (its latent grid), "
+                        f"got {height}x{width}")
+    if (frames - 1) % r:
+        k = (frames - 1) // r * r + 1
+        raise UserError(f"--frames must be 1 + {r}k for this model (its VAE packs {r} frames a latent frame after "
+                        f"the first), got {frames}; try {k} or {k + r}")
+
+
+def resolve_device(device="auto"):
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -74,8 +74,9 @@ def all_gather(tensor, world):
     return torch.cat(parts)
 
 
-def average_gradients(params, loss, world):
-    """DDP's all-reduce of the LoRA gradients (and the loss, for the log), in one call; returns the loss.
+def mean_over_processes(params, loss, world):
+    """DDP's all-reduce of the LoRA gradients and of the loss (for the log), in one call; returns the
+    loss averaged over the `world` processes (on one, `loss` itself).
 
     A parameter no gradient reached (possible under dropout or a reward that ignores some
     frames) takes part as zeros, so every process sends tensors of the same sizes. Sharded

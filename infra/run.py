@@ -17,10 +17,11 @@ from infra.folder import check_run_folder, claim, remove_run_files
 from infra.runlog import (METRICS, eval_columns, eval_summary, metrics_text, open_tracker, plot_rewards, restore,
                           save_checkpoint, tidy_run_folder)
 from infra.video import plot_before_after, tile, write_strip, write_video
+from infra.frames import frames_scored
+from infra.sharding import whole_lora
 from lora import save_lora
 from models import base_id
-from sampler import high_noise_steps
-from vader import frames_seen, generate
+from vader import generate
 
 
 def describe(spec):
@@ -40,12 +41,13 @@ def print_banner(cfg, model, dtype, device, world, prompts, held_out, params, sp
           f"guidance {cfg.guidance} | base {str(dtype).replace('torch.', '')}, LoRA float32 | device {device}"
           + (f" x {world} processes" if world > 1 else ""))
     print(f"registry entry {describe(model.spec)}" + (" | --low-memory" if cfg.low_memory else ""))
-    if model.high_noise is not None:  # Wan2.2 A14B
-        high = high_noise_steps(model.schedule, cfg.num_steps, model.high_noise)
-        print(f"two experts: steps 1-{high} (t >= {model.high_noise.boundary:g}) the high-noise one, guidance "
-              f"{model.high_noise.guidance}, no LoRA, no gradients; steps {high + 1}-{cfg.num_steps} the low-noise "
+    experts = model.denoiser if model.denoiser is not model.unet else None
+    if experts is not None:  # Wan2.2 A14B (wan.TwoExperts)
+        high = experts.steps(model.schedule, cfg.num_steps)
+        print(f"two experts: steps 1-{high} (t >= {experts.boundary:g}) the high-noise one, guidance "
+              f"{experts.guidance}, no LoRA, no gradients; steps {high + 1}-{cfg.num_steps} the low-noise "
               f"one, guidance {cfg.guidance}, with the LoRA")
-    pool = cfg.frames if spread else model.frame_pool(cfg.frames, cfg.decode_frames)
+    pool = cfg.frames if spread else model.prefix_frames(cfg.frames, cfg.decode_frames)
     print(f"reward {cfg.reward} | {len(prompts)} prompts ({len(held_out)} held out) | "
           f"{cfg.batch_size * cfg.grad_accum * world} videos per optimizer step ({cfg.batch_size} x "
           f"{cfg.grad_accum} accumulated x {world} processes) | grad through the last "
@@ -72,7 +74,7 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, n, reward_fn=None,
     if reward_fn is not None:
         names = [prompts[i] for i in idx]
         with torch.no_grad():
-            seen = frames_seen(reward_fn, video, cfg.decode_frames, model.spec.fps)
+            seen = frames_scored(reward_fn, video, cfg.decode_frames, model.spec.fps)
             return {"eval_reward": reward_fn(seen, names).float().mean().item(),
                     **eval_columns(eval_fns, video, names, model.spec.fps)}
 
@@ -159,27 +161,34 @@ class Run:
         return bool(all_gather(torch.tensor([float(flag)], device=self.device), self.world)[0])
 
     def evaluate(self, step):
-        """Held-out rewards at fixed seeds, with their videos; {} when this step has no evaluation."""
+        """Held-out rewards at fixed seeds, with their videos, every --eval-every steps and at the last
+        step: {metrics.csv column: value}, or {} when this step has no evaluation."""
         cfg = self.cfg
         if not ((self.main or self.together) and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)):
             return {}
         return self.videos(f"eval-step-{step:06d}", cfg.eval_videos, True) or {}
 
-    def checkpoint(self, step):
+    def checkpoint_due(self, step):
+        """Whether --save-every asks for a checkpoint after this step."""
+        return bool(self.cfg.save_every and step % self.cfg.save_every == 0)
+
+    def save_checkpoint(self, step):
+        """checkpoints/step-N (infra/runlog.py), on every process under --shard."""
         if self.main or self.cfg.shard:
             save_checkpoint(self.out, step, self.model.unet, self.optimizer, self.generator, self.config_text,
                             metrics_text(self.rows), self.cfg.keep_checkpoints, self.model.lora_prefix,
                             base_id(self.model.spec), (self.rank, self.world) if self.cfg.shard else None)
         self.saved = step
 
-    def record(self, step, loss, rewards, grad_norm, k, finite, seconds):
-        """After a step: its metrics row (and evaluation), the non-finite count, checkpoints."""
+    def record(self, step, loss, rewards, grad_norm, k, finite, seconds, scores):
+        """After a step: its metrics row (with the evaluation's `scores`) and the non-finite count; a run
+        of --max-bad-steps non-finite steps stops with a checkpoint."""
         cfg = self.cfg
         self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
         r = all_gather(rewards.to(self.device), self.world)
         row = dict(step=step, reward_mean=r.mean().item(), reward_std=r.std(unbiased=False).item(), loss=loss,
                    lr=cfg.lr, grad_norm=grad_norm, grad_steps=k, skipped=int(not finite), eval_reward="")
-        self.rows.append({**row, **self.evaluate(step), "seconds": round(seconds, 3)})
+        self.rows.append({**row, **scores, "seconds": round(seconds, 3)})
         if self.main:
             atomic_write_text(self.out / "metrics.csv", metrics_text(self.rows))
             if self.tracker:
@@ -190,18 +199,16 @@ class Run:
             self.bar.set_postfix(post)
             self.bar.update(1)
         if self.bad_in_a_row >= cfg.max_bad_steps:
-            self.checkpoint(step)
+            self.save_checkpoint(step)
             raise UserError(f"{self.bad_in_a_row} steps in a row had a non-finite loss, gradient or updated LoRA "
                             f"weight (up to step {step}); their updates were skipped. Lower --lr or check the reward; "
                             "resume with --resume")
         if not finite:
             tqdm.write(f"step {step}: non-finite loss, gradient or update, skipped ({self.bad_in_a_row} in a row)")
-        if cfg.save_every and step % cfg.save_every == 0:
-            self.checkpoint(step)
 
-    def finish(self, step, captions):
-        """The end of a run on the main process: last checkpoint, LoRA, reward curve, after-videos and the
-        before/after picture (`captions`: the prompts of the before/after videos)."""
+    def save_lora(self, step):
+        """The end of training: the last checkpoint, lora.safetensors and reward_curve.png. Returns
+        whether this process goes on to the after-videos (not after a stop: then it says how to resume)."""
         cfg, out = self.cfg, self.out
         if self.bar is not None:
             self.bar.close()
@@ -209,32 +216,37 @@ class Run:
             if self.main:
                 print(f"stopped by {self.signal()} while loading, before the run began; nothing was written. "
                       "Run the same command to start it.")
-            return
+            return False
         if self.saved != step:
-            self.checkpoint(step)
+            self.save_checkpoint(step)
         stopped = self.stopped()
         if not (self.main or self.together):
-            return
+            return False
         trained = [r for r in self.rows if r["reward_mean"] != ""]
         if trained:  # gathered from every process under --shard, written by the main one
-            save_lora(self.model.unet, out / "lora.safetensors", self.model.lora_prefix, base_id(self.model.spec),
-                      write=self.main)
-        if self.main and trained:
-            plot_rewards(out, self.rows, cfg.reward)
-        if stopped:
+            tensors = whole_lora(self.model.unet, self.model.lora_prefix)
             if self.main:
-                print(f"stopped by {self.signal()} after step {step}; checkpoint saved. Continue with: "
-                      f"python train.py --resume {out}")
-            return
-        self.videos("after", cfg.num_videos, False)
+                save_lora(self.model.unet, out / "lora.safetensors", self.model.lora_prefix, base_id(self.model.spec),
+                          tensors=tensors)
+                plot_rewards(out, self.rows, cfg.reward)
+        if stopped and self.main:
+            print(f"stopped by {self.signal()} after step {step}; checkpoint saved. Continue with: "
+                  f"python train.py --resume {out}")
+        return not stopped
+
+    def summary(self, step, captions):
+        """The before/after picture (`captions`: the prompts of the before/after videos) and the run in
+        a few lines, on the main process."""
+        out = self.out
         if not self.main:
             return
+        trained = [r for r in self.rows if r["reward_mean"] != ""]
         if (out / "videos" / "before.png").exists():  # a run resumed from an older version may lack it
             plot_before_after(out / "videos", captions, step)
         print(f"done: training reward {trained[0]['reward_mean']:.4f} (step {trained[0]['step']}) -> "
               f"{trained[-1]['reward_mean']:.4f} (step {step}); wrote {out}/lora.safetensors, metrics.csv, "
               "reward_curve.png, videos/before_after.png, videos/before|after.mp4")
-        if self.model.high_noise is not None:  # Wan2.2 A14B
+        if self.model.denoiser is not self.model.unet:  # Wan2.2 A14B
             print(f"the LoRA is the low-noise expert's; in diffusers: "
                   f"pipe.load_lora_weights({str(out / 'lora.safetensors')!r}, load_into_transformer_2=True)")
         for line in eval_summary(self.rows):

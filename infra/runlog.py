@@ -88,6 +88,7 @@ def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_
     from lora import save_lora
 
     from infra.distributed import barrier
+    from infra.sharding import whole_lora
 
     final = Path(out) / "checkpoints" / f"{PREFIX}{step:06d}"
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
@@ -102,7 +103,9 @@ def save_checkpoint(out, step, unet, optimizer, generator, config_text, metrics_
             save_sharded(tmp, unet, optimizer)
         else:
             state["optimizer"] = optimizer.state_dict()
-        save_lora(unet, tmp / "lora.safetensors", prefix, base, write=main)
+        tensors = whole_lora(unet, prefix)  # gathered from every process under --shard
+        if main:
+            save_lora(unet, tmp / "lora.safetensors", prefix, base, tensors=tensors)
         if main:
             buffer = io.BytesIO()  # torch.save's own file writer turns a full disk into a RuntimeError
             torch.save(state, buffer)
@@ -144,7 +147,7 @@ def remove_temporaries(out):
 def check_checkpoint(folder, check_config=None):
     """Read every file of a checkpoint as a resume would; a damaged one raises a UserError.
     `check_config(dict)` raises a UserError for a config.json that is not a run's settings."""
-    from lora import read_lora_file
+    from infra.lorafile import read_lora_file
 
     fix = "resume from another checkpoint, or start again without --resume"
     read_lora_file(folder / "lora.safetensors")
@@ -203,7 +206,7 @@ def load_checkpoint(folder, unet, optimizer, generator, sharded=False):
     `sharded` (--shard): the LoRA and AdamW's state come from the checkpoint's sharded/ folder,
     resharded for this run's number of processes, whatever number wrote them.
     """
-    from lora import load_lora
+    from infra.lorafile import load_lora_file
 
     fix = "resume from another checkpoint, or start again without --resume"
     if sharded != (folder / SHARDED).is_dir():
@@ -214,7 +217,7 @@ def load_checkpoint(folder, unet, optimizer, generator, sharded=False):
         if sharded:
             load_sharded(folder, unet, optimizer)
         else:
-            load_lora(unet, folder / "lora.safetensors")
+            load_lora_file(unet, folder / "lora.safetensors")
             optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generator)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -273,11 +276,11 @@ def read_metrics(path):
 def eval_columns(eval_rewards, frames, prompts, fps):
     """{column: value} of the evaluation rewards (rewards.load_eval_rewards) on videos (B, F, 3, H, W) made
     at `fps`: `eval_<name>`, the mean reward, or `eval_<name>/<part>` for each part of a reward with parts."""
-    from vader import frames_seen
+    from infra.frames import frames_scored
 
     out = {}
     for name, fn in eval_rewards.items():
-        seen = frames_seen(fn, frames, None, fps)
+        seen = frames_scored(fn, frames, None, fps)
         if hasattr(fn, "parts"):
             out.update({f"eval_{name}/{part}": value for part, value in fn.parts(seen, prompts).items()})
         else:

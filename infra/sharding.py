@@ -62,9 +62,17 @@ def shard_denoiser(model, world, device):
     for block in model.shard_blocks():
         fully_shard(block, mesh=mesh)
     fully_shard(model.unet, mesh=mesh)
-    if model.high_noise is not None:
-        shard_high_expert(model.high_noise.expert, mesh)
+    if getattr(model, "high_expert", None) is not None:  # Wan2.2 A14B's high-noise expert (wan.TwoExperts)
+        shard_high_expert(model.high_expert, mesh)
     return [p for p in model.unet.parameters() if p.requires_grad]
+
+
+def whole_lora(unet, prefix):
+    """The LoRA state dict with every sharded tensor gathered whole: the same file a single process
+    writes. The gather is a collective, so every process calls this."""
+    from lora import lora_state_dict
+
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in lora_state_dict(unet, prefix).items()}
 
 
 def shard_high_expert(expert, mesh):

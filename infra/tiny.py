@@ -234,3 +234,16 @@ def tiny_folder(name):
             raise UserError(f"could not write the tiny model to {tmp} ({first_line(e)}); free some space "
                             "in the temporary folder (or point TMPDIR elsewhere)") from None
         yield tmp
+
+
+def tiny_videoreward(device="cpu", dtype=torch.float32, vq=1.0, mq=1.0, ta=1.0, normalized=True, max_pixels=200_704,
+                     checkpointing=True):
+    """VideoReward's structure and code path (reward_models/videoreward.py) at a tiny random size: for
+    the CPU, the tests and the tiny video models. Its scores mean nothing; its gradients flow as the
+    real one's. `max_pixels` is the release's budget, videoreward.MAX_PIXELS."""
+    from reward_models.videoreward import videoreward
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_videoreward(tmp)
+        return videoreward(device, dtype, base=tmp, weights=tmp, vq=vq, mq=mq, ta=ta, normalized=normalized,
+                           max_pixels=max_pixels, checkpointing=checkpointing)

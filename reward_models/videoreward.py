@@ -19,7 +19,6 @@ The official weights ship as one PEFT state dict (`convert_checkpoint` merges it
 import glob
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import torch
@@ -250,15 +249,3 @@ def reward_from(model, vq=1.0, mq=1.0, ta=1.0, normalized=True, max_pixels=MAX_P
 
     reward.min_frames, reward.fps, reward.scores, reward.parts, reward.modules = 2, FPS, scores, parts, [model]
     return reward
-
-
-def tiny_videoreward(device="cpu", dtype=torch.float32, vq=1.0, mq=1.0, ta=1.0, normalized=True, max_pixels=MAX_PIXELS,
-                     checkpointing=True):
-    """VideoReward's structure and code path at a tiny random size (infra/tiny.py): for the CPU, the
-    tests and the tiny video models. Its scores mean nothing; its gradients flow as the real one's."""
-    from infra.tiny import build_tiny_videoreward
-
-    with tempfile.TemporaryDirectory() as tmp:
-        build_tiny_videoreward(tmp)
-        return videoreward(device, dtype, base=tmp, weights=tmp, vq=vq, mq=mq, ta=ta, normalized=normalized,
-                           max_pixels=max_pixels, checkpointing=checkpointing)

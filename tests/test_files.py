@@ -78,7 +78,8 @@ def test_a_bad_prompts_file_is_one_line(tmp_path, capsys, content, message):
 #### LoRA files
 
 def test_a_lora_file_that_does_not_fit_names_the_first_mismatch(tmp_path, capsys, tiny_folder):
-    from lora import inject_lora, load_lora, save_lora
+    from infra.lorafile import load_lora_file
+    from lora import inject_lora, save_lora
     from models import load_video_model
 
     q_only = load_video_model(str(tiny_folder))
@@ -99,7 +100,7 @@ def test_a_lora_file_that_does_not_fit_names_the_first_mismatch(tmp_path, capsys
     every = load_video_model(str(tiny_folder))
     inject_lora(every.unet, rank=2)  # all four projections: the q-only file lacks most of them
     with pytest.raises(UserError, match=r"adapters missing, 0 unexpected: the model has unet\..*to_k"):
-        load_lora(every.unet, tmp_path / "q_only.safetensors")
+        load_lora_file(every.unet, tmp_path / "q_only.safetensors")
 
 
 #### Damaged checkpoints

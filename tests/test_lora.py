@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from infra.cli import UserError
+from infra.lorafile import load_lora_file
 from lora import LoRALinear, inject_lora, load_lora, lora_layers, lora_state_dict, merge_lora, save_lora
 
 
@@ -97,10 +98,26 @@ def test_load_refuses_a_file_for_another_model(tiny_model, tmp_path):
     other.add_module("to_q", torch.nn.Linear(3, 3))
     inject_lora(other, rank=2, targets=("to_q",))
     save_lora(other, tmp_path / "other.safetensors")
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(ValueError, match="does not fit"):  # lora.py: a plain error; the scripts' check says the fix
         load_lora(tiny_model.unet, tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="does not fit this model .*; load it into the model it was trained on"):
+        load_lora_file(tiny_model.unet, tmp_path / "other.safetensors")
     with pytest.raises(UserError, match="does not exist"):
-        load_lora(tiny_model.unet, tmp_path / "missing.safetensors")
+        load_lora_file(tiny_model.unet, tmp_path / "missing.safetensors")
+
+
+def test_bf16_rounds_lr_sized_updates_as_lora_py_says():
+    """lora.py's reason for float32 adapters, held to torch: an update of 2e-4 lands in bf16 as 1.83e-4
+    on a weight of 0.01 and vanishes on one of 0.0625 or more; float32 keeps it."""
+    def applied(w, dtype):
+        w = torch.tensor(w, dtype=dtype)
+        return (w + torch.tensor(2e-4, dtype=dtype) - w).item()
+
+    assert applied(0.01, torch.bfloat16) == 0.00018310546875
+    assert applied(0.0625, torch.bfloat16) == applied(0.1, torch.bfloat16) == 0.0
+    assert applied(0.06, torch.bfloat16) != 0.0  # just below 0.0625 it still moves
+    assert torch.finfo(torch.bfloat16).eps == 2.0**-7  # 7 stored bits + the implicit one: 8 significant bits
+    assert all(abs(applied(w, torch.float32) - 2e-4) < 1e-8 for w in (0.01, 0.0625, 0.1))
 
 
 def test_mixed_precision_keeps_lora_in_float32():

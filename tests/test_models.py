@@ -15,6 +15,7 @@ from benchmarks.architectures import build_architecture
 from infra.tiny import MODELSCOPE_SCHEDULER, build_tiny_model
 from models import MODELS, checkpoint_blocks, load_video_model
 from rewards import load_reward
+from infra.setup import batch_drawer
 from train import train_step
 from vader import loss_scaler
 
@@ -27,7 +28,7 @@ TINY_SD_UNET = dict(
 TINY_ADAPTER = dict(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
                     motion_norm_num_groups=8)
 CFG = SimpleNamespace(frames=2, height=32, width=32, num_steps=2, guidance=3.0, decode_frames=2, grad_accum=1,
-                      grad_clip=1.0, low_memory=False)
+                      grad_clip=1.0, low_memory=False, batch_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,9 @@ def train_a_few_steps(model, steps=2):
     opt = torch.optim.AdamW(params, lr=1e-2)
     cond, uncond = torch.randn(1, 77, 32), torch.randn(1, 77, 32)
     for _ in range(steps):
+        g = torch.Generator()
         train_step(model, load_reward("brightness"), params, opt, loss_scaler(torch.float32, "cpu"),
-                   lambda: (["a"], cond), uncond, CFG, torch.Generator(), 1)
+                   batch_drawer(model, CFG, ["a"], cond, g), uncond, CFG, g, 1)
     return params, before
 
 
@@ -176,9 +178,10 @@ def test_low_memory_gives_the_same_gradients(tiny_model):
 
     def grads(low_memory):
         """One train_step at lr 0 (the LoRA stays put): its loss and the (clipped) gradients it left."""
+        g, cfg = torch.Generator().manual_seed(0), replace_ns(CFG, low_memory=low_memory)
         loss, *_ = train_step(tiny_model, load_reward("brightness"), params, torch.optim.SGD(params, lr=0.0),
-                              loss_scaler(torch.float32, "cpu"), lambda: (["a"], cond), uncond,
-                              replace_ns(CFG, low_memory=low_memory), torch.Generator().manual_seed(0), 2)
+                              loss_scaler(torch.float32, "cpu"), batch_drawer(tiny_model, cfg, ["a"], cond, g), uncond,
+                              cfg, g, 2)
         return loss, [p.grad.clone() for p in params]
 
     (a, ga), (b, gb) = grads(False), grads(True)
@@ -197,8 +200,9 @@ def test_mixed_precision_keeps_lora_in_float32(tiny_folder, dtype):
     scaler = loss_scaler(dtype, "cpu")  # fp16: dynamic loss scaling; bf16: a pass-through
     assert scaler.is_enabled() == (dtype == torch.float16)
     cond, uncond = torch.randn(1, 77, 32, dtype=dtype), torch.randn(1, 77, 32, dtype=dtype)
-    *_, finite = train_step(model, load_reward("brightness"), params, opt, scaler, lambda: (["a"], cond), uncond,
-                            CFG, torch.Generator(), 1)  # scale, backward, unscale, clip, step
+    g = torch.Generator()
+    *_, finite = train_step(model, load_reward("brightness"), params, opt, scaler, batch_drawer(model, CFG, ["a"], cond, g),
+                            uncond, CFG, g, 1)  # scale, backward, unscale, clip, step
     assert finite
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in params)
     assert all(p.dtype == dtype and p.grad is None for p in model.unet.parameters() if not p.requires_grad)

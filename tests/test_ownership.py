@@ -24,7 +24,9 @@ from infra import runlog
 from infra.cli import run_cli
 from infra.files import TMP_MARK, read_safetensors
 from infra.folder import claim
-from lora import load_lora, save_lora
+from infra.setup import checkpoint_config
+from infra.lorafile import load_lora_file
+from lora import save_lora
 
 # Held-out evaluations at steps 0 and 3, and the before/after videos: every moment a signal can hit.
 SIGNALS = [*TINY, "--max-steps", "3", "--eval-every", "3", "--eval-videos", "1", "--num-videos", "1"]
@@ -298,10 +300,10 @@ def test_a_lora_records_its_base_model_and_warns_on_another(reference, tiny_mode
 
     meta = read_safetensors(reference / "lora.safetensors", "LoRA file", "")[1]
     assert meta["base_model"] == "tiny"  # train.py wrote it: the registry's name of a built-in model
-    load_lora(tiny_model.unet, reference / "lora.safetensors", base="tiny")
+    load_lora_file(tiny_model.unet, reference / "lora.safetensors", base="tiny")
     assert capsys.readouterr().err == ""
     save_lora(tiny_model.unet, tmp_path / "lora.safetensors", base="some-org/other-model")
-    load_lora(tiny_model.unet, tmp_path / "lora.safetensors", base=base_id(tiny_model.spec))
+    load_lora_file(tiny_model.unet, tmp_path / "lora.safetensors", base=base_id(tiny_model.spec))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: ")
     assert "trained on some-org/other-model" in err and f"loaded into {base_id(tiny_model.spec)}" in err
@@ -319,7 +321,7 @@ def test_a_checkpoint_whose_config_is_wrongly_typed_is_skipped(reference, tmp_pa
     warning = capsys.readouterr().err.splitlines()[0]
     assert warning.startswith("warning: resuming from step-000001") and "is not a run's settings" in warning
     assert "lr is 'fast'" in warning
-    runlog.check_checkpoint(newest, train.checkpoint_config)  # step 2 trained again and saved whole
+    runlog.check_checkpoint(newest, lambda values: checkpoint_config(values, train.Config))  # step 2 trained again and saved whole
 
 
 def test_a_step_that_makes_a_lora_weight_non_finite_is_undone(tmp_path, capsys, monkeypatch):

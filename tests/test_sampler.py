@@ -4,6 +4,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from sampler import FlowSchedule, Schedule, ddim_step, flow_step, sample
+from wan import WanFlowSchedule
 
 CONFIGS = {
     # ModelScope's scheduler (its hub folder's scheduler_config.json)
@@ -144,7 +145,7 @@ def flow_reference(shift):
 def test_flow_sigmas_and_timesteps_match_diffusers(shift, num_steps):
     ref = flow_reference(shift)
     ref.set_timesteps(num_steps)
-    ours = FlowSchedule(shift=shift)
+    ours = WanFlowSchedule(shift=shift)
     torch.testing.assert_close(torch.tensor(ours.sigmas(num_steps), dtype=torch.float32), ref.sigmas)
     torch.testing.assert_close(torch.tensor([t for t, _ in ours.steps(num_steps)], dtype=torch.float32),
                                ref.timesteps)
@@ -153,7 +154,7 @@ def test_flow_sigmas_and_timesteps_match_diffusers(shift, num_steps):
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_single_steps_match_diffusers(shift):
-    ours = FlowSchedule(shift=shift)
+    ours = WanFlowSchedule(shift=shift)
     g = torch.Generator().manual_seed(3)
     x, v = torch.randn(2, 16, 3, 6, 6, generator=g), torch.randn(2, 16, 3, 6, 6, generator=g)  # (B, C, F_lat, h, w)
     for i in (0, 5, 11):  # the first, a middle and the last step (to σ = 0)
@@ -167,7 +168,7 @@ def test_flow_single_steps_match_diffusers(shift):
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_trajectories_match_diffusers(shift):
-    ref, ours = flow_reference(shift), FlowSchedule(shift=shift)
+    ref, ours = flow_reference(shift), WanFlowSchedule(shift=shift)
     ref.set_timesteps(12)
     x_ref = x = torch.randn(1, 16, 3, 6, 6, generator=torch.Generator().manual_seed(4))
     for (t, coeffs), t_ref in zip(ours.steps(12), ref.timesteps):
@@ -187,7 +188,7 @@ def test_the_last_euler_step_lands_on_the_predicted_x0():
 @pytest.mark.parametrize("k", [0, 2])
 def test_flow_sampling_keeps_a_graph_only_for_the_last_k_steps(k):
     unet = CountingUNet()
-    out = sample(unet, torch.randn(1, 4, 2, 4, 4), torch.zeros(1, 3, 5), None, FlowSchedule(shift=3.0), 6,
+    out = sample(unet, torch.randn(1, 4, 2, 4, 4), torch.zeros(1, 3, 5), None, WanFlowSchedule(shift=3.0), 6,
                  grad_steps=k)
     assert unet.calls == [False] * (6 - k) + [True] * k and out.requires_grad == (k > 0)
     with pytest.raises(ValueError, match="deterministic"):

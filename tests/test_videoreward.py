@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 
 import train
 from infra.cli import UserError, run_cli
-from infra.tiny import build_tiny_videoreward
+from infra.frames import default_decode_frames
+from infra.tiny import build_tiny_videoreward, tiny_videoreward
 from lora import inject_lora
 from models import load_video_model
 from reward_models import videoreward as vr
 from sampler import sample
-from vader import decode_random_frames, encode_prompts, frames_for, spread_frames
+from vader import decode_f_frames, encode_prompts, spread_frames
 
 PROMPTS = ["a cat", "a red fox running through deep snow at dawn"]  # different lengths: padding is exercised
 
@@ -144,20 +145,20 @@ def test_a_one_output_head_and_bad_weights(folder, tmp_path):
         vr.videoreward(base=str(folder), weights=str(folder), mq="lots")
 
 
-def test_frames_for_follows_the_readers_rule():
+def test_default_decode_frames_follows_the_readers_rule():
     """2 fps of Wan's 16 fps: 33 frames -> 4, 81 -> 10; ModelScope's 16 at 8 fps -> 4; at least 4, never above F."""
     reward = type("R", (), {"fps": 2, "min_frames": 2})()
-    assert [frames_for(reward, n, 16) for n in (33, 81, 9)] == [4, 10, 4]
-    assert frames_for(reward, 16, 8) == 4 and frames_for(reward, 3, 8) == 3  # an odd count: the last frame repeats
+    assert [default_decode_frames(reward, n, 16) for n in (33, 81, 9)] == [4, 10, 4]
+    assert default_decode_frames(reward, 16, 8) == 4 and default_decode_frames(reward, 3, 8) == 3  # an odd count: the last frame repeats
     assert spread_frames(81, 10).tolist() == [0, 9, 18, 27, 36, 44, 53, 62, 71, 80]
 
 
 def test_spread_frames_through_the_causal_decode_are_exact(wan_folder, monkeypatch):
     """Frames spread over a Wan video, decoded a latent frame at a time with the caches in host
     memory (here a copy: the CPU is the host), equal the plain full decode, frames and gradients."""
-    import wan
+    import wan_vae
 
-    monkeypatch.setattr(wan, "to_host", lambda t: t.clone())  # a real copy, as to a GPU's host
+    monkeypatch.setattr(wan_vae, "to_host", lambda t: t.clone())  # a real copy, as to a GPU's host
     model = load_video_model(str(wan_folder))
     model.enable_checkpointing()
     z = torch.randn(1, model.latent_channels, 5, 4, 4, generator=torch.Generator().manual_seed(0))  # 17 pixel frames
@@ -165,7 +166,7 @@ def test_spread_frames_through_the_causal_decode_are_exact(wan_folder, monkeypat
     def decode(spread):
         z_ = z.clone().requires_grad_(True)
         if spread:
-            x = decode_random_frames(model, z_, 17, 4, None, low_memory=True, spread=True)  # (1, 4, 3, H, W)
+            x = decode_f_frames(model, z_, 17, 4, None, spread=True, one_at_a_time=True)  # (1, 4, 3, H, W)
         else:
             x = model.decode_frames(z_, spread_frames(17, 4), use_checkpoint=False)
         (x * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
@@ -181,7 +182,7 @@ def test_each_score_reaches_the_lora(wan_folder, score):
     """Each of visual quality, motion quality and text alignment alone sends a nonzero gradient
     through the reward, the spread causal decode and the sampler's last step into the LoRA."""
     weights = {k: float(k == score) for k in ("vq", "mq", "ta")}
-    reward = vr.tiny_videoreward(**weights)
+    reward = tiny_videoreward(**weights)
     model = load_video_model(str(wan_folder))
     model.enable_checkpointing()
     params = inject_lora(model.unet, 4, targets=model.spec.lora_targets)
@@ -190,7 +191,7 @@ def test_each_score_reaches_the_lora(wan_folder, score):
     cond, uncond = encode_prompts(model, ["a cat", ""]).split(1)
     z_T = torch.randn(1, model.latent_channels, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     z0 = sample(model.unet, z_T, cond, uncond, model.schedule, 2, 5.0, 1)
-    frames = decode_random_frames(model, z0, 9, 4, None, low_memory=True, spread=True)
+    frames = decode_f_frames(model, z0, 9, 4, None, spread=True, one_at_a_time=True)
     reward(frames, ["a cat"]).sum().backward()
     assert sum(p.grad.abs().sum() for p in params) > 0
 
@@ -234,21 +235,21 @@ def test_watched_it_gives_a_column_per_score_from_spread_frames(reward):
 
 
 def test_the_reward_model_leaves_the_device_once_backward_is_done_with_it(monkeypatch):
-    """--low-memory (vader.leaves_in_backward): each call brings the reward's modules to the device,
+    """--low-memory (infra.offload.reward_leaves_in_backward): each call brings the reward's modules to the device,
     and the frames' gradient, which exists only once backward has left the reward, sends them to
     host memory; without a gradient (evaluation) they stay."""
-    import vader
+    from infra import offload
 
     moves = []
-    monkeypatch.setattr(vader, "move_modules", lambda modules, device: moves.append((len(modules), device)))
+    monkeypatch.setattr(offload, "move_modules", lambda modules, device: moves.append((len(modules), device)))
     judge = torch.nn.Linear(3, 1)
 
     def reward(frames, prompts):
         return judge(frames.mean(dim=(1, 3, 4))).squeeze(-1)  # (B,)
 
     reward.modules, reward.fps, reward.min_frames = [judge], 2, 2
-    wrapped = vader.leaves_in_backward(reward, "cuda")
-    assert wrapped.fps == 2 and vader.leaves_in_backward(reward, "cpu") is reward
+    wrapped = offload.reward_leaves_in_backward(reward, "cuda")
+    assert wrapped.fps == 2 and offload.reward_leaves_in_backward(reward, "cpu") is reward
     frames = torch.rand(2, 4, 3, 8, 8, requires_grad=True)
     r = wrapped(frames, ["a", "b"])
     assert moves == [(1, "cuda")]

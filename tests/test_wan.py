@@ -17,10 +17,11 @@ from infra.cli import run_cli
 from lora import inject_lora, lora_layers, merge_lora, save_lora
 from models import MODELS, VideoModel, load_video_model
 from rewards import load_reward
-from sampler import FlowSchedule, sample as run_sampler
+from sampler import sample as run_sampler
+from infra.setup import batch_drawer
 from train import train_step
-from vader import decode_random_frames, encode_prompts, loss_scaler
-from wan import WanModel
+from vader import decode_f_frames, encode_prompts, initial_noise, loss_scaler
+from wan import WanFlowSchedule, WanModel
 
 FAST = ["--model", "tiny-wan", "--reward", "brightness", "--prompts", "animals.txt", "--num-steps", "3",
         "--frames", "5", "--decode-frames", "5", "--num-videos", "1", "--eval-videos", "2",
@@ -61,7 +62,7 @@ def randomised_lora(model, rank=4, alpha=8):
 def test_a_folder_in_wan_layout_loads_as_wan(wan, wan_folder):
     assert wan.spec.family == "wan" and wan.spec.source == str(wan_folder)
     assert (wan.spec.height, wan.spec.width, wan.spec.frames) == (480, 832, 33)  # the registry's defaults
-    assert isinstance(wan.schedule, FlowSchedule) and wan.schedule.shift == 3.0  # read from UniPC's flow_shift
+    assert isinstance(wan.schedule, WanFlowSchedule) and wan.schedule.shift == 3.0  # read from UniPC's flow_shift
     assert wan.unet.gradient_checkpointing and wan.lora_prefix == "transformer."
     assert (wan.vae_factor, wan.size_multiple, wan.temporal_factor, wan.latent_frames(9)) == (4, 8, 4, 3)
 
@@ -89,9 +90,9 @@ def test_sampling_and_decoding_match_wan_pipeline(wan):
 
 #### The causal VAE
 
-def test_frame_pool_is_the_shortest_prefix_holding_f_frames(wan):
-    assert [wan.frame_pool(33, f) for f in (1, 2, 5, 6, 33)] == [1, 5, 5, 9, 33]
-    assert VideoModel.frame_pool(None, 16, 3) == 16  # SD's VAE: any frame
+def test_prefix_frames_is_the_shortest_prefix_holding_f_frames(wan):
+    assert [wan.prefix_frames(33, f) for f in (1, 2, 5, 6, 33)] == [1, 5, 5, 9, 33]
+    assert VideoModel.prefix_frames(16, 3) == 16  # SD's VAE: any frame
 
 
 def test_decoding_a_prefix_gives_the_full_decode_s_frames(wan):
@@ -133,7 +134,7 @@ class Placed(torch.nn.Module):
 
 
 def test_the_text_encoder_visits_the_device_alone():
-    model = WanModel(Placed("cuda"), Placed("cuda"), Placed("cpu"), None, FlowSchedule(), MODELS["wan"], "cuda")
+    model = WanModel(Placed("cuda"), Placed("cuda"), Placed("cpu"), None, WanFlowSchedule(), MODELS["wan"], "cuda")
     places = lambda: (model.text_encoder.where, model.unet.where, model.vae.where)  # noqa: E731
     with model.text_encoder_on_device():
         assert places() == ("cuda", "cpu", "cpu")
@@ -143,7 +144,7 @@ def test_the_text_encoder_visits_the_device_alone():
 def test_a_transformer_waiting_in_cpu_memory_to_be_sharded_stays_there():
     unet = Placed("cpu")
     unet.weight = torch.nn.Parameter(torch.zeros(1))  # in CPU memory, as train.py loads it under --shard
-    model = WanModel(unet, Placed("cuda"), Placed("cpu"), None, FlowSchedule(), MODELS["wan"], "cuda")
+    model = WanModel(unet, Placed("cuda"), Placed("cpu"), None, WanFlowSchedule(), MODELS["wan"], "cuda")
     with model.text_encoder_on_device():
         assert (model.text_encoder.where, unet.where, model.vae.where) == ("cuda", "cpu", "cpu")
     assert (model.text_encoder.where, unet.where, model.vae.where) == ("cpu", "cpu", "cuda")
@@ -156,15 +157,16 @@ def test_gradients_reach_the_lora_through_flow_steps_and_the_decoder(wan):
     layers = lora_layers(wan.unet)
     assert len(layers) == 2 * 2 * 4  # 2 blocks x (attn1, attn2) x (q, k, v, out)
     cfg = SimpleNamespace(frames=9, height=32, width=32, num_steps=3, guidance=5.0, decode_frames=2, grad_accum=1,
-                          grad_clip=1e9, low_memory=False)
+                          grad_clip=1e9, low_memory=False, batch_size=1)
     cond, uncond = encode_prompts(wan, ["a cat", ""]).split(1)
     first = layers["blocks.0.attn1.to_q"]
     first.lora_B.weight.data.normal_(std=0.01)  # with B = 0, A gets no gradient (B is zero-initialised)
     params = [p for layer in layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    g = torch.Generator()
     train_step(wan, load_reward("brightness"), params, torch.optim.SGD(params, lr=0.0),
-               loss_scaler(torch.float32, "cpu"), lambda: (["a cat"], cond), uncond, cfg, torch.Generator(), 1)
+               loss_scaler(torch.float32, "cpu"), batch_drawer(wan, cfg, ["a cat"], cond, g), uncond, cfg, g, 1)
     z0 = torch.randn(1, 4, 3, 8, 8)  # 3 latent frames: 9 pixel frames
-    assert decode_random_frames(wan, z0, 9, 2, torch.Generator()).shape == (1, 2, 3, 32, 32)  # 2 of the first 5
+    assert decode_f_frames(wan, z0, 9, 2, torch.Generator()).shape == (1, 2, 3, 32, 32)  # 2 of the first 5
     assert all(layer.lora_B.weight.grad.abs().sum() > 0 for layer in layers.values())
     assert first.lora_A.weight.grad.abs().sum() > 0
 

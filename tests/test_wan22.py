@@ -15,7 +15,8 @@ from benchmarks.architectures import build_architecture
 from infra.cli import run_cli
 from lora import inject_lora, lora_layers, merge_lora, save_lora
 from models import MODELS, load_video_model, spec_of
-from sampler import FlowSchedule, high_noise_steps, sample as run_sampler
+from sampler import sample as run_sampler
+from wan import WanFlowSchedule
 from vader import encode_prompts, generate
 
 FAST = ["--reward", "brightness", "--prompts", "animals.txt", "--num-steps", "4", "--frames", "5",
@@ -87,7 +88,7 @@ def test_a_ti2v_5b_folder_loads_with_its_defaults(wan22, wan22_folder):
     assert (wan22.spec.height, wan22.spec.width, wan22.schedule.shift) == (704, 1280, 5.0)
     # 2x2 pixel patches, then two spatial downsamplings: 8 pixels a latent cell, 16 a token; 4 frames a latent frame.
     assert (wan22.vae_factor, wan22.size_multiple, wan22.temporal_factor, wan22.latent_channels) == (8, 16, 4, 8)
-    assert wan22.high_noise is None
+    assert wan22.denoiser is wan22.unet
 
 
 def test_ti2v_5b_matches_wan_pipeline_with_per_token_timesteps(wan22):
@@ -106,7 +107,7 @@ def test_ti2v_5b_matches_wan_pipeline_with_per_token_timesteps(wan22):
 def test_the_residual_vae_decodes_a_prefix_exactly(wan22):
     z0 = torch.randn(2, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))  # 3 latent frames: 9 pixel frames
     full = wan22.decode_frames(z0, torch.arange(9))  # (2, 9, 3, 32, 32)
-    assert [wan22.frame_pool(121, f) for f in (1, 2, 5, 6)] == [1, 5, 5, 9]
+    assert [wan22.prefix_frames(121, f) for f in (1, 2, 5, 6)] == [1, 5, 5, 9]
     for m, idx in ((1, [0]), (2, [0, 3, 4]), (2, [2])):
         part = wan22.decode_frames(z0[:, :, :m], torch.tensor(idx))  # (2, f, 3, 32, 32)
         torch.testing.assert_close(part, full[:, idx], rtol=0, atol=1e-6)
@@ -116,10 +117,10 @@ def test_the_residual_vae_decodes_a_prefix_exactly(wan22):
 
 @pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22"])
 def test_checkpointing_each_causal_unit_changes_no_frame_and_no_gradient(name):
-    """The decoder's resnets and resamplers as checkpoints of their own (wan._with_cache):
+    """The decoder's resnets and resamplers as checkpoints of their own (wan_vae.checkpoint_with_cache):
     the same frames and latent gradients, bit for bit, as the decode without them, through 3 latent
     frames of feature cache; each unit runs again in backward; the cache is empty afterwards."""
-    from wan import CAUSAL_UNITS
+    from wan_vae import CAUSAL_UNITS
 
     model = load_video_model(name)
     units = [m for m in model.vae.decoder.modules() if type(m).__name__ in CAUSAL_UNITS]
@@ -148,7 +149,7 @@ def test_checkpointing_each_causal_unit_changes_no_frame_and_no_gradient(name):
 @pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22"])
 def test_a_checkpoint_per_latent_frame_decodes_exactly(name):
     """--low-memory's causal decode, one checkpoint a latent frame carrying the feature cache
-    (wan.decode_by_latent_frame): the frames of the one-checkpoint decode bit for bit, and its latent
+    (wan_vae.decode_by_latent_frame): the frames of the one-checkpoint decode bit for bit, and its latent
     gradients to float32 rounding (the reentrant checkpoints add the cache's gradients in another
     order), for a video of 3 latent frames; and the decoder recomputes one latent frame at a time."""
     model = load_video_model(name)
@@ -189,11 +190,11 @@ def test_wan_pipeline_loads_a_ti2v_5b_lora(wan22, wan22_folder, tmp_path):
 
 def test_an_a14b_folder_loads_both_experts(a14b, a14b_folder):
     assert a14b.spec == spec_of(str(a14b_folder)) and a14b.spec.guidance_high == 4.0 and a14b.spec.guidance == 3.0
-    assert a14b.high_noise.boundary == 875.0 and a14b.schedule.shift == 12.0
-    assert a14b.high_noise.expert is not a14b.unet
-    assert not any(p.requires_grad for p in a14b.high_noise.expert.parameters())
+    assert a14b.denoiser.boundary == 875.0 and a14b.schedule.shift == 12.0
+    assert a14b.denoiser.high is not a14b.unet and a14b.denoiser.low is a14b.unet
+    assert not any(p.requires_grad for p in a14b.high_expert.parameters())
     # The official 40 steps at shift 12: the last 15 are the low-noise expert's.
-    assert 40 - high_noise_steps(a14b.schedule, 40, a14b.high_noise) == 15
+    assert 40 - a14b.denoiser.steps(a14b.schedule, 40) == 15
 
 
 def test_an_a14b_folder_without_its_model_index_is_refused(a14b_folder, tmp_path):
@@ -213,7 +214,7 @@ def test_an_a14b_folder_without_its_model_index_is_refused(a14b_folder, tmp_path
 def count_experts(model):
     """Record which expert each denoiser call ran, "high" or "low", and its timestep (a (B,) tensor by then)."""
     calls = []
-    for name, expert in (("high", model.high_noise.expert), ("low", model.unet)):
+    for name, expert in (("high", model.high_expert), ("low", model.unet)):
         expert.register_forward_pre_hook(lambda m, args, name=name: calls.append((name, float(args[1][0]))))
     return calls
 
@@ -222,7 +223,7 @@ def test_each_step_runs_the_expert_that_owns_its_timestep(a14b):
     calls = count_experts(a14b)
     cond, uncond = encode_prompts(a14b, ["a cat", ""]).split(1)
     z_T = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    run_sampler(a14b.unet, z_T, cond, uncond, a14b.schedule, 10, guidance=3.0, high_noise=a14b.high_noise)
+    run_sampler(a14b.denoiser, z_T, cond, uncond, a14b.schedule, 10, guidance=3.0)
     steps = [t for t, _ in a14b.schedule.steps(10)]
     assert [t for _, t in calls] == pytest.approx(steps)  # one batched guidance call a step without gradients
     assert [name for name, _ in calls] == ["high" if t >= 875 else "low" for t in steps]
@@ -233,7 +234,7 @@ def test_a14b_matches_wan_pipeline_with_two_experts(a14b):
     z_T = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(3))  # (B, C, F_lat, h, w)
     cond, uncond = encode_prompts(a14b, ["a cat", ""]).split(1)
     ours = generate(a14b, cond, uncond, 9, 32, 32, 6, 3.0, seed=5)  # guidance 4 (high), 3 (low)
-    pipe = pipeline(a14b, 12.0, transformer=a14b.high_noise.expert, transformer_2=a14b.unet, boundary_ratio=0.875)
+    pipe = pipeline(a14b, 12.0, transformer=a14b.high_expert, transformer_2=a14b.unet, boundary_ratio=0.875)
     z_T = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(5))  # generate's noise for seed 5
     theirs = pipe("a cat", height=32, width=32, num_frames=9, num_inference_steps=6, guidance_scale=4.0,
                   guidance_scale_2=3.0, latents=z_T, output_type="pt").frames
@@ -247,14 +248,13 @@ def test_gradients_reach_only_the_low_noise_expert(a14b):
     params = randomised_lora(a14b.unet)
     cond, uncond = encode_prompts(a14b, ["a cat", ""]).split(1)
     z_T = torch.randn(1, 4, 3, 8, 8)
-    z0 = run_sampler(a14b.unet, z_T, cond, uncond, a14b.schedule, 10, 3.0, grad_steps=3, high_noise=a14b.high_noise)
+    z0 = run_sampler(a14b.denoiser, z_T, cond, uncond, a14b.schedule, 10, 3.0, grad_steps=3)
     a14b.decode_frames(z0, torch.tensor([0, 4])).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
-    assert not lora_layers(a14b.high_noise.expert)
-    low = 10 - high_noise_steps(a14b.schedule, 10, a14b.high_noise)
+    assert not lora_layers(a14b.high_expert)
+    low = 10 - a14b.denoiser.steps(a14b.schedule, 10)
     with pytest.raises(ValueError, match="reaches into the high-noise expert"):
-        run_sampler(a14b.unet, z_T, cond, uncond, a14b.schedule, 10, 3.0, grad_steps=low + 1,
-                    high_noise=a14b.high_noise)
+        run_sampler(a14b.denoiser, z_T, cond, uncond, a14b.schedule, 10, 3.0, grad_steps=low + 1)
 
 
 def test_the_gradient_through_both_experts_is_the_derivative_of_the_reward(a14b):
@@ -263,11 +263,10 @@ def test_the_gradient_through_both_experts_is_the_derivative_of_the_reward(a14b)
     params = randomised_lora(a14b.unet)
     cond, uncond = encode_prompts(a14b, ["a cat", ""]).split(1)
     z_T = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(2))  # 5 frames
-    low = 6 - high_noise_steps(a14b.schedule, 6, a14b.high_noise)
+    low = 6 - a14b.denoiser.steps(a14b.schedule, 6)
 
     def reward(grad_steps):
-        z0 = run_sampler(a14b.unet, z_T, cond, uncond, a14b.schedule, 6, 3.0, grad_steps=grad_steps,
-                         high_noise=a14b.high_noise)
+        z0 = run_sampler(a14b.denoiser, z_T, cond, uncond, a14b.schedule, 6, 3.0, grad_steps=grad_steps)
         return a14b.decode_frames(z0, torch.tensor([0, 3])).mean()  # the brightness reward of 2 frames
 
     reward(low).backward()
@@ -292,7 +291,7 @@ def test_wan_pipeline_loads_the_lora_into_the_low_noise_expert(a14b, a14b_folder
     randomised_lora(a14b.unet)
     save_lora(a14b.unet, tmp_path / "lora.safetensors", prefix=a14b.lora_prefix)
     fresh = load_video_model(str(a14b_folder))
-    pipe = pipeline(fresh, 12.0, transformer=fresh.high_noise.expert, transformer_2=fresh.unet, boundary_ratio=0.875)
+    pipe = pipeline(fresh, 12.0, transformer=fresh.high_expert, transformer_2=fresh.unet, boundary_ratio=0.875)
     pipe.load_lora_weights(str(tmp_path / "lora.safetensors"), load_into_transformer_2=True)
     merged = transformer_out(merge_lora(a14b.unet), 4)
     torch.testing.assert_close(transformer_out(pipe.transformer_2, 4), merged, rtol=1e-4, atol=1e-5)
@@ -313,15 +312,15 @@ class Placed(torch.nn.Module):
 
 
 def test_one_expert_at_a_time_on_the_gpu_and_no_denoiser_while_a_whole_video_decodes(monkeypatch):
-    from vader import denoiser_in_cpu_memory
+    from infra.offload import denoiser_in_cpu_memory
     from wan import WanModel
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, 80 * 2**30))  # a card with no room to spare
     low, high = Placed("cuda"), Placed("cpu")
-    model = WanModel(low, Placed("cuda"), Placed("cpu"), None, FlowSchedule(shift=12.0), MODELS["wan22-a14b"],
+    model = WanModel(low, Placed("cuda"), Placed("cpu"), None, WanFlowSchedule(shift=12.0), MODELS["wan22-a14b"],
                      "cuda", high_expert=high, boundary_ratio=0.875)
-    assert model.high_noise.boundary == 875.0 and model.high_noise.guidance == 4.0
-    with model.high_noise.visit():
+    assert model.denoiser.boundary == 875.0 and model.denoiser.guidance == 4.0
+    with model.high_expert_on_device():
         assert (high.where, low.where) == ("cuda", "cpu")
     assert (high.where, low.where) == ("cpu", "cuda")
     with denoiser_in_cpu_memory(model):
@@ -335,13 +334,13 @@ def test_a_card_with_room_for_both_experts_keeps_the_high_noise_one(monkeypatch)
     from wan import WanModel
 
     low, high = Placed("cuda"), Placed("cpu")  # Placed's weight stays in CPU memory: each visit asks again
-    model = WanModel(low, Placed("cuda"), Placed("cpu"), None, FlowSchedule(shift=12.0), MODELS["wan22-a14b"],
+    model = WanModel(low, Placed("cuda"), Placed("cpu"), None, WanFlowSchedule(shift=12.0), MODELS["wan22-a14b"],
                      "cuda", high_expert=high, boundary_ratio=0.875)
     size = sum(p.nbytes for p in high.parameters())
     for free, low_during in ((2 * size, "cuda"), (2 * size - 1, "cpu")):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 10 * size))
         high.where = "cpu"
-        with model.high_noise.visit():
+        with model.high_expert_on_device():
             assert (high.where, low.where) == ("cuda", low_during)
         assert low.where == "cuda"
 

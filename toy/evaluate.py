@@ -44,7 +44,7 @@ def main(argv=None):
                    help="the captions of the pairs seen in pretraining, of the held-out pairs, or both")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from lora import load_lora, read_lora_file
+    from infra.lorafile import load_lora_file, read_lora_file
     from models import load_video_model
 
     for flag, value in (("--repeats", args.repeats), ("--num-steps", args.num_steps)):
@@ -56,7 +56,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     model = load_video_model(args.model)
     if args.lora:
-        load_lora(model.unet, args.lora)
+        load_lora_file(model.unet, args.lora)
     # The toy world's clip size and sampler (the registry's "toy" entry); a bare folder would
     # otherwise get ModelScope's defaults (16 frames, 25 steps, guidance 9).
     model.spec = replace(model.spec, height=SIZE, width=SIZE, frames=FRAMES, num_steps=10, guidance=3.0)

@@ -1,0 +1,179 @@
+"""What train.py's `main` needs before its loop, kept out of the lesson: the config's layers and
+resume, every setting checked, the prompts split, the models loaded and checked against the run,
+and each process's share of a batch.
+
+Each check runs before the work it guards (a typo costs a second, not a download), and each
+refusal is one `UserError` line naming the flag and the fix.
+"""
+import argparse
+import importlib.util
+from dataclasses import asdict, fields
+
+import torch
+
+from infra.checks import check_device, check_flags, check_output_dir, check_video_shape
+from infra.cli import UserError
+from infra.files import read_json, read_prompts
+from infra.folder import check_run_folder
+from infra.frames import default_decode_frames
+from infra.offload import reward_leaves_in_backward
+from infra.runlog import find_resume_point
+from infra.sharding import check_torch
+
+GENERATION = ("height", "width", "frames", "num_steps", "guidance")  # defaults come from the registry entry
+LOCKED = ("model", "height", "width", "frames", "lora_rank", "lora_alpha", "lora_dropout")  # fixed by a run
+LOWER_MEMORY = ("--decode-frames 1, --grad-steps 1, a smaller --height/--width or --frames, "
+                "--batch-size 1 with a larger --grad-accum")
+
+
+#### The command line and the config's layers
+
+def parse_flags(config_class, argv, description):
+    """{field: value} of the flags typed (only those), from an argparse built on the config's fields;
+    `--help` prints each default."""
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                epilog="A model's registry entry may bring other defaults (its recipe, printed at "
+                                       "start-up), and a reward may too (videoreward); a flag you type always wins.")
+    for f in fields(config_class):
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        shown = "the model's" if f.name in GENERATION else (repr(default) if default not in ("", None) else "none")
+        help = f"{f.metadata['help']} [default: {shown}]".replace("%", "%%")
+        if f.type is bool:  # --flag and --no-flag: a model's recipe may turn one on (Wan: --low-memory)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        elif f.name == "resume":
+            p.add_argument(flag, nargs="?", const="latest", metavar="PATH", help=help)
+        else:
+            p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=help)
+    return vars(p.parse_args(argv))
+
+
+def fits(value, f):
+    """Whether a config.json value fits the Config field `f`: a bool for a bool, a whole number for
+    an int, any number for a float, a string for a str; None only for lora_alpha (alpha = r)."""
+    if value is None or isinstance(value, bool):
+        return value is None and f.name == "lora_alpha" or isinstance(value, bool) and f.type is bool
+    return isinstance(value, (int, float) if f.type is float else f.type)
+
+
+def checkpoint_config(values, config_class):
+    """A checkpoint's config.json as a Config: the LOCKED fields present, every field of its type and
+    within its rule (a newer or older version's extra fields are dropped)."""
+    known = {f.name: f for f in fields(config_class)}
+    for k in LOCKED:
+        if k not in values:
+            raise UserError(f"it lacks the field {k!r}")
+    for k, v in values.items():
+        if k in known and not fits(v, known[k]):
+            raise UserError(f"its {k} is {v!r}, not a {known[k].type.__name__} value")
+    cfg = config_class(**{k: v for k, v in values.items() if k in known})
+    check_flags(cfg)
+    return cfg
+
+
+def resumed(cfg, given):
+    """--resume: the run's own settings from its newest intact checkpoint, under the flags typed now
+    (which may not change a LOCKED field)."""
+    config_class = type(cfg)
+    check = lambda values: checkpoint_config(values, config_class)  # noqa: E731
+    run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume, check)
+    old = asdict(check(read_json(ckpt / "config.json", "checkpoint config")))
+    for k in LOCKED:
+        if k in given and given[k] != old[k]:
+            raise UserError(f"--resume cannot change --{k.replace('_', '-')} (the run has {old[k]}); "
+                            "start a new run with another --output-dir")
+    for k, v in given.items():
+        if k in old and old[k] != v and k != "resume":
+            print(f"resume: {k} {old[k]} -> {v}")
+    return config_class(**{**old, **given, "output_dir": str(run_dir), "resume": str(ckpt), "overwrite": False})
+
+
+#### Checks before anything loads
+
+def check_settings(cfg):
+    """Every setting (infra/checks.py), the device and the output folder; a UserError names the flag."""
+    check_flags(cfg)
+    check_device(cfg.device)
+    if cfg.report_to not in ("", "wandb", "tensorboard"):
+        raise UserError(f"--report-to takes wandb or tensorboard, got {cfg.report_to!r}")
+    if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
+        raise UserError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
+    if cfg.shard:
+        check_torch()
+    check_output_dir(cfg.output_dir)
+    check_run_folder(cfg.output_dir, cfg.resume, cfg.overwrite)
+
+
+def split_prompts(cfg):
+    """(training prompts, held-out prompts): --eval-prompts, or the last tenth of --prompts under --eval-every."""
+    prompts = read_prompts(cfg.prompts)
+    held_out = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+    if cfg.eval_every and not held_out:
+        if len(prompts) < 2:
+            raise UserError("--eval-every needs held-out prompts: pass --eval-prompts or at least 2 --prompts")
+        cut = len(prompts) - max(1, len(prompts) // 10)  # hold out the last tenth
+        prompts, held_out = prompts[:cut], prompts[cut:]
+    return prompts, held_out
+
+
+def check_model_settings(model, cfg):
+    """The run's video against the model: its size, and for two experts K and the guidance."""
+    check_video_shape(model, cfg.frames, cfg.height, cfg.width)
+    experts = model.denoiser if model.denoiser is not model.unet else None
+    if experts is None:
+        return
+    low = cfg.num_steps - experts.steps(model.schedule, cfg.num_steps)
+    if cfg.grad_steps > low:  # Wan2.2 A14B: K must stay within the low-noise expert's steps (wan.TwoExperts)
+        raise UserError(f"--grad-steps {cfg.grad_steps} reaches into the high-noise expert's steps, which carry no "
+                        f"LoRA: only the last {low} of the {cfg.num_steps} steps are the trained expert's; use "
+                        f"--grad-steps {low} or less")
+    if cfg.guidance == 1.0:
+        raise UserError("--guidance 1 skips the unconditional pass that the high-noise expert's own guidance needs "
+                        "(wan.TwoExperts); pass another --guidance")
+
+
+def load_models(cfg, device, dtype, sharding=False):
+    """The reward (checked against --decode-frames), the evaluation rewards and the video model;
+    with `sharding` (--shard on several processes) its denoiser stays in CPU memory until it is sharded."""
+    from models import load_video_model, spec_of
+    from rewards import load_eval_rewards, load_reward, parse_options
+
+    reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
+    if cfg.low_memory:
+        reward_fn = reward_leaves_in_backward(reward_fn, device)
+    eval_fns = load_eval_rewards(cfg.eval_rewards, device, dtype, build=bool(cfg.eval_every))
+    if cfg.decode_frames is None:  # resolved here, so config.json records the number
+        cfg.decode_frames = default_decode_frames(reward_fn, cfg.frames, spec_of(cfg.model).fps)
+    if cfg.decode_frames < reward_fn.min_frames:
+        raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
+    model = load_video_model(cfg.model, "cpu" if sharding else device, dtype)
+    if sharding:
+        model.vae.to(device)
+        model.device = device
+    check_model_settings(model, cfg)
+    return reward_fn, eval_fns, model
+
+
+def out_of_memory(cfg):
+    """The UserError for a step that ran out of GPU memory."""
+    return UserError(f"out of GPU memory at {cfg.frames}x{cfg.height}x{cfg.width}; lower it with {LOWER_MEMORY}")
+
+
+#### Each process's share of a batch
+
+def batch_drawer(model, cfg, prompts, cond, generator, rank=0, world=1):
+    """draw_batch() -> (B prompts, their embeddings (B, L, D), their noise z_T (B, C, F_lat, h, w)).
+
+    Under torchrun every process draws the prompts and the noise of the whole global batch
+    (world * B videos) from the same generator and keeps its own B, so N processes compute
+    exactly what one process with N * B videos would, and every generator stays in step.
+    """
+    from vader import initial_noise
+
+    b = cfg.batch_size
+
+    def draw_batch():
+        idx = torch.randint(len(prompts), (b * world,), generator=generator)[rank * b:(rank + 1) * b]
+        z_T = initial_noise(model, b * world, cfg.frames, cfg.height, cfg.width, generator, cond.device)
+        return [prompts[i] for i in idx], cond[idx.to(cond.device)], z_T[rank * b:(rank + 1) * b]
+
+    return draw_batch
