@@ -4,8 +4,8 @@ A family answers the questions vader.py lists (how it encodes prompts, its laten
 frames it decodes exactly and how, its `denoiser` and `schedule`), and those the harness asks:
 how it is checkpointed and read from a diffusers-layout folder (`enable_checkpointing`,
 `load_components`), which blocks FSDP shards under --shard (`shard_blocks`). The denoiser sits
-in the field `unet` whatever its kind (the name every LoRA file was written with) and maps
-latents (B, C, F, h, w) and text to a prediction of the same shape. The two UNet families share
+in the field `unet` whatever its kind (a LoRA file's keys take the family's `lora_prefix`) and
+maps latents (B, C, F, h, w) and text to a prediction of the same shape. The two UNet families share
 SD's VAE:
 - "unet3d": ModelScope T2V and its fine-tunes (Zeroscope): a `UNet3DConditionModel`, OpenCLIP-H text.
 - "animatediff": an SD 1.5 `UNet2DConditionModel` with AnimateDiff's motion modules inserted by
@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from infra.cli import UserError, quiet_libraries
 from infra.offload import swapped
-from infra.files import first_line, model_configs, model_index
+from infra.files import first_line, model_configs
 from infra.tiny import TINY_BUILDERS, tiny_folder
 from lora import TARGETS
 from sampler import Schedule
@@ -111,6 +111,7 @@ class VideoModel:
 
     lora_prefix = "unet."  # the key prefix of a LoRA file, as diffusers' pipelines load it
     denoiser = property(lambda self: self.unet)  # what sampler.sample runs (Wan2.2 A14B: its two experts)
+    base_id = property(lambda self: base_id(self.spec))  # the name its LoRA files record
     schedule_class = Schedule
     parts = "unet/, vae/, text_encoder/, tokenizer/, scheduler/, and a motion adapter for an SD 1.5 UNet"
 
@@ -233,7 +234,7 @@ def spec_of(name):
         return spec
     if not (os.path.isdir(name) or "/" in name):
         raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}, a local folder, or a hub id")
-    denoiser, vae = model_configs(name)
+    denoiser, vae, index = model_configs(name)
     kind = (denoiser or {}).get("_class_name")
     if kind not in DENOISERS or vae is None:
         found = f"a {kind} in its denoiser's folder" if kind else "no unet/ or transformer/ config"
@@ -241,7 +242,7 @@ def spec_of(name):
                         f"supported denoisers: {', '.join(DENOISERS)}. Check the folder or hub id and your connection")
     family, entry = DENOISERS[kind]
     if family == "wan":  # Wan's configs state no resolution: the defaults of its generation's entry
-        return replace(MODELS[wan_entry(name, denoiser, vae)], source=name, variant="")
+        return replace(MODELS[wan_entry(index, denoiser, vae)], source=name, variant="")
     spec = replace(MODELS[entry], source=name, family=family, variant="")  # its own files, whatever they are
     size = denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     local_adapter = Path(name) / "motion_adapter"  # AnimateDiff's pipeline layout carries its own
@@ -249,9 +250,9 @@ def spec_of(name):
                    adapter=str(local_adapter) if local_adapter.is_dir() else spec.adapter)
 
 
-def wan_entry(source, transformer_config, vae_config):
+def wan_entry(index, transformer_config, vae_config):
     """The entry a Wan folder takes: A14B names two experts, TI2V-5B's VAE is residual, a 14B has 40 blocks."""
-    if model_index(source).get("boundary_ratio") is not None:
+    if index.get("boundary_ratio") is not None:
         return "wan22-a14b"
     if vae_config.get("is_residual"):
         return "wan22-5b"
@@ -265,8 +266,7 @@ def base_id(spec):
 
 
 def load_video_model(name, device="cpu", dtype=torch.float32):
-    """Load `name` (a key of MODELS, a local diffusers-layout folder, or a hub id), frozen and checkpointed,
-    all through one `from_pretrained` path (a tiny model is first written to a temporary folder)."""
+    """Load `name` (a key of MODELS, a folder or a hub id) frozen and checkpointed, by `from_pretrained`."""
     quiet_libraries()
     if name in TINY_BUILDERS:
         with tiny_folder(name) as folder:

@@ -26,9 +26,10 @@ from torch import nn
 
 from infra.cli import UserError
 from reward_models.common import freeze, from_pretrained, load_checkpoint, weights_file
-from reward_models.options import check_options, parse_options, parse_reward_spec, route_options
+from reward_models.options import parse_options, reward_terms
+from reward_models.registry import ELSEWHERE
 
-__all__ = ["REWARDS", "load_reward", "load_eval_rewards", "parse_options", "per_frame", "register", "reward_recipe"]
+__all__ = ["REWARDS", "load_reward", "load_eval_rewards", "parse_options", "per_frame", "register"]
 
 CLIP_L14 = "openai/clip-vit-large-patch14"  # the backbone of the aesthetic head (and of the `clip` reward)
 AESTHETIC_REPO, AESTHETIC_FILE = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"
@@ -161,61 +162,9 @@ REWARDS: dict[str, str] = {"aesthetic": "LAION aesthetic predictor v2 on CLIP Vi
                                         "(trl-lib/ddpo-aesthetic-predictor)"}  # name -> one line, for --help and errors
 _FACTORIES = {"aesthetic": aesthetic}  # name -> factory(device, dtype, **options), or "module:function"
 
-# Rewards defined below this file: name -> ("module:function", description).
-_ELSEWHERE = {
-    "dynamics": ("reward_models.pixels:dynamics", "mean change between consecutive frames, 0..1: how much moves (needs 2+ frames)"),
-    "smoothness": ("reward_models.pixels:smoothness", "negative mean change between consecutive decoded frames (needs 2+ frames)"),
-    "compressibility": ("reward_models.pixels:compressibility", "negative total variation, a differentiable stand-in for JPEG size"),
-    "colorfulness": ("reward_models.pixels:colorfulness", "Hasler-Suesstrunk colourfulness, ~0..1 (weight-free; for the tiny model)"),
-    "darkness": ("reward_models.pixels:darkness", "1 - mean luma, 0..1 (weight-free; the opposite of brightness)"),
-    "brightness": ("reward_models.pixels:brightness", "mean luma of the frames, 0..1 (weight-free; for the tiny model)"),
-    "hps": ("reward_models.image:hps",
-            "HPSv2.1 human preference: cosine of OpenCLIP ViT-H-14 frame and prompt, ~0.2..0.35 (xswu/HPSv2)"),
-    "pickscore": ("reward_models.image:pickscore",
-                  "PickScore v1: logit scale x cosine of CLIP-H frame and prompt, ~20 (yuvalkirstain/PickScore_v1)"),
-    "clip": ("reward_models.image:clip",
-             "CLIP ViT-L/14 cosine of frame and prompt embeddings, ~0.2..0.35 (openai/clip-vit-large-patch14)"),
-    "aesthetic_hps": ("reward_models.image:aesthetic_hps",
-                      "VADER's mix aesthetic:0.075,hps:0.5 (their aesthetic_hps loss, negated)"),
-    "actpred": ("reward_models.video:actpred",
-                "VideoMAE Kinetics-400 probability of the prompt's action, 0..1 (MCG-NJU/videomae-base-finetuned-kinetics)"),
-    "object": ("reward_models.video:object_presence",
-               "OWLv2 presence of the object query=, 0..1; remove=True: 1 - presence (google/owlv2-base-patch16-ensemble)"),
-    "video_text": ("reward_models.video:video_text",
-                   "X-CLIP video-prompt similarity, logit scale x cosine (microsoft/xclip-base-patch32)"),
-    "temporal": ("reward_models.video:temporal",
-                 "V-JEPA 2 predictability of the clip's second half from its first, ~-1..0 (facebook/vjepa2-vitl-fpc64-256)"),
-    "videoreward": ("reward_models.videoreward:videoreward",
-                    "VideoAlign's VideoReward on Qwen2-VL-2B: visual quality + motion quality + text alignment, each "
-                    "normalised, ~-3..3 each (KwaiVGI/VideoReward; needs 2+ frames across the clip)"),
-    "tiny_videoreward": ("infra.tiny:tiny_videoreward",
-                         "VideoReward's code on a tiny random Qwen2-VL (for the CPU and the tiny models)"),
-    "redness": ("toy.rewards:redness", "toy world: how red the shape's colour is, as a direction from the background, -1..1"),
-    "size": ("toy.rewards:size", "toy world: the shape's area as a fraction of the frame, 0..1"),
-    "contrast": ("toy.rewards:contrast", "toy world: the shape's mean RGB distance from the background, 0..1"),
-    "motion": ("toy.rewards:motion",
-               "toy world: centroid travel from first to last decoded frame / frame width, 0..1.4 (2+ frames)"),
-    "toy_judge": ("toy.judge:toy_judge",
-                  "toy world: mean log-probability the learned toy judge gives the caption's attributes, -inf..0"),
-    "detector": ("toy.rewards:detector",
-                 "toy world, evaluation only: the weight-free detector's accuracy on the caption's attributes, 0..1"),
-}
-REWARDS.update({name: description for name, (_, description) in _ELSEWHERE.items()})
-_FACTORIES.update({name: path for name, (path, _) in _ELSEWHERE.items()})
-
-
-# Training defaults a reward brings (a typed flag wins). VideoReward drifts towards an over-exposed,
-# animated look when over-optimised, which it cannot see itself: second opinions watch for it, an
-# image aesthetic judge and the motion measure, on held-out videos (docs/rewards.md).
-RECIPES = {"videoreward": {"eval_every": 25, "eval_rewards": "aesthetic,dynamics"}}
-
-
-def reward_recipe(spec):
-    """The training defaults of the rewards in `spec` ("videoreward" or a weighted sum)."""
-    out = {}
-    for name, _ in parse_reward_spec(spec):
-        out.update(RECIPES.get(name, {}))
-    return out
+# The other rewards live below this file (reward_models/registry.py) and are imported when built.
+REWARDS.update({name: description for name, (_, description) in ELSEWHERE.items()})
+_FACTORIES.update({name: path for name, (path, _) in ELSEWHERE.items()})
 
 
 def register(name, description):
@@ -241,7 +190,6 @@ def _factory(name):
 
 
 def _build(name, device, dtype, options):
-    check_options(name, _factory(name), options)
     fn = _factory(name)(device=device, dtype=dtype, **options)
     fn.min_frames = getattr(fn, "min_frames", 1)
     return fn
@@ -253,13 +201,9 @@ def load_reward(name, device="cpu", dtype=torch.float32, **options):
     `name` may be one registered reward ("hps") or a weighted sum ("aesthetic:1.0,hps:2.0"),
     whose reward is sum_i w_i * r_i(frames, prompts).
     """
-    terms = parse_reward_spec(name)
-    names = [n for n, _ in terms]
-    for n in names:
-        _factory(n)  # an unknown name fails here, before anything is built
-    per_term = route_options(name, names, options, _factory)
-    fns = [(w, _build(n, device, dtype, per_term[n])) for n, w in terms]
-    for n, (_, fn) in zip(names, fns):
+    terms = reward_terms(name, options, _factory)  # each name known and its options checked, before any is built
+    fns = [(w, _build(n, device, dtype, opts)) for n, w, opts in terms]
+    for (n, *_), (_, fn) in zip(terms, fns):
         if not getattr(fn, "differentiable", True):
             raise UserError(f"the {n} reward has no gradient, so it cannot be trained on; watch it with --eval-rewards {n}")
     if len(fns) == 1 and fns[0][0] == 1.0:

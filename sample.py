@@ -70,21 +70,22 @@ def export_merged(model, lora_path, folder):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model name (tiny, modelscope, zeroscope, animatediff, wan, ...), local folder or "
                    f"hub id (default: the base model the --lora file names, else {DEFAULT_MODEL})")
-    p.add_argument("--lora", help="a lora.safetensors written by train.py; omit for the base model")
-    p.add_argument("--prompts", default="animals.txt", help="prompts file: a path or a name under prompts/")
-    p.add_argument("--num-prompts", type=int, default=4, help="how many prompts from the file (0: all)")
-    p.add_argument("--output-dir", default="runs/samples", help="where the videos go")
+    p.add_argument("--lora", help="a lora.safetensors written by train.py (default: none, the base model)")
+    p.add_argument("--prompts", default="animals.txt",
+                   help="prompts file: a path or a name under prompts/ (default: animals.txt)")
+    p.add_argument("--num-prompts", type=int, default=4, help="how many prompts from the file, 0: all (default: 4)")
+    p.add_argument("--output-dir", default="runs/samples", help="where the videos go (default: runs/samples)")
     p.add_argument("--side-by-side", action="store_true", help="base (left) and aligned (right) in one file")
-    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default: 0)")
     p.add_argument("--num-steps", type=int, help="sampler steps, DDIM or Euler (default: the model's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
     p.add_argument("--frames", type=int, help="frames per video (default: the model's)")
     p.add_argument("--height", type=int, help="height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="width in pixels (default: the model's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the frozen model's dtype (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--export-merged", metavar="DIR", help="write the denoiser with --lora merged in to DIR "
@@ -94,7 +95,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    from infra.checks import resolve_device
+    from infra.distributed import resolve_device
     from infra.lorafile import load_lora_file, read_lora_file, trained_on
     from infra.setup import check_model_settings
     from models import base_id, load_video_model
@@ -112,9 +113,9 @@ def main(argv=None):
     if args.lora:
         read_lora_file(args.lora)
     if args.model is None:  # the LoRA's own base, so a LoRA never meets another base by default
-        args.model = trained_on(args.lora) if args.lora else ""
-        print(f"--model {args.model or DEFAULT_MODEL}" + (f" (the base model {args.lora} was trained on)" if args.model else ""))
-        args.model = args.model or DEFAULT_MODEL
+        base = trained_on(args.lora) if args.lora else ""
+        args.model = base or DEFAULT_MODEL
+        print(f"--model {args.model}" + (f" (the base model {args.lora} was trained on)" if base else ""))
     if args.export_merged:
         check_output_dir(Path(args.export_merged).parent, "--export-merged")
         check_export_folder(args.export_merged)

@@ -10,8 +10,7 @@ Symbols (Song et al., "Denoising Diffusion Implicit Models", arXiv 2010.02502):
 VADER (arXiv 2407.08737) backpropagates a reward through the sampling chain. Keeping the graph
 for all N steps costs N UNet activations; VADER, like AlignProp (2310.03739) and DRaFT
 (2309.17400), keeps gradients only for the last K steps ("truncated backpropagation"): the first
-N - K steps run under `torch.no_grad()`, and only the last K build an autograd graph (what a
-grad step keeps for backward: vader.py's "Precision and memory").
+N - K steps run under `torch.no_grad()`, and only the last K build an autograd graph.
 
 Two samplers share the loop: DDIM for the UNet models (ModelScope, AnimateDiff), and the Euler
 solver of a flow-matching ODE (`FlowSchedule`, at the end; Wan's σ schedule is in wan.py). Each
@@ -135,9 +134,9 @@ def guided_output(unet, x, t, cond, uncond, guidance):
 
     unet: a denoiser called as diffusers' models are, `unet(x, t, encoder_hidden_states=text)`,
     its prediction in `.sample`. x: latents (B, C, F, h, w), float32; cond: text embeddings
-    (B, L, D); uncond: (B, L, D) or the empty prompt's (1, L, D), broadcast. Guidance 1 skips the unconditional pass. Without
-    gradients both passes run as one batch of 2B; in a grad step as two calls of B, so backward
-    holds one pass's activations at a time, not both. Only the denoiser runs in the base dtype
+    (B, L, D); uncond: (B, L, D) or the empty prompt's (1, L, D), broadcast. Guidance 1 skips the
+    unconditional pass. Without gradients both passes run as one batch of 2B; in a grad step as
+    two calls of B, so backward holds one pass's activations at a time, not both. Only the denoiser runs in the base dtype
     (the embeddings'): the DDIM update subtracts nearly equal numbers when ᾱ is near 1, which
     bf16's 8 significant bits would wreck, so the latents stay float32.
     """

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import torch
 
-from infra.checks import resolve_device
 from infra.cli import run_cli
 from infra.distributed import distributed_env, join_process_group, leave_process_group, mean_over_processes
 from infra.offload import saved_on_cpu
 from infra.run import Run, make_videos, print_banner
-from infra.setup import (GENERATION, batch_drawer, check_settings, load_models, out_of_memory, parse_flags, resumed,
-                         split_prompts)
+from infra.setup import (GENERATION, batch_drawer, check_model_settings, check_settings, load_rewards, out_of_memory,
+                         parse_flags, resumed, split_prompts)
 from infra.sharding import shard_denoiser
 from lora import inject_lora
-from models import spec_of
-from rewards import reward_recipe
+from models import load_video_model, spec_of
+from reward_models.registry import reward_recipe
 from sampler import pick_grad_steps, sample
 from vader import decode_f_frames, encode_prompts, loss_scaler, reads_whole_clip, resolve_dtype
 
@@ -49,11 +48,11 @@ class Config:
     reward_options: str = opt("", "Options for the reward as key=value pairs separated by commas.")
     prompts: str = opt("animals.txt", "Training prompts: a file path or a file name under prompts/.")
     output_dir: str = opt("", "Run folder; empty means runs/<model>-<reward>.")
-    height: int = opt(None, "Video height in pixels (None: the model's).")
-    width: int = opt(None, "Video width in pixels (None: the model's).")
-    frames: int = opt(None, "Frames per video, F (None: the model's).")
-    num_steps: int = opt(None, "Sampler steps N, DDIM or Euler (None: the model's; VADER uses 25).")
-    guidance: float = opt(None, "Classifier-free guidance weight (None: the model's; VADER uses 9).")
+    height: int = opt(None, "Video height in pixels.")
+    width: int = opt(None, "Video width in pixels.")
+    frames: int = opt(None, "Frames per video, F.")
+    num_steps: int = opt(None, "Sampler steps N, DDIM or Euler (VADER uses 25).")
+    guidance: float = opt(None, "Classifier-free guidance weight (VADER uses 9).")
     grad_steps: int = opt(1, "K, the last sampler steps that keep gradients (VADER: 1).")
     random_grad_steps: bool = opt(False, "Draw K afresh each step, uniformly from 1..--grad-steps (AlignProp's "
                                                  "randomised truncation); with --grad-steps 1 it changes nothing.")
@@ -93,14 +92,29 @@ class Config:
 
 def parse_config(argv=None):
     """Build the Config once: dataclass defaults < the model's registry entry and recipe < the reward's
-    recipe < a resumed run's own settings < typed flags. Returns (cfg, the flags typed)."""
+    recipe < a resumed run's own settings < typed flags. Returns (cfg, the model's registry entry)."""
     given = parse_flags(Config, argv, __doc__.split("\n\n")[0])  # only the flags actually typed
     spec = spec_of(given.get("model", Config.model))  # a folder's or hub id's family and size are read off its configs
     defaults = {**{k: getattr(spec, k) for k in GENERATION}, **spec.recipe}
     defaults.update(reward_recipe(given.get("reward", defaults.get("reward", Config.reward))))
     cfg = Config(**{**defaults, **given})
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
-    return (resumed(cfg, given) if cfg.resume else cfg), given
+    if cfg.resume:
+        cfg = resumed(cfg, given)
+        spec = spec_of(cfg.model)
+    return cfg, spec
+
+
+def load_models(cfg, spec, device, dtype, sharding=False):
+    """The reward and the evaluation rewards, then the video model (`spec`), checked against the run's
+    video; under --shard its denoiser stays in CPU memory until it is sharded."""
+    reward_fn, eval_fns = load_rewards(cfg, device, dtype, spec.fps)
+    model = load_video_model(cfg.model, "cpu" if sharding else device, dtype)
+    if sharding:
+        model.vae.to(device)
+        model.device = device
+    check_model_settings(model, cfg)  # its size, and for two experts K and the guidance
+    return reward_fn, eval_fns, model
 
 
 #### One optimizer step of VADER
@@ -123,8 +137,8 @@ def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, 
         with saved_on_cpu(cfg.low_memory, cond.device):  # --low-memory: what backward keeps waits in CPU memory
             z0 = sample(model.denoiser, z_T, cond, uncond, model.schedule, cfg.num_steps, cfg.guidance, grad_steps=k,
                         checkpoint_steps=cfg.low_memory)  # (B, C, F_lat, h, w): a graph through the last k steps only
-            frames = decode_f_frames(model, z0, cfg.frames, cfg.decode_frames, generator, spread=reads_whole_clip(reward_fn),
-                                     one_at_a_time=cfg.low_memory)  # (B, f, 3, H, W)
+            frames = decode_f_frames(model, z0, cfg.frames, cfg.decode_frames, generator,
+                                     spread=reads_whole_clip(reward_fn), one_at_a_time=cfg.low_memory)  # (B, f, 3, H, W)
             r = reward_fn(frames, prompts).float()  # (B,)
         loss = -r.mean()
         scaler.scale(loss / cfg.grad_accum).backward()  # fp16: scaled up; the mean over micro-batches
@@ -149,16 +163,16 @@ def train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond, 
 #### Main
 
 def main(argv=None):
-    cfg, given = parse_config(argv)
+    cfg, spec = parse_config(argv)
     check_settings(cfg)  # every flag, the device and the output folder, before anything loads (infra/setup.py)
     prompts, held_out = split_prompts(cfg)
-    rank, world, device = distributed_env(resolve_device(cfg.device))  # torchrun's variables; none: one process
+    rank, world, device = distributed_env(cfg.device)  # torchrun's variables; none: one process
     # The folder is claimed, and Ctrl-C and SIGTERM caught, from before the models load to the end:
     # a stop ends at the next step boundary with a checkpoint (or, while loading, with nothing written).
     with Run(cfg, Path(cfg.output_dir), rank, world, device) as run:
         dtype = resolve_dtype(cfg.dtype, device)
         sharding = cfg.shard and world > 1  # FSDP2: each process keeps 1/world of every weight (infra/sharding.py)
-        reward_fn, eval_fns, model = load_models(cfg, device, dtype, sharding)
+        reward_fn, eval_fns, model = load_models(cfg, spec, device, dtype, sharding)
         join_process_group(world, device)
 
         # Text embeddings once per prompt, in one call; the text encoder is not needed again, and

@@ -111,9 +111,8 @@ class TwoExperts:
                 self.visiting = None
             return self.low(x, t, encoder_hidden_states=encoder_hidden_states)
         if torch.is_grad_enabled():
-            raise ValueError("grad_steps reaches into the high-noise expert's steps: only the low-noise expert's "
-                             "steps are trained")
-        if self.visiting is None:
+            raise ValueError("grad_steps reaches into the high-noise expert's steps: only the low-noise ones train")
+        if self.visiting is None:  # its first step: the expert comes to the device
             self.visiting = self.visit()
             self.visiting.__enter__()
         out_u, out_c = self.high(x, t, encoder_hidden_states=encoder_hidden_states).sample.float().chunk(2)  # (B, ...)

@@ -335,7 +335,7 @@ def join_for_shard(device):
 
 
 def run_speed(a):
-    from infra.checks import resolve_device
+    from infra.distributed import resolve_device
     from vader import resolve_dtype
 
     names = config_names(a.config)

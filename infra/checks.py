@@ -120,12 +120,3 @@ def check_video_shape(model, frames, height, width):
         k = (frames - 1) // r * r + 1
         raise UserError(f"--frames must be 1 + {r}k for this model (its VAE packs {r} frames a latent frame after "
                         f"the first), got {frames}; try {k} or {k + r}")
-
-
-def resolve_device(device="auto"):
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device

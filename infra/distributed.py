@@ -10,8 +10,17 @@ import os
 import torch
 
 
+def resolve_device(device="auto"):
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def distributed_env(device):
-    """(rank, world size, device) from the variables torchrun sets; plain `python` sets none."""
+    """(rank, world size, device) from the variables torchrun sets (plain `python` sets none); the
+    device resolved ('auto': a GPU when one is visible), under torchrun each process its own GPU."""
+    device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device

@@ -192,7 +192,8 @@ def read_prompts(arg):
 
 
 def model_configs(name):
-    """(denoiser config, VAE config) of a diffusers-layout folder or hub id, each a dict or None.
+    """(denoiser config, VAE config, model_index.json) of a diffusers-layout folder or hub id: dicts,
+    the first two None and the index {} when missing.
 
     The denoiser's is transformer/config.json (Wan) or unet/config.json (the UNets); no weights are
     read, so a model's family and size are known before it is loaded.
@@ -205,7 +206,7 @@ def model_configs(name):
         except (OSError, ValueError):  # not there, or no connection
             return None
 
-    return config("transformer") or config("unet"), config("vae")
+    return config("transformer") or config("unet"), config("vae"), model_index(name)
 
 
 def model_index(name):

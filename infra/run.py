@@ -20,7 +20,6 @@ from infra.video import plot_before_after, tile, write_strip, write_video
 from infra.frames import frames_scored
 from infra.sharding import whole_lora
 from lora import save_lora
-from models import base_id
 from vader import generate
 
 
@@ -177,7 +176,7 @@ class Run:
         if self.main or self.cfg.shard:
             save_checkpoint(self.out, step, self.model.unet, self.optimizer, self.generator, self.config_text,
                             metrics_text(self.rows), self.cfg.keep_checkpoints, self.model.lora_prefix,
-                            base_id(self.model.spec), (self.rank, self.world) if self.cfg.shard else None)
+                            self.model.base_id, (self.rank, self.world) if self.cfg.shard else None)
         self.saved = step
 
     def record(self, step, loss, rewards, grad_norm, k, finite, seconds, scores):
@@ -226,7 +225,7 @@ class Run:
         if trained:  # gathered from every process under --shard, written by the main one
             tensors = whole_lora(self.model.unet, self.model.lora_prefix)
             if self.main:
-                save_lora(self.model.unet, out / "lora.safetensors", self.model.lora_prefix, base_id(self.model.spec),
+                save_lora(self.model.unet, out / "lora.safetensors", self.model.lora_prefix, self.model.base_id,
                           tensors=tensors)
                 plot_rewards(out, self.rows, cfg.reward)
         if stopped and self.main:

@@ -1,5 +1,5 @@
 """What train.py's `main` needs before its loop, kept out of the lesson: the config's layers and
-resume, every setting checked, the prompts split, the models loaded and checked against the run,
+resume, every setting checked, the prompts split, the rewards loaded, the model checked against the run,
 and each process's share of a batch.
 
 Each check runs before the work it guards (a typo costs a second, not a download), and each
@@ -36,8 +36,8 @@ def parse_flags(config_class, argv, description):
                                        "start-up), and a reward may too (videoreward); a flag you type always wins.")
     for f in fields(config_class):
         flag, default = "--" + f.name.replace("_", "-"), f.default
-        shown = "the model's" if f.name in GENERATION else (repr(default) if default not in ("", None) else "none")
-        help = f"{f.metadata['help']} [default: {shown}]".replace("%", "%%")
+        shown = "the model's" if f.name in GENERATION else (None if default in ("", None) else repr(default))
+        help = (f.metadata["help"] + (f" [default: {shown}]" if shown else "")).replace("%", "%%")
         if f.type is bool:  # --flag and --no-flag: a model's recipe may turn one on (Wan: --low-memory)
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         elif f.name == "resume":
@@ -131,26 +131,21 @@ def check_model_settings(model, cfg):
                         "(wan.TwoExperts); pass another --guidance")
 
 
-def load_models(cfg, device, dtype, sharding=False):
-    """The reward (checked against --decode-frames), the evaluation rewards and the video model;
-    with `sharding` (--shard on several processes) its denoiser stays in CPU memory until it is sharded."""
-    from models import load_video_model, spec_of
+def load_rewards(cfg, device, dtype, fps):
+    """The reward (under --low-memory it leaves the device during backward) and the evaluation rewards;
+    --decode-frames resolved for a video made at `fps` (so config.json records the number) and checked
+    against the reward."""
     from rewards import load_eval_rewards, load_reward, parse_options
 
     reward_fn = load_reward(cfg.reward, device=device, dtype=dtype, **parse_options(cfg.reward_options))
     if cfg.low_memory:
         reward_fn = reward_leaves_in_backward(reward_fn, device)
     eval_fns = load_eval_rewards(cfg.eval_rewards, device, dtype, build=bool(cfg.eval_every))
-    if cfg.decode_frames is None:  # resolved here, so config.json records the number
-        cfg.decode_frames = default_decode_frames(reward_fn, cfg.frames, spec_of(cfg.model).fps)
+    if cfg.decode_frames is None:
+        cfg.decode_frames = default_decode_frames(reward_fn, cfg.frames, fps)
     if cfg.decode_frames < reward_fn.min_frames:
         raise UserError(f"the {cfg.reward} reward needs --decode-frames {reward_fn.min_frames} or more")
-    model = load_video_model(cfg.model, "cpu" if sharding else device, dtype)
-    if sharding:
-        model.vae.to(device)
-        model.device = device
-    check_model_settings(model, cfg)
-    return reward_fn, eval_fns, model
+    return reward_fn, eval_fns
 
 
 def out_of_memory(cfg):

@@ -3,6 +3,6 @@
 image.py scores frames one by one (aesthetic, hps, pickscore, clip, aesthetic_hps), video.py
 scores clips (actpred, object, video_text, temporal), and common.py holds what they share:
 loading, freezing, and the official preprocessing rebuilt from tensor ops so gradients reach the
-pixels. rewards.py names them in its registry and imports a module only when one of its
-rewards is asked for.
+pixels. registry.py names them for rewards.py, which imports a module only when one of its rewards
+is asked for.
 """

@@ -26,6 +26,19 @@ def check_options(name, factory, options):
         )
 
 
+def reward_terms(spec, options, factory_of):
+    """[(name, weight, its options)] of a reward spec ("hps" or "aesthetic:1,hps:2"): every name known
+    (an unknown one fails before anything is built), each option routed to the terms that take it."""
+    terms = parse_reward_spec(spec)
+    names = [n for n, _ in terms]
+    for n in names:
+        factory_of(n)
+    per_term = route_options(spec, names, options, factory_of)
+    for n in names:
+        check_options(n, factory_of(n), per_term[n])
+    return [(n, w, per_term[n]) for n, w in terms]
+
+
 def parse_reward_spec(spec):
     """'aesthetic:1.0,hps:2.0' -> [('aesthetic', 1.0), ('hps', 2.0)]; 'hps' -> [('hps', 1.0)]."""
     terms = []

@@ -48,7 +48,7 @@ def test_registry_errors():
 
 def test_registry_imports_a_reward_module_only_when_asked_for():
     """`import rewards` knows every name but imports no reward model or toy module (only the
-    weight-free helpers reward_models.common and .options); building one imports just its module. Run in a fresh interpreter, where nothing else has imported them."""
+    weight-free helpers reward_models.common, .options and .registry); building one imports just its module. Run in a fresh interpreter, where nothing else has imported them."""
     import subprocess
     import sys
 
@@ -58,6 +58,6 @@ def test_registry_imports_a_reward_module_only_when_asked_for():
             "('reward_models', 'toy', 'transformers', 'open_clip')); before = loaded(); "
             "rewards.load_reward('redness'); print(len(rewards.REWARDS), before, loaded())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    helpers = "'reward_models', 'reward_models.common', 'reward_models.options'"
+    helpers = "'reward_models', 'reward_models.common', 'reward_models.options', 'reward_models.registry'"
     assert out.split(" ", 1)[1].strip() == f"[{helpers}] [{helpers}, 'toy', 'toy.rewards', 'toy.world']"
     assert int(out.split()[0]) == len(REWARDS) >= 17

@@ -72,11 +72,12 @@ def test_reward_rises(run):
     assert last > first + 0.01, rewards
 
 
-def test_sample_side_by_side(run, tmp_path):
+def test_sample_side_by_side_on_the_loras_own_base(run, tmp_path, capsys):
     out = tmp_path / "samples"
-    run_cli(sample.main, ["--model", "tiny", "--lora", str(run / "lora.safetensors"), "--prompts", "animals.txt",
+    run_cli(sample.main, ["--lora", str(run / "lora.safetensors"), "--prompts", "animals.txt",  # no --model
                           "--num-prompts", "2", "--num-steps", "4", "--frames", "4", "--height", "16", "--width", "16",
                           "--side-by-side", "--output-dir", str(out)])
+    assert f"--model tiny (the base model {run / 'lora.safetensors'} was trained on)" in capsys.readouterr().out
     gifs = sorted(out.glob("*.gif"))
     assert len(gifs) == 2 and len(list(out.glob("*.mp4"))) == 2
     assert Image.open(gifs[0]).size == (2 * 128, 128)  # base | aligned

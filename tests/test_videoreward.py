@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import train
 from infra.cli import UserError, run_cli
 from infra.frames import default_decode_frames
-from infra.tiny import build_tiny_videoreward, tiny_videoreward
+from reward_models.tiny_videoreward import build_tiny_videoreward, tiny_videoreward
 from lora import inject_lora
 from models import load_video_model
 from reward_models import videoreward as vr
