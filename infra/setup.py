@@ -122,6 +122,8 @@ def check_model_settings(model, cfg):
     if experts is None:
         return
     low = cfg.num_steps - experts.steps(model.schedule, cfg.num_steps)
+    if low < 1:  # the sampler ends with the trained expert, which also brings it back to the device
+        raise UserError(f"--num-steps {cfg.num_steps} leaves no step to the low-noise expert; pass more --num-steps")
     if cfg.grad_steps > low:  # Wan2.2 A14B: K must stay within the low-noise expert's steps (wan.TwoExperts)
         raise UserError(f"--grad-steps {cfg.grad_steps} reaches into the high-noise expert's steps, which carry no "
                         f"LoRA: only the last {low} of the {cfg.num_steps} steps are the trained expert's; use "

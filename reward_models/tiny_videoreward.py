@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from infra.cli import quiet_libraries
+from infra.miniature import away_from_defaults
 from reward_models.videoreward import MAX_PIXELS, REWARD_TOKENS, videoreward
 
 # Qwen2-VL in miniature for the tiny VideoReward (reward_models/videoreward.py): the 2B's structure
@@ -47,6 +48,9 @@ def build_tiny_videoreward(folder, seed=0, heads=3, lora_r=4):
     `folder`/checkpoint-1/model.pth: the reward tokens' embeddings, `rm_head` (`heads` outputs) and
     a LoRA of rank `lora_r` (alpha = 2 r, as the release's 64 / 128) on the language model's
     linears, under the PEFT and transformers 4.45 key names (reward_models.videoreward reads them).
+    Every tensor of both is drawn away from its initial default (no zero bias, no unit norm), and
+    every tensor of the fine-tune differs from the base's, so a mapping that drops, merges or
+    transposes one cannot pass for right.
 
     The tokenizer is byte-level BPE without merges: a byte a token, plus Qwen2-VL's special tokens.
     """
@@ -64,10 +68,11 @@ def build_tiny_videoreward(folder, seed=0, heads=3, lora_r=4):
                      chat_template=QWEN2_VL_CHAT_TEMPLATE).save_pretrained(folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        qwen = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**TINY_QWEN2_VL))
+        qwen = away_from_defaults(Qwen2VLForConditionalGeneration(Qwen2VLConfig(**TINY_QWEN2_VL)), seed)
         qwen.save_pretrained(folder)
         tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
         qwen.resize_token_embeddings(len(tokenizer))  # the release's training did so: 3 new rows, initialised
+        away_from_defaults(qwen, seed + 1)  # the fine-tune moved every tensor: none equals the base's
         hidden = qwen.config.text_config.hidden_size
         state = {}
         for key, value in qwen.state_dict().items():

@@ -139,26 +139,36 @@ class VideoRewardModel(nn.Module):
 def convert_checkpoint(state, scale):
     """The release's state dict (a PEFT model of transformers 4.45's Qwen2-VL) -> this module's keys.
 
-    PEFT names a wrapped linear's weight `<name>.base_layer.weight` and adds `<name>.lora_A.default`
-    and `.lora_B.default`; the merged weight is W + scale * B A (scale = alpha / r). A module PEFT
-    trains whole is `<name>.modules_to_save.default`. transformers 5 moved the language model from
-    `model.*` to `model.language_model.*` and the vision tower from `visual.*` to `model.visual.*`.
+    PEFT names a wrapped linear's weight `<name>.base_layer.weight` (its bias `.base_layer.bias`)
+    and adds `<name>.lora_A.default.weight` and `.lora_B.default.weight`; the merged weight is
+    W + scale * B A (scale = alpha / r), and the bias stays as it is. A module PEFT trains whole is
+    `<name>.modules_to_save.default`, beside a frozen copy `.original_module.` that is dropped.
+    transformers 5 moved the language model from `model.*` to `model.language_model.*` and the
+    vision tower from `visual.*` to `model.visual.*`. A LoRA tensor without its partner or its base
+    weight is an error naming it: nothing of the release is silently dropped.
     """
     state = {k.removeprefix("base_model.model."): v for k, v in state.items() if ".original_module." not in k}
     state = {k.replace(".modules_to_save.default.", ".").replace(".base_layer.", "."): v for k, v in state.items()}
-    out = {}
+    lora = {k for k in state if ".lora_" in k}
+    out, merged = {}, set()
     for key, value in state.items():
-        if ".lora_" in key:
+        if key in lora:
             continue
-        a = state.get(key.replace(".weight", ".lora_A.default.weight"))
-        if a is not None:
-            b = state[key.replace(".weight", ".lora_B.default.weight")]
+        pair = [key.removesuffix(".weight") + f".lora_{x}.default.weight" for x in "AB"] if key.endswith(".weight") else []
+        if pair and any(p in lora for p in pair):  # a LoRA-wrapped weight; a bias never is
+            if not all(p in lora for p in pair):
+                raise UserError(f"the VideoReward weights hold half of the LoRA pair {pair}; use an intact model.pth")
+            a, b = (state[p] for p in pair)
             value = (value.float() + scale * b.float() @ a.float()).to(value.dtype)
+            merged.update(pair)
         if key.startswith("visual."):
             key = "qwen." + key
         elif key.startswith("model."):
             key = "qwen.language_model." + key.removeprefix("model.")
         out[key] = value
+    if lora - merged:
+        raise UserError(f"the VideoReward weights hold LoRA tensors with no base weight: {sorted(lora - merged)[:3]}; "
+                        "use an intact model.pth")
     return out
 
 

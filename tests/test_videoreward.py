@@ -7,6 +7,7 @@ scores sends a gradient to the LoRA, and train.py trains on it and resumes exact
 """
 import csv
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 import train
 from infra.cli import UserError, run_cli
 from infra.frames import default_decode_frames
+from infra.miniature import defaults_left
 from reward_models.tiny_videoreward import build_tiny_videoreward, tiny_videoreward
 from lora import inject_lora
 from models import load_video_model
@@ -107,10 +109,12 @@ def release_model_in_peft(folder):
     return peft.eval(), tokenizer
 
 
-def test_scores_match_the_release_model(folder, reward):
-    """The three raw scores of our path equal those of transformers' Qwen2-VL forward on the processor's
-    inputs, with PEFT's unmerged LoRA and the plain positions 0, 1, 2, ... the release ran with.
-    Frames at a size the reader keeps (multiples of 28 within the budget), so both see the same pixels."""
+@pytest.fixture(scope="module")
+def reference(folder):
+    """(video, the release model's three raw scores of it): transformers' Qwen2-VL forward on the
+    processor's inputs, with PEFT's unmerged LoRA and the plain positions 0, 1, 2, ... the release
+    ran with. Frames at a size the reader keeps (multiples of 28 within the budget), so both see
+    the same pixels."""
     peft, tokenizer = release_model_in_peft(folder)
     video = smooth_uint8(2, 4, 308, 336)
     batch = processor_batch(folder, video, PROMPTS)
@@ -122,11 +126,98 @@ def test_scores_match_the_release_model(folder, reward):
         ).last_hidden_state  # (B, L, D)
         ids = tokenizer.convert_tokens_to_ids(list(vr.REWARD_TOKENS))
         at = torch.stack([hidden[batch.input_ids == i] for i in ids], dim=1)  # (B, 3, D)
-        ref = peft.base_model.model.rm_head(at).diagonal(dim1=1, dim2=2)  # the release's 3-output head: (B, 3)
-        ours = reward.modules[0](video.float() / 255, PROMPTS)
+        return video, peft.base_model.model.rm_head(at).diagonal(dim1=1, dim2=2)  # the release's 3-output head: (B, 3)
+
+
+def raw_scores(model, video):
+    with torch.no_grad():
+        return model(video.float() / 255, PROMPTS)  # (B, 3)
+
+
+def test_scores_match_the_release_model(folder, reward, reference):
+    """Our three raw scores equal the release model's (`reference`) within 1e-4, and so does their
+    normalised sum."""
+    video, ref = reference
+    ours = raw_scores(reward.modules[0], video)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
     mean, std = torch.tensor([m for m, _ in vr.NORMS.values()]), torch.tensor([s for _, s in vr.NORMS.values()])
     torch.testing.assert_close(reward(video.float() / 255, PROMPTS), ((ref - mean) / std).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_the_miniature_release_keeps_no_tensor_at_its_default(folder):
+    """Every tensor of the miniature base and of its fine-tune is off its initial default, and every
+    tensor of the fine-tune differs from the base's: a converter that drops, merges or transposes
+    one changes the scores (the planted mistakes below)."""
+    release = torch.load(folder / "checkpoint-1" / "model.pth", weights_only=True)
+    base = load_file(folder / "model.safetensors")
+    assert defaults_left(release) == [] and defaults_left(base) == []
+    shared = [k for k in release if k.removeprefix("base_model.model.").replace(".base_layer.", ".") in base]
+    assert len(shared) > 50  # the base folder is written with the release's (transformers 4.45) names
+    for key in shared:
+        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        assert base[name].shape != release[key].shape or not torch.equal(base[name], release[key]), key
+
+
+def test_the_conversion_keeps_every_bias_and_merges_only_lora_pairs(folder):
+    """Each tensor of the release file reaches the model as it is, but for a LoRA-wrapped weight,
+    which becomes W + (alpha / r) B A: a bias (the language model's q, k, v, the whole vision
+    tower, the merger) is never taken for its own LoRA pair."""
+    release = {k.removeprefix("base_model.model."): v for k, v in
+               torch.load(folder / "checkpoint-1" / "model.pth", weights_only=True).items()}
+    out = vr.convert_checkpoint({f"base_model.model.{k}": v for k, v in release.items()}, 2.0)
+    biases = [k for k in release if k.endswith("bias")]
+    assert len(biases) > 20 and all(release[k].abs().sum() > 0 for k in biases)
+    for k in biases:
+        new = k.replace(".base_layer.", ".")
+        new = "qwen.language_model." + new.removeprefix("model.") if new.startswith("model.") else "qwen." + new
+        assert torch.equal(out[new], release[k]), k
+    q = "model.layers.0.self_attn.q_proj"
+    merged = release[f"{q}.base_layer.weight"] + 2.0 * release[f"{q}.lora_B.default.weight"] @ release[f"{q}.lora_A.default.weight"]
+    torch.testing.assert_close(out[f"qwen.language_model.{q.removeprefix('model.')}.weight"], merged)
+
+
+def test_a_lora_tensor_without_its_partner_or_base_is_refused_by_name(folder):
+    release = torch.load(folder / "checkpoint-1" / "model.pth", weights_only=True)
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    half = {k: v for k, v in release.items() if k != f"{q}.lora_B.default.weight"}
+    with pytest.raises(UserError, match="half of the LoRA pair .*q_proj.lora_A"):
+        vr.convert_checkpoint(half, 2.0)
+    orphan = {**release, "base_model.model.model.layers.0.mlp.extra.lora_A.default.weight": torch.ones(4, 4)}
+    with pytest.raises(UserError, match="LoRA tensors with no base weight: .*mlp.extra.lora_A"):
+        vr.convert_checkpoint(orphan, 2.0)
+
+
+def plant_old_bias_merge(out, folder, scale):
+    """The mistake the converter once made: every key looked up its LoRA pair by replacing
+    '.weight', so a bias was its own pair and came back as bias + scale (bias . bias)."""
+    return {k: v + scale * (v @ v) if k.endswith("bias") else v for k, v in out.items()}
+
+
+def plant_transposed_projection(out, folder, scale):
+    """An attention output projection written transposed (its shape is square, so it still loads)."""
+    k = "qwen.language_model.layers.0.self_attn.o_proj.weight"
+    return {**out, k: out[k].t().contiguous()}
+
+
+def plant_norm_from_the_base(out, folder, scale):
+    """A norm the converter lost, left at the base model's value (what a loader without the key
+    would keep from the base folder)."""
+    base = load_file(Path(folder) / "model.safetensors")
+    return {**out, "qwen.language_model.layers.0.input_layernorm.weight": base["model.layers.0.input_layernorm.weight"]}
+
+
+@pytest.mark.parametrize("plant", [plant_old_bias_merge, plant_transposed_projection, plant_norm_from_the_base])
+def test_a_planted_mapping_mistake_fails_the_parity_check(folder, reference, monkeypatch, plant):
+    """Each planted mistake in the conversion moves the scores far outside the parity test's 1e-4
+    (BENCHMARKS.md says by how much), so the parity test would have caught it."""
+    convert = vr.convert_checkpoint
+    monkeypatch.setattr(vr, "convert_checkpoint", lambda state, scale: plant(convert(state, scale), folder, scale))
+    video, ref = reference
+    wrong = raw_scores(vr.videoreward(base=str(folder), weights=str(folder)).modules[0], video)
+    print(f"{plant.__name__}: max |score change| {(wrong - ref).abs().max().item():.4f}")
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(wrong, ref, rtol=1e-4, atol=1e-5)
+    assert (wrong - ref).abs().max() > 1e-2
 
 
 def test_a_one_output_head_and_bad_weights(folder, tmp_path):
