@@ -16,6 +16,7 @@ import torch
 
 from infra.cli import UserError, quiet_libraries
 from infra.files import first_line
+from infra.miniature import away_from_defaults
 
 # ModelScope's scheduler settings (its hub folder's scheduler/scheduler_config.json), so the tiny
 # model samples like the real one.
@@ -84,10 +85,12 @@ def write_clip_tokenizer(folder):
     tok.save_pretrained(Path(folder) / "tokenizer")
 
 
-def build_tiny_model(folder, seed=0):
+def build_tiny_model(folder, seed=0, release=False):
     """Write the tiny model to `folder` in the diffusers layout (unet/, vae/, text_encoder/, ...).
 
-    The same seed gives the same weights every time; the global RNG is left untouched.
+    The same seed gives the same weights every time; the global RNG is left untouched. With
+    `release`, a miniature of a released model: every tensor drawn away from its initial default
+    (infra/miniature.py), as training leaves them, so a parity test can see a mapping mistake.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -96,14 +99,15 @@ def build_tiny_model(folder, seed=0):
     folder = Path(folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        UNet3DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
-        AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
-        CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).save_pretrained(folder / "text_encoder")
+        trained = away_from_defaults if release else lambda module, seed: module
+        trained(UNet3DConditionModel(**TINY_UNET), seed).save_pretrained(folder / "unet")
+        trained(AutoencoderKL(**TINY_VAE), seed + 1).save_pretrained(folder / "vae")
+        trained(CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), seed + 2).save_pretrained(folder / "text_encoder")
     DDIMScheduler(**MODELSCOPE_SCHEDULER).save_pretrained(folder / "scheduler")
     write_clip_tokenizer(folder)
 
 
-def build_tiny_wan(folder, seed=0, version="2.1"):
+def build_tiny_wan(folder, seed=0, version="2.1", release=False):
     """Write the tiny Wan to `folder` in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or with
     version "2.2-5b" of Wan2.2-TI2V-5B-Diffusers, or "2.2-a14b" of Wan2.2-T2V-A14B-Diffusers.
 
@@ -111,7 +115,8 @@ def build_tiny_wan(folder, seed=0, version="2.1"):
     (UniPC with the hub folder's flow shift) and model_index.json, which carries Wan2.2's
     pipeline settings: `expand_timesteps` for the 5B, `boundary_ratio` for A14B. The tokenizer is
     the CLIP vocabulary of `write_clip_tokenizer` (UMT5's SentencePiece model is not bundled by
-    any installed package); prompts are padded to 512 tokens like the real one's.
+    any installed package); prompts are padded to 512 tokens like the real one's. `release` as
+    for `build_tiny_model`.
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -122,11 +127,13 @@ def build_tiny_wan(folder, seed=0, version="2.1"):
     experts = ["transformer", "transformer_2"] if version == "2.2-a14b" else ["transformer"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for name in experts:
-            WanTransformer3DModel(**(TINY_WAN22_TRANSFORMER if version == "2.2-5b" else TINY_WAN_TRANSFORMER)
-                                  ).save_pretrained(folder / name)
-        AutoencoderKLWan(**(TINY_WAN22_VAE if version == "2.2-5b" else TINY_WAN_VAE)).save_pretrained(folder / "vae")
-        UMT5EncoderModel(UMT5Config(**TINY_UMT5)).save_pretrained(folder / "text_encoder")
+        trained = away_from_defaults if release else lambda module, seed: module
+        for i, name in enumerate(experts):
+            trained(WanTransformer3DModel(**(TINY_WAN22_TRANSFORMER if version == "2.2-5b" else TINY_WAN_TRANSFORMER)),
+                    seed + i).save_pretrained(folder / name)
+        trained(AutoencoderKLWan(**(TINY_WAN22_VAE if version == "2.2-5b" else TINY_WAN_VAE)), seed + 2
+                ).save_pretrained(folder / "vae")
+        trained(UMT5EncoderModel(UMT5Config(**TINY_UMT5)), seed + 3).save_pretrained(folder / "text_encoder")
     shift = {"2.1": 3.0, "2.2-5b": 5.0, "2.2-a14b": 12.0}[version]
     UniPCMultistepScheduler(**dict(WAN_SCHEDULER, flow_shift=shift)).save_pretrained(folder / "scheduler")
     write_clip_tokenizer(folder)

@@ -40,11 +40,12 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def wan_folder(tmp_path_factory):
-    """The tiny Wan written once in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers."""
+    """Wan2.1 in miniature, written once in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, every
+    tensor off its initial default as a release's are."""
     from infra.tiny import build_tiny_wan
 
     folder = tmp_path_factory.mktemp("tiny_wan")
-    build_tiny_wan(folder)
+    build_tiny_wan(folder, release=True)
     return folder
 
 
@@ -58,19 +59,20 @@ def tiny_model(tiny_folder):
 
 @pytest.fixture(scope="session")
 def wan22_folder(tmp_path_factory):
-    """The tiny Wan2.2 TI2V-5B, in the layout of Wan-AI/Wan2.2-TI2V-5B-Diffusers."""
+    """Wan2.2 TI2V-5B in miniature, in the layout of Wan-AI/Wan2.2-TI2V-5B-Diffusers (off its defaults)."""
     from infra.tiny import build_tiny_wan
 
     folder = tmp_path_factory.mktemp("tiny_wan22")
-    build_tiny_wan(folder, version="2.2-5b")
+    build_tiny_wan(folder, version="2.2-5b", release=True)
     return folder
 
 
 @pytest.fixture(scope="session")
 def a14b_folder(tmp_path_factory):
-    """The tiny Wan2.2 T2V-A14B (two experts), in the layout of Wan-AI/Wan2.2-T2V-A14B-Diffusers."""
+    """Wan2.2 T2V-A14B (two experts) in miniature, in the layout of Wan-AI/Wan2.2-T2V-A14B-Diffusers
+    (off its defaults)."""
     from infra.tiny import build_tiny_wan
 
     folder = tmp_path_factory.mktemp("tiny_a14b")
-    build_tiny_wan(folder, version="2.2-a14b")
+    build_tiny_wan(folder, version="2.2-a14b", release=True)
     return folder
