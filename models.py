@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from infra.cli import UserError, quiet_libraries
 from infra.offload import swapped
 from infra.files import first_line, model_configs
+from infra.loading import strict
 from infra.tiny import TINY_BUILDERS, tiny_folder
 from lora import TARGETS
 from sampler import Schedule
@@ -173,22 +174,22 @@ class VideoModel:
 
     @classmethod
     def load_components(cls, source, spec, dtype):
-        """{unet, vae, text_encoder, tokenizer} from `source`, as diffusers' pipelines read them."""
+        """{unet, vae, text_encoder, tokenizer} from `source`, as diffusers' pipelines read them, each whole."""
         from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         kind = UNet3DConditionModel.load_config(source, subfolder="unet").get("_class_name")
         half = dict(torch_dtype=dtype, variant=spec.variant or None)
         if kind == "UNet3DConditionModel":
-            unet = UNet3DConditionModel.from_pretrained(source, subfolder="unet", **half)
+            unet = strict(UNet3DConditionModel).from_pretrained(source, subfolder="unet", **half)
         elif kind == "UNetMotionModel":  # an AnimateDiff pipeline saved whole: motion modules already inside
-            unet = per_frame_text(UNetMotionModel.from_pretrained(source, subfolder="unet", **half))
+            unet = per_frame_text(strict(UNetMotionModel).from_pretrained(source, subfolder="unet", **half))
         else:  # an SD 1.5 image UNet plus a motion adapter
-            unet2d = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **half)
-            motion = MotionAdapter.from_pretrained(spec.adapter, torch_dtype=dtype)
+            unet2d = strict(UNet2DConditionModel).from_pretrained(source, subfolder="unet", **half)
+            motion = strict(MotionAdapter).from_pretrained(spec.adapter, torch_dtype=dtype)
             unet = per_frame_text(UNetMotionModel.from_unet2d(unet2d, motion))
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **half)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
+        vae = strict(AutoencoderKL).from_pretrained(source, subfolder="vae", **half)
+        text_encoder = strict(CLIPTextModel).from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
         return dict(unet=unet, vae=vae, text_encoder=text_encoder,
                     tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"))
 
@@ -294,7 +295,6 @@ def _load(source, spec, device, dtype):
             m.eval().requires_grad_(False)
     # The text encoder (and a second expert) wait in CPU memory and visit the device only when needed.
     parts["unet"], parts["vae"] = parts["unet"].to(device), parts["vae"].to(device)
-    model = cls(**parts, schedule=cls.schedule_class.from_config({**scheduler, **spec.scheduler}), spec=spec,
-                device=device)
+    model = cls(**parts, schedule=cls.schedule_class.from_config({**scheduler, **spec.scheduler}), spec=spec, device=device)
     model.enable_checkpointing()
     return model

@@ -35,6 +35,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from infra.files import model_index
+from infra.loading import strict
 from infra.offload import in_cpu_memory, sharded, swapped
 from models import VideoModel
 from sampler import FlowSchedule
@@ -164,10 +165,8 @@ class WanModel(VideoModel):
         """The transformer and the VAE step out to CPU memory while UMT5 encodes on the device, so
         the three never share the GPU and a card holds each in turn. Under --shard the transformer
         is still in CPU memory here, whole, waiting to be sharded, and stays there."""
-        if self.device == "cpu":
-            yield
-            return
-        with swapped(self.device, [self.text_encoder], [m for m in (self.unet, self.vae) if not in_cpu_memory(m)]):
+        on_device = [] if self.device == "cpu" else [m for m in (self.unet, self.vae) if not in_cpu_memory(m)]
+        with swapped(self.device, [self.text_encoder], on_device):
             yield
 
     @functools.cached_property
@@ -254,9 +253,8 @@ class WanModel(VideoModel):
         recomputes one sub-layer at a time, so the peak holds one sub-layer's activations (the
         FFN's 4x-wide hidden state, the attention's q, k, v), not the whole block's, for one more
         forward of each sub-layer per grad step. The VAE is checkpointed whole in `decode_frames`,
-        and inside it each resnet and resampler of the decoder (wan_vae.py).
-        Also the timestep hook, on both experts of A14B (the high-noise one needs no checkpointing:
-        it never runs with gradients)."""
+        and inside it each resnet and resampler (wan_vae.py). The timestep hook goes on both of
+        A14B's experts (the high-noise one, never run with gradients, needs no checkpoints)."""
         self.unet.enable_gradient_checkpointing()
         checkpoint_units(unit for block in self.unet.blocks for unit in (block.attn1, block.attn2, block.ffn))
         checkpoint_units((m for m in self.vae.decoder.modules() if type(m).__name__ in CAUSAL_UNITS),
@@ -278,13 +276,14 @@ class WanModel(VideoModel):
         if spec.guidance_high is not None and not experts:  # A14B's entry, but one transformer in sight
             raise OSError(f"{source} has no model_index.json naming a transformer_2 and a boundary_ratio")
         low = "transformer_2" if experts else "transformer"
-        parts = dict(unet=WanTransformer3DModel.from_pretrained(source, subfolder=low, torch_dtype=dtype),
-                     vae=AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=dtype),
-                     text_encoder=UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype),
+        def load(cls, subfolder):  # whole or not at all (infra/loading.py)
+            return strict(cls).from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
+
+        parts = dict(unet=load(WanTransformer3DModel, low), vae=load(AutoencoderKLWan, "vae"),
+                     text_encoder=load(UMT5EncoderModel, "text_encoder"),
                      tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer"))
         if experts:
-            parts["high_expert"] = WanTransformer3DModel.from_pretrained(source, subfolder="transformer",
-                                                                          torch_dtype=dtype)
+            parts["high_expert"] = load(WanTransformer3DModel, "transformer")
             parts["boundary_ratio"] = index["boundary_ratio"]
         return parts
 

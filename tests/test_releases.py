@@ -125,3 +125,27 @@ def test_a_dropped_temporal_layer_is_seen_only_on_a_release_miniature(modelscope
     change = (a - b).abs().max().item()
     print(f"release={release}: max |frame change| {change:.2e}")
     assert change > 1e-3 if release else change == 0.0
+
+
+@pytest.mark.parametrize("family", ["modelscope", "wan"])
+def test_a_folder_missing_a_tensor_or_holding_a_stranger_is_refused_by_name(family, modelscope_folder, wan_folder,
+                                                                         tmp_path, capsys):
+    """from_pretrained would load it with the missing tensor at random (its warning silenced): the
+    model loader refuses it in one line naming both tensors (infra/loading.py)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from infra.cli import run_cli
+
+    shutil.copytree(modelscope_folder if family == "modelscope" else wan_folder, tmp_path / "m")
+    part = tmp_path / "m" / ("unet" if family == "modelscope" else "transformer") / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(part)
+    gone = sorted(tensors)[3]
+    tensors["stranger.weight"] = tensors.pop(gone)
+    save_file(tensors, part, metadata={"format": "pt"})
+    with pytest.raises(SystemExit) as stop:
+        run_cli(load_video_model, str(tmp_path / "m"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert f"missing {gone}" in err and "unexpected stranger.weight" in err
