@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from infra.cli import UserError
-from reward_models.common import freeze, from_pretrained, load_checkpoint, weights_file
+from reward_models.common import freeze, from_pretrained, load_checkpoint, load_pretrained, weights_file
 from reward_models.options import parse_options, reward_terms
 from reward_models.registry import ELSEWHERE
 
@@ -129,21 +129,21 @@ def aesthetic(device="cpu", dtype=torch.float32, weights=None, clip_model=CLIP_L
     the LAION file under another name); clip_model: hub id or folder of the CLIP backbone.
     Only CLIP's vision tower and projection are loaded (304 M of ViT-L/14's 428 M parameters):
     the head never reads the text tower, whose weights would sit on the GPU for nothing.
-    `CLIPVisionModelWithProjection` reads them from the whole CLIP checkpoint, and its
-    `image_embeds` are `CLIPModel.get_image_features`.
+    `CLIPVisionModelWithProjection` reads them from the whole CLIP checkpoint (refusing one that
+    lacks any), and its `image_embeds` are `CLIPModel.get_image_features`.
     """
     from transformers import CLIPConfig, CLIPVisionModelWithProjection
 
-    def load_vision(source):
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()  # the text tower's weights are skipped on purpose: no report of them
+    def vision_config(source):
         config = CLIPConfig.from_pretrained(source)
         config.vision_config.projection_dim = config.projection_dim  # kept at the top level of a CLIP config
-        return CLIPVisionModelWithProjection.from_pretrained(source, config=config.vision_config)
+        return config.vision_config
 
     path = weights_file(weights, AESTHETIC_REPO, AESTHETIC_FILE, "weights")  # fail fast, before CLIP
-    clip = freeze(from_pretrained(load_vision, clip_model, "clip_model"), device, dtype)
+    config = from_pretrained(vision_config, clip_model, "clip_model")
+    text_tower = ("text_model.", "text_projection.", "logit_scale")  # in the checkpoint, skipped on purpose
+    clip = load_pretrained(CLIPVisionModelWithProjection, clip_model, "clip_model", unused=text_tower, config=config)
+    clip = freeze(clip, device, dtype)
     head = AestheticHead(clip.config.projection_dim)
     load_checkpoint(head, path, "weights", "aesthetic head")
     head = freeze(head, device, dtype)

@@ -119,7 +119,7 @@ def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from infra.tiny import QWEN_SPECIALS
+    from reward_models.tiny_videoreward import QWEN_SPECIALS
     from reward_models.videoreward import PROMPT, REWARD_TOKENS, SYSTEM
 
     words = pre_tokenizers.Whitespace().pre_tokenize_str(SYSTEM + PROMPT + " user assistant")

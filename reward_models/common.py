@@ -2,7 +2,9 @@
 
 Loading: every reward model comes from its public hub id or from a local path the user gives as
 an option (`from_pretrained`, `weights_file`), is frozen (`freeze`), and turns a missing file or
-an unreachable hub into a one-line `UserError` that names the option to set.
+an unreachable hub into a one-line `UserError` that names the option to set. Its weights fill the
+model exactly (`load_checkpoint`, `load_pretrained`): a tensor missing from the file, left over in
+it or in another shape is refused by name, never left at its initial value or skipped in silence.
 
 Preprocessing: the differentiable resize / crop / normalise live in rewards.py, where the aesthetic
 reward teaches why; video clips also need `resample_frames` and ImageNet's statistics, below.
@@ -72,23 +74,70 @@ def weights_file(path, repo_id, filename, option):
         ) from e
 
 
+def few(keys, n=3):
+    """The first `n` of some tensor names, and how many more: "['a.bias', 'b.weight'] and 5 more"."""
+    keys = sorted(keys)
+    return f"{keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def refuse_unfit(where, what, fix, missing=(), unexpected=(), shapes=()):
+    """The one-line UserError for a checkpoint that does not fill its model exactly.
+
+    A loader that went on would leave the `missing` tensors at their random (or zero, or one)
+    initial values, skip the `unexpected` ones, and score with a broken judge, silently.
+    `shapes`: (name, in the file, in the model) of tensors whose shape does not fit.
+    """
+    if not (missing or unexpected or shapes):
+        return
+    shapes = ", ".join(f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(shapes)[:3])
+    found = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+             f"other shapes {shapes}" if shapes else ""]
+    raise UserError(f"{where} does not have the {what} key layout ({'; '.join(f for f in found if f)}); {fix}")
+
+
 def load_checkpoint(module, path, option, what, key=None):
     """Load a .pt/.pth state dict into `module` with weights_only=True (tensors only: no code in
-    the pickle runs); a file, key or shape that does not fit becomes a one-line UserError."""
-    state = read_tensor_state(path, f"{what} file ({option}=)", f"point {option}= at the downloaded {what} file")
+    the pickle runs). Every tensor of the module must be in the file, in its shape, and every
+    tensor of the file in the module: anything else is a one-line UserError naming the keys."""
+    fix = f"point {option}= at the downloaded {what} file"
+    state = read_tensor_state(path, f"{what} file ({option}=)", fix)
     if key is not None:
         if not (isinstance(state, dict) and key in state):
             found = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__
             raise UserError(f"{option}={str(path)!r}: expected the {what} weights under {key!r}, found {found}")
         state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"{option}={str(path)!r} holds a {type(state).__name__}, not the {what} tensors by name; {fix}")
     expected = module.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(
-            f"{option}={str(path)!r} does not have the {what} key layout "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); is it the right file?"
-        )
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:  # the right names with the wrong shapes
-        raise UserError(f"{option}={str(path)!r}: {what} tensor shapes do not match this model") from e
+    refuse_unfit(f"{option}={str(path)!r}", what, f"is it the right file? {fix}",
+                 missing=set(expected) - set(state), unexpected=set(state) - set(expected),
+                 shapes=[(k, getattr(state[k], "shape", ()), v.shape) for k, v in expected.items()
+                         if k in state and getattr(state[k], "shape", None) != v.shape])
+    module.load_state_dict(state)
+
+
+def load_pretrained(cls, source, option, unused=(), **kwargs):
+    """`cls.from_pretrained(source, **kwargs)` (a transformers model) through `from_pretrained`,
+    held to the checkpoint as `load_checkpoint` is.
+
+    transformers initialises a weight the checkpoint lacks (or holds in another shape) at random
+    and only logs it, and skips a checkpoint tensor the model has no place for: either would
+    leave a judge scoring with noise. Here both are a one-line UserError naming the keys.
+    `unused`: key prefixes the checkpoint may hold that this model skips on purpose (the text
+    tower of a whole CLIP checkpoint under a vision-only model).
+    """
+    from transformers.utils import logging
+
+    def load(path):
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # its load report: what the check below refuses, and keys skipped on purpose
+        try:
+            return cls.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        finally:
+            logging.set_verbosity(verbosity)
+
+    model, info = from_pretrained(load, source, option)
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith(tuple(unused))]
+    refuse_unfit(f"{option}={source!r}", cls.__name__, f"is it the right model? point {option}= at the released folder",
+                 missing=info["missing_keys"], unexpected=unexpected, shapes=info["mismatched_keys"])
+    return model

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from infra.cli import UserError
-from reward_models.common import freeze, from_pretrained, load_checkpoint, weights_file
+from reward_models.common import freeze, from_pretrained, load_checkpoint, load_pretrained, weights_file
 from rewards import CLIP_L14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_pixels, load_reward, normalize, resize
 
 HPS_REPO, HPS_FILES = "xswu/HPSv2", {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -66,7 +66,7 @@ def load_clip(source, tokenizer_source, tokenizer_option, device, dtype):
     (N, 3, H, W) -> (N, D), and prompts -> (B, D) with the tokenizer from `tokenizer_source`."""
     from transformers import AutoTokenizer, CLIPModel
 
-    model = freeze(from_pretrained(CLIPModel.from_pretrained, source, "model"), device, dtype)
+    model = freeze(load_pretrained(CLIPModel, source, "model"), device, dtype)
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tokenizer_source, tokenizer_option)
     size = model.config.vision_config.image_size  # 224
     max_tokens = model.config.text_config.max_position_embeddings  # 77

@@ -11,14 +11,13 @@ for OWLv2 see `owl_pixels`. The tests bound the differences.
 transformers is imported inside the factories, so `import rewards` stays fast.
 """
 import difflib
-import functools
 import re
 
 import torch
 import torch.nn.functional as F
 
 from infra.cli import UserError
-from reward_models.common import IMAGENET_MEAN, IMAGENET_STD, freeze, from_pretrained, resample_frames
+from reward_models.common import IMAGENET_MEAN, IMAGENET_STD, freeze, from_pretrained, load_pretrained, resample_frames
 from rewards import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, center_crop, normalize, per_frame, resize, resize_short_side
 
 VIDEOMAE_K400 = "MCG-NJU/videomae-base-finetuned-kinetics"
@@ -92,8 +91,7 @@ def actpred(device="cpu", dtype=torch.float32, model=VIDEOMAE_K400, label=None, 
     from transformers import VideoMAEForVideoClassification
 
     extra = {} if num_frames is None else {"num_frames": int(num_frames)}  # overrides the config
-    load = functools.partial(VideoMAEForVideoClassification.from_pretrained, **extra)
-    net = freeze(from_pretrained(load, model, "model"), device, dtype)
+    net = freeze(load_pretrained(VideoMAEForVideoClassification, model, "model", **extra), device, dtype)
     cfg = net.config
     labels = {int(i): name for i, name in cfg.id2label.items()}
     fixed = None
@@ -138,7 +136,7 @@ def object_presence(device="cpu", dtype=torch.float32, query=None, remove=False,
                         "(the object to reward, or to remove with remove=True)")
     from transformers import AutoTokenizer, Owlv2ForObjectDetection
 
-    net = freeze(from_pretrained(Owlv2ForObjectDetection.from_pretrained, model, "model"), device, dtype)
+    net = freeze(load_pretrained(Owlv2ForObjectDetection, model, "model"), device, dtype)
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, model, "model")
     max_tokens = net.config.text_config.max_position_embeddings  # OWL text queries are 16 tokens
     tokens = tokenizer([str(query)], padding="max_length", truncation=True, max_length=max_tokens,
@@ -167,7 +165,7 @@ def video_text(device="cpu", dtype=torch.float32, model=XCLIP):
     """
     from transformers import AutoTokenizer, XCLIPModel
 
-    net = freeze(from_pretrained(XCLIPModel.from_pretrained, model, "model"), device, dtype)
+    net = freeze(load_pretrained(XCLIPModel, model, "model"), device, dtype)
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, model, "model")
     n, size = net.config.vision_config.num_frames, net.config.vision_config.image_size  # 8, 224
     max_tokens = net.config.text_config.max_position_embeddings
@@ -208,7 +206,7 @@ def temporal(device="cpu", dtype=torch.float32, model=VJEPA2):
     """
     from transformers import VJEPA2Model
 
-    net = freeze(from_pretrained(VJEPA2Model.from_pretrained, model, "model"), device, dtype)
+    net = freeze(load_pretrained(VJEPA2Model, model, "model"), device, dtype)
     cfg = net.config
     tubelet, crop = cfg.tubelet_size, cfg.crop_size  # 2, 256
     per_step = (crop // cfg.patch_size) ** 2  # tokens per tubelet time step (16 x 16)

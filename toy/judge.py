@@ -107,10 +107,15 @@ def load_judge(path=JUDGE_FILE, device="cpu", dtype=torch.float32):
     fix = "restore it with `git checkout -- toy/judge.safetensors` or rebuild it with `python -m toy.train_judge`"
     tensors, _ = read_safetensors(path, "toy judge weights", fix)
     judge = Judge()
-    try:
-        judge.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise UserError(f"toy judge weights {path} do not fit the judge ({str(e).splitlines()[1].strip()}); {fix}") from None
+    expected = judge.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or shapes:  # every wrong name, not only the first kind load_state_dict reports
+        found = [f"{what} {keys[:3]}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                         ("other shapes", shapes)) if keys]
+        raise UserError(f"toy judge weights {path} do not fit the judge ({'; '.join(found)}); {fix}")
+    judge.load_state_dict(tensors)
     return judge.to(device, dtype).eval().requires_grad_(False)
 
 
