@@ -96,10 +96,9 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     from infra.distributed import resolve_device
-    from infra.lorafile import load_lora_file, read_lora_file, trained_on
-    from infra.setup import check_model_settings
-    from models import base_id, load_video_model
-    from vader import encode_prompts, generate, resolve_dtype
+    from infra.lorafile import read_lora_file, trained_on
+    from infra.setup import is_out_of_memory
+    from models import spec_of
 
     # Everything checked before the model loads: flags, device, the files read and the folders written.
     check_flags(args)
@@ -116,12 +115,31 @@ def main(argv=None):
         base = trained_on(args.lora) if args.lora else ""
         args.model = base or DEFAULT_MODEL
         print(f"--model {args.model}" + (f" (the base model {args.lora} was trained on)" if base else ""))
+    spec_of(args.model)  # an unknown name fails now, before anything loads
     if args.export_merged:
         check_output_dir(Path(args.export_merged).parent, "--export-merged")
         check_export_folder(args.export_merged)
     else:
         check_output_dir(args.output_dir)
     device = resolve_device(args.device)
+    try:
+        make(args, prompts, device)
+    except Exception as e:  # a failed allocation, the GPU's or the CPU's: the user's to lower
+        if not is_out_of_memory(e):
+            raise
+        kind = "CPU memory (RAM)" if device.startswith("cpu") else "GPU memory"
+        fix = ("free some memory, or pass --dtype bfloat16 for a half-size copy" if args.export_merged else
+               "lower it with a smaller --height/--width or --frames")
+        raise UserError(f"out of {kind}; {fix}") from None
+
+
+def make(args, prompts, device):
+    """Load the model, then export it merged or sample one video per prompt (written only once all are made)."""
+    from infra.lorafile import load_lora_file
+    from infra.setup import check_model_settings
+    from models import base_id, load_video_model
+    from vader import encode_prompts, generate, resolve_dtype
+
     model = load_video_model(args.model, device, resolve_dtype(args.dtype, device))
     if args.export_merged:
         export_merged(model, args.lora, args.export_merged)

@@ -19,8 +19,8 @@ from infra.cli import run_cli
 from infra.distributed import distributed_env, join_process_group, leave_process_group, mean_over_processes
 from infra.offload import saved_on_cpu
 from infra.run import Run, make_videos, print_banner
-from infra.setup import (GENERATION, batch_drawer, check_model_settings, check_settings, load_rewards, out_of_memory,
-                         parse_flags, resumed, split_prompts)
+from infra.setup import (GENERATION, batch_drawer, check_model_settings, check_settings, load_rewards, parse_flags,
+                         resumed, split_prompts)
 from infra.sharding import shard_denoiser
 from lora import inject_lora
 from models import load_video_model, spec_of
@@ -168,7 +168,8 @@ def main(argv=None):
     prompts, held_out = split_prompts(cfg)
     rank, world, device = distributed_env(cfg.device)  # torchrun's variables; none: one process
     # The folder is claimed, and Ctrl-C and SIGTERM caught, from before the models load to the end:
-    # a stop ends at the next step boundary with a checkpoint (or, while loading, with nothing written).
+    # a stop ends at the next step boundary with a checkpoint (or, while loading, with nothing written),
+    # and running out of memory anywhere is one line that says how to go on (infra/run.py).
     with Run(cfg, Path(cfg.output_dir), rank, world, device) as run:
         dtype = resolve_dtype(cfg.dtype, device)
         sharding = cfg.shard and world > 1  # FSDP2: each process keeps 1/world of every weight (infra/sharding.py)
@@ -206,11 +207,8 @@ def main(argv=None):
         while step < cfg.max_steps and not run.stopped():
             t0 = time.time()
             k = pick_grad_steps(cfg.num_steps, cfg.grad_steps, cfg.random_grad_steps, generator)
-            try:
-                loss, rewards, grad_norm, finite = train_step(model, reward_fn, params, optimizer, scaler, draw_batch,
-                                                              uncond, cfg, generator, k, world)
-            except torch.cuda.OutOfMemoryError:
-                raise out_of_memory(cfg) from None
+            loss, rewards, grad_norm, finite = train_step(model, reward_fn, params, optimizer, scaler, draw_batch, uncond,
+                                                          cfg, generator, k, world)
             step += 1
             scores = run.evaluate(step)  # every --eval-every steps and at the end: held-out videos, scored
             run.record(step, loss, rewards, grad_norm, k, finite, time.time() - t0, scores)  # metrics.csv

@@ -73,6 +73,7 @@ def add_parser(sub):
 def check_efficiency_args(a):
     """Bad values are the user's to fix: one line naming the flag."""
     from baselines.ddpo import DDPOConfig
+    from infra.checks import check_device, check_flags, check_output_dir, number
 
     for name in ("num_prompts", "budget", "lora_rank", "num_steps", "frames", "batch_size", "ddpo_batch",
                  "grpo_group", "grpo_groups", "eval_videos", "eval_points"):
@@ -98,10 +99,16 @@ def check_efficiency_args(a):
     if a.ddpo_batch % DDPOConfig.updates_per_epoch:
         raise UserError(f"--ddpo-batch must be a multiple of {DDPOConfig.updates_per_epoch} (the PPO steps that "
                         f"share an epoch's videos), got {a.ddpo_batch}")
-    if a.lr_grid is not None and min(a.lr_grid) <= 0:
-        raise UserError(f"--lr-grid values must be positive, got {min(a.lr_grid)}")
-    if a.eta <= 0 or a.clip_range <= 0 or a.ddpo_lr <= 0 or a.grpo_lr <= 0 or (a.vader_lr is not None and a.vader_lr <= 0):
-        raise UserError("--eta, --clip-range, --ddpo-lr, --grpo-lr and --vader-lr must be positive")
+    bad = next((lr for lr in a.lr_grid or () if not (number(lr) and lr > 0)), None)
+    if bad is not None:
+        raise UserError(f"--lr-grid values must be finite numbers above 0, got {bad}")
+    for name in ("eta", "clip_range", "ddpo_lr", "grpo_lr", "vader_lr"):
+        value = getattr(a, name)
+        if value is not None and not (number(value) and value > 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number above 0, got {value}")
+    check_flags(a)  # --seeds, --guidance, --num-steps, --frames, --lora-rank: infra/checks.py's rules
+    check_device(a.device)
+    check_output_dir(a.output_dir)
 
 
 def vader_update(model, reward_fn, params, optimizer, scaler, prompts, cond, uncond, a, generator, k):

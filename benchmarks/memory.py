@@ -438,9 +438,13 @@ def parse_ranks(text):
 def run_memory(a):
     from benchmarks.speed import config_names, config_of, low_memory_for
 
+    from infra.checks import check_flags, check_output_dir
+
     names = config_names(a.config)
     if a.num_steps < 1:
         raise UserError(f"--num-steps must be at least 1, got {a.num_steps}")
+    check_flags(a)  # --num-steps at most the schedule's 1000
+    check_output_dir(a.output_dir)
     ranks, sharded = parse_ranks(a.ranks or "1,2,4,8"), []
     if a.reward_only:
         print("| config | reward alone: peak GiB | its weights | its activations |\n| --- | --- | --- | --- |")
@@ -480,7 +484,10 @@ def run_memory(a):
 def run_compare(a):
     """gpu-check.md: per configuration, the measured peak (max_memory_allocated) and time against
     the prediction; a ratio far from 1 is what the simulator cannot see, or a bug in it."""
+    from infra.checks import check_output_dir
+
     out = Path(a.output_dir)
+    check_output_dir(out)  # read from, and gpu-check.md written into
     rows = []
     for measured_path in sorted(out.glob("speed-*.json")):
         predicted_path = out / measured_path.name.replace("speed-", "memory-", 1)

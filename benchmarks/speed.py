@@ -338,9 +338,14 @@ def run_speed(a):
     from infra.distributed import resolve_device
     from vader import resolve_dtype
 
+    from infra.checks import check_device, check_flags, check_output_dir
+
     names = config_names(a.config)
     if a.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {a.repeats}")
+    check_flags(a)  # --dtype
+    check_device(a.device)
+    check_output_dir(a.output_dir)
     for family in dict.fromkeys(SPEED_CONFIGS[n][0] for n in names if n not in SMALL):
         c = real_sizes(family)
         experts = f"{c['experts']} experts of " if c["experts"] > 1 else ""

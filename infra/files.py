@@ -8,6 +8,11 @@ Reading: a file from a disk that filled up, a copy cut short, an editor that sav
 encoding or a stranger on the internet must cost one line naming the file, what is wrong and the
 fix, never a traceback, and a file that would run code is never loaded. The readers below know
 what a good text, JSON, CSV, safetensors and tensor-state file looks like.
+
+A path the operating system refuses (a name over NAME_MAX bytes, a path over PATH_MAX, a folder
+that may not be searched) costs the same one line, before any work: `check_name` for the length,
+`probe` for the rest, and `filesystem_problem` for a folder on one of the kernel's virtual file
+systems (/proc, /sys), where nothing of ours can be written.
 """
 import contextlib
 import csv
@@ -16,6 +21,7 @@ import io
 import json
 import os
 import pickle
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -28,6 +34,110 @@ PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 MAX_TEXT_BYTES = 10 * 2**20  # a prompts file, a config or a metrics log: 10 MB is far beyond any real one
 TMP_MARK = ".tmp-"  # in the name of every temporary file (and `step-N.tmp` checkpoint folder)
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file-size limit
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits (bytes of one name; of a path with its final NUL), when unasked
+# The kernel's own file systems: their files are its interfaces, not storage.
+VIRTUAL_FS = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "configfs", "pstore", "bpf",
+              "efivarfs", "fusectl", "binfmt_misc", "devpts", "mqueue"}
+VIRTUAL_ROOTS = ("/proc", "/sys")
+
+
+#### Names the operating system refuses
+
+def shown(path, most=120, size=True):
+    """A path for a one-line message: whole, or its start and end (and its length) when it is long."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    n = len(os.fsencode(text))
+    return text if n <= most else f"{text[:most // 2]}...{text[-most // 3:]}" + (f" ({n} bytes)" if size else "")
+
+
+def limits(path):
+    """(NAME_MAX, PATH_MAX) of the file system that would hold `path`: asked of its nearest existing folder."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    found = []
+    for name, default in (("PC_NAME_MAX", NAME_MAX), ("PC_PATH_MAX", PATH_MAX)):
+        try:
+            found.append(os.pathconf(folder, name) or default)
+        except (OSError, ValueError):
+            found.append(default)
+    return tuple(found)
+
+
+def check_name(path, what, fix=None, room=0, last_room=0):
+    """UserError (naming `what` and `path`) when the operating system would refuse the name: a part of
+    it over NAME_MAX bytes (its last part `last_room` fewer, for a temporary name made from it) or the
+    whole, with `room` for what is written inside it, over PATH_MAX."""
+    raw = os.fsencode(os.fspath(path))
+    fix = fix or f"choose a shorter {what}"
+    name_max, path_max = limits(path)
+    parts = raw.split(b"/")
+    for i, part in enumerate(parts):
+        most = name_max - (last_room if i == len(parts) - 1 else 0)
+        if len(part) > most:
+            extra = f" (less {last_room} for the temporary name made from it)" if most < name_max else ""
+            raise UserError(f"{what} {shown(path)}: the name {shown(part, 60, size=False)} is {len(part)} bytes, more than the "
+                            f"{name_max} a file name may have{extra}; {fix}")
+    if len(raw) + room >= path_max:
+        inside = f" with the {room} bytes of the files written inside it" if room else ""
+        raise UserError(f"{what} {shown(path)}: the path is {len(raw)} bytes{inside}, more than the {path_max} a path "
+                        f"may have; {fix}")
+
+
+def os_reason(e):
+    """Why the operating system refused a path, in words."""
+    if e.errno == errno.ENAMETOOLONG:
+        return "its name is too long for the file system"
+    if e.errno == errno.ELOOP:
+        return "it goes round a loop of symbolic links"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"the operating system refuses to look at it ({e.strerror})"
+    return e.strerror or str(e)
+
+
+def probe(path, what, fix=None, follow=True):
+    """os.stat of `path` (os.lstat without `follow`), or None when nothing is there; a path the operating
+    system refuses to look at (too long, a loop of links, a folder on the way we may not search) is a
+    UserError naming it."""
+    try:
+        return os.stat(path) if follow else os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        check_name(path, what, fix)  # a too-long name says which part
+        raise UserError(f"{what} {shown(path)}: {os_reason(e)}; {fix or f'choose another {what}'}") from None
+
+
+def mount_of(real):
+    """(mount point, file system type) of the mount holding the real path `real`, from
+    /proc/self/mountinfo; None where that cannot be read (not Linux)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        fields = line.split()
+        if "-" not in fields or len(fields) < 5:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])  # "\040" is a space
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > len(best[0])):
+            best = (point, fields[fields.index("-") + 1])
+    return best
+
+
+def filesystem_problem(folder):
+    """'' for a folder on an ordinary file system; else why nothing can be written there (on /proc,
+    /sys or another of the kernel's virtual file systems)."""
+    real = os.path.realpath(folder)
+    mount = mount_of(real)
+    root = next((r for r in VIRTUAL_ROOTS if real == r or real.startswith(r + "/")), None)
+    if root or (mount and mount[1] in VIRTUAL_FS):
+        where, kind = (mount if mount and mount[1] in VIRTUAL_FS else (root, {"/proc": "proc", "/sys": "sysfs"}[root]))
+        return (f"is on {kind} (mounted at {where}), one of the kernel's virtual file systems, whose files are its "
+                "interfaces: nothing can be stored there")
+    return ""
 
 
 class WriteError(UserError):
@@ -89,7 +199,8 @@ def read_text(path, what, fix):
     """The text of a UTF-8 file, its byte-order mark dropped. `what` names the file in errors
     ("prompts file"), `fix` says what to do about a bad one."""
     path = Path(path)
-    if path.is_dir():
+    found = probe(path, what, fix)
+    if found is not None and stat.S_ISDIR(found.st_mode):
         raise UserError(f"{what} {path} is a folder, not a file; {fix}")
     try:
         with open(path, "rb") as f:
@@ -101,7 +212,7 @@ def read_text(path, what, fix):
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist; {fix}") from None
     except OSError as e:
-        raise UserError(f"cannot read {what} {path} ({e.strerror or e}); {fix}") from None
+        raise UserError(f"cannot read {what} {shown(path)} ({os_reason(e)}); {fix}") from None
     if len(data) > MAX_TEXT_BYTES:
         raise UserError(f"{what} {path} is more than the {MAX_TEXT_BYTES // 2**20} MB such a file can sensibly be; "
                         f"{fix}")
@@ -143,12 +254,18 @@ def read_csv(path, what, columns, fix="restore it from a copy", more=False):
     return rows
 
 
+def is_file(path, what, fix):
+    """Whether `path` is a file; a path the operating system refuses is a UserError (`probe`)."""
+    found = probe(path, what, fix)
+    return found is not None and stat.S_ISREG(found.st_mode)
+
+
 def read_safetensors(path, what, fix):
     """(tensors, metadata) of a safetensors file; a missing, cut-off or foreign file is a UserError."""
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path, what, fix):
         raise UserError(f"{what} {path} does not exist; {fix}")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -164,7 +281,7 @@ def read_tensor_state(path, what, fix):
     in the file runs; such a file gets a message that says so rather than an UnpicklingError.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path, what, fix):
         raise UserError(f"{what} {path} does not exist; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -177,13 +294,13 @@ def read_tensor_state(path, what, fix):
 
 def read_prompts(arg):
     """Prompts from a file: a path, or a file name under prompts/. One a line; '#' starts a comment."""
-    path = Path(arg)
-    if not path.exists() and (PROMPTS_DIR / arg).exists():
+    path, fix = Path(arg), "pass a text file with one prompt a line"
+    if probe(path, "prompts file", fix) is None and probe(PROMPTS_DIR / arg, "prompts file", fix) is not None:
         path = PROMPTS_DIR / arg
-    if not path.exists():
+    if probe(path, "prompts file", fix) is None:
         known = ", ".join(sorted(p.name for p in PROMPTS_DIR.glob("*.txt")))
         raise UserError(f"prompts file {arg!r} not found; pass a path or one of prompts/: {known}")
-    text = read_text(path, "prompts file", "pass a text file with one prompt a line")
+    text = read_text(path, "prompts file", fix)
     prompts = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
     prompts = [p for p in prompts if p]  # blank and whitespace-only lines are no prompts
     if not prompts:

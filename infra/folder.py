@@ -8,7 +8,9 @@ started on a live one is refused with the first one's process id and command, re
 A folder holds a run when its config.json is a run's config or it has a checkpoint; only then is
 there anything to resume or to overwrite. `--overwrite` removes the files a run writes (by name,
 RUN_FILES) and nothing else a user keeps there; a link among them is removed as a link, never
-followed. `--export-merged` writes only into an empty folder or over an earlier export.
+followed. Aimed at a folder that holds no run but other files, `--overwrite` is refused: it replaces
+only a run, and a user who typed it meant to replace something that is not there.
+`--export-merged` writes only into an empty folder or over an earlier export.
 """
 import fcntl
 import json
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from infra.cli import UserError
+from infra.files import TMP_MARK, check_name, probe
 
 LOCK = ".lock"
 # What a run writes into its folder (the trackers' folders only with --report-to).
@@ -69,6 +72,11 @@ def check_run_folder(out, resume, overwrite):
     if clash:
         raise UserError(f"{out} holds {clash[0]}, which a run would write over, but no run of train.py "
                         "(--overwrite replaces only a run); choose another --output-dir")
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    if overwrite and others:
+        raise UserError(f"--overwrite replaces only a run, and {out} holds no run of train.py but {others[0]}"
+                        f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}; choose another --output-dir, "
+                        "or leave out --overwrite to write the run beside those files")
     return ""
 
 
@@ -97,7 +105,8 @@ class Claim:
 def in_use(out):
     """Refuse a folder whose lock a live run holds (a UserError naming it); a folder without one is free."""
     path = Path(out) / LOCK
-    if path.is_symlink() or not path.is_file():
+    found = probe(path, "the run folder's lock file", "choose another folder", follow=False)
+    if found is None or not stat.S_ISREG(found.st_mode):
         return
     with open(path) as lock:
         try:
@@ -113,7 +122,13 @@ def claim(out):
     Another live run holding it is a UserError naming that run."""
     out = Path(out)
     made = [p for p in (out, *out.parents) if not p.exists()]
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # check_output_dir looked first; this is what it could not foresee
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise UserError(f"--output-dir {out} cannot be made ({e.strerror or e}); choose another --output-dir") from None
     path = out / LOCK
     existed = path.exists() or path.is_symlink()
     try:  # O_NOFOLLOW: a .lock that is a link would have us write into whatever it points to
@@ -167,6 +182,8 @@ def check_export_folder(folder):
     """--export-merged DIR: refused unless DIR is new, empty, or an earlier export (only the files
     save_pretrained writes), so a run folder or a user's folder is never replaced."""
     folder = Path(folder)
+    # The export is written beside it as .NAME.tmp-XXXXXXXX first (sample.export_merged): room for that name too.
+    check_name(folder, "--export-merged", last_room=len(".") + len(TMP_MARK) + 8)
     if folder.is_symlink():
         raise UserError(f"--export-merged {folder} is a link; pass the folder it points to, or a new folder")
     if not folder.exists():

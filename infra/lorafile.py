@@ -3,9 +3,18 @@
 lora.py loads what fits and raises a plain ValueError for what does not; the scripts call
 `load_lora_file`, which checks the file itself first (metadata, pairs, finite values), warns when
 it was trained on another base model, and turns a misfit into a `UserError` with its fix.
+
+Every script that loads a LoRA passes the base (models.base_id of the model it loads into), so a
+file of another base is never taken in silently. Where it only makes videos or measures them
+(sample.py, toy/evaluate.py) the shapes fitting is enough to go on, with a warning on stderr: a
+LoRA tried on a sibling base is a fair experiment. A checkpoint is stricter (infra/runlog.py):
+its config.json must name the base its LoRA does, for a resumed run would write its LoRA on as
+that base's, and the record of where it came from would be lost.
 """
 import math
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -43,6 +52,25 @@ def read_lora_file(path):
 def trained_on(path):
     """The base model a LoRA file names in its metadata ('' for a file that names none)."""
     return read_lora_file(path)[1].get("base_model", "")
+
+
+def same_base(model, base):
+    """Whether the model name `model` (a run's --model: a registry name, a folder or a hub id) is the
+    base a LoRA file names (`base`, models.base_id of the model it was trained on), without loading it.
+    A folder given by a relative path that is not there from here is taken to be the one recorded, and
+    a registry model kept in this repository (toy) is the same model in another checkout of it."""
+    from models import MODELS, base_id
+
+    spec = MODELS.get(model) or next((s for s in MODELS.values() if s.source == model), None)
+    if spec is not None:
+        moved = os.path.isdir(spec.source) and Path(base).is_absolute() and \
+            Path(base).parts[-2:] == Path(spec.source).parts[-2:]
+        return base_id(spec) == base or moved
+    if os.path.isdir(model):
+        return str(Path(model).resolve()) == base
+    recorded = Path(base)
+    return model == base or (recorded.is_absolute() and not Path(model).is_absolute()
+                             and recorded.parts[-len(Path(model).parts):] == Path(model).parts)
 
 
 def load_lora_file(model, path, base=None):

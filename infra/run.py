@@ -14,10 +14,11 @@ from infra.cli import UserError, stop_signals
 from infra.distributed import all_gather
 from infra.files import atomic_write_text
 from infra.folder import check_run_folder, claim, remove_run_files
-from infra.runlog import (METRICS, eval_columns, eval_summary, metrics_text, open_tracker, plot_rewards, restore,
-                          save_checkpoint, tidy_run_folder)
+from infra.runlog import (METRICS, eval_columns, eval_summary, list_checkpoints, metrics_text, open_tracker,
+                          plot_rewards, restore, save_checkpoint, tidy_run_folder)
 from infra.video import plot_before_after, tile, write_strip, write_video
 from infra.frames import frames_scored
+from infra.setup import is_out_of_memory
 from infra.sharding import whole_lora
 from lora import save_lora
 from vader import generate
@@ -110,10 +111,32 @@ class Run:
 
     def __exit__(self, *exc):
         self.signals.__exit__(*exc)
+        oom = exc[1] is not None and is_out_of_memory(exc[1])
         if self.bar is not None:
+            self.bar.leave = self.bar.leave and not oom  # on a terminal the bar's line clears: the error is the line left
             self.bar.close()
         if self.lock is not None:
             self.lock.release(self.began)
+        if oom:
+            raise self.out_of_memory() from None
+
+    def out_of_memory(self):
+        """A failed allocation anywhere in the run (loading, the videos, a step; a GPU's or the CPU's),
+        as one line that says where, what to lower, and how to go on. The lock is released by then,
+        and a run that saved no checkpoint starts again with the same command (check_run_folder)."""
+        from infra.setup import out_of_memory
+
+        steps = sum(1 for r in self.rows if r.get("reward_mean", "") != "")
+        where = ("while loading" if not self.began else
+                 f"after step {self.rows[-1]['step']}" if steps else "before the first step finished")
+        saved = list_checkpoints(self.out) if self.main and self.began else []
+        if saved:
+            then = f"then --resume {self.out} continues from its checkpoint {saved[-1].name}"
+        elif self.began:
+            then = "then the same command starts the run again (it saved no checkpoint)"
+        else:
+            then = "nothing was written"
+        return out_of_memory(self.cfg, self.device, where, then)
 
     def signal(self):
         """The signal that stopped the run, as this process saw it."""

@@ -23,6 +23,7 @@ model), the global torch, CUDA, NumPy and Python generators.
 """
 import csv
 import io
+import math
 import random
 import shutil
 import sys
@@ -150,7 +151,7 @@ def check_checkpoint(folder, check_config=None):
     from infra.lorafile import read_lora_file
 
     fix = "resume from another checkpoint, or start again without --resume"
-    read_lora_file(folder / "lora.safetensors")
+    tensors, meta = read_lora_file(folder / "lora.safetensors")
     state = read_tensor_state(folder / "state.pt", "checkpoint state", fix)
     sharded = (folder / SHARDED).is_dir()  # its optimizer state is there, not in state.pt
     if sharded:
@@ -165,7 +166,37 @@ def check_checkpoint(folder, check_config=None):
             check_config(config)
         except UserError as e:
             raise UserError(f"checkpoint config {folder / 'config.json'} is not a run's settings ({e}); {fix}") from None
+    check_files_agree(folder, config, tensors, meta, state, fix)
     read_metrics(folder / "metrics.csv")
+
+
+def check_files_agree(folder, config, tensors, meta, state, fix):
+    """A checkpoint's files must tell one story: config.json's LoRA rank and alpha are its
+    lora.safetensors', its model the base that file names, and AdamW's moments in state.pt are of
+    the LoRA's shapes. A hand-edited config or a file copied in from another run is a damaged
+    checkpoint: resumed, it would fail at the first step, or carry a LoRA of one base on as another's."""
+    from infra.lorafile import same_base
+
+    rank, alpha = int(meta["rank"]), float(meta["alpha"])
+    want_rank, want_alpha = config.get("lora_rank"), config.get("lora_alpha")
+    if isinstance(want_rank, int) and not isinstance(want_rank, bool) and want_rank != rank:
+        raise UserError(f"checkpoint config {folder / 'config.json'} has lora_rank {want_rank}, but its "
+                        f"lora.safetensors is of rank {rank}; {fix}")
+    want_alpha = want_rank if want_alpha is None else want_alpha  # None: alpha = r
+    if isinstance(want_alpha, (int, float)) and not isinstance(want_alpha, bool) and not math.isclose(
+            want_alpha, alpha, rel_tol=1e-6):
+        raise UserError(f"checkpoint config {folder / 'config.json'} has lora_alpha {want_alpha}, but its "
+                        f"lora.safetensors has alpha {alpha:g}; {fix}")
+    base, model = meta.get("base_model", ""), config.get("model")
+    if base and isinstance(model, str) and not same_base(model, base):
+        raise UserError(f"checkpoint config {folder / 'config.json'} has the model {model}, but its lora.safetensors "
+                        f"was trained on {base}; {fix}")
+    moments = state.get("optimizer", {}).get("state", {}) if isinstance(state.get("optimizer"), dict) else {}
+    shapes = sorted(tuple(m["exp_avg"].shape) for m in moments.values()
+                    if isinstance(m, dict) and isinstance(m.get("exp_avg"), torch.Tensor))
+    if shapes and shapes != sorted(tuple(t.shape) for t in tensors.values()):
+        raise UserError(f"checkpoint state {folder / 'state.pt'} holds AdamW's moments of {len(shapes)} tensors that "
+                        f"are not the shapes of its lora.safetensors' {len(tensors)}; {fix}")
 
 
 def find_resume_point(target, check_config=None):

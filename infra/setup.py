@@ -8,12 +8,14 @@ refusal is one `UserError` line naming the flag and the fix.
 import argparse
 import importlib.util
 from dataclasses import asdict, fields
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from infra.checks import check_device, check_flags, check_output_dir, check_video_shape
+from infra.checks import check_choices, check_device, check_flags, check_output_dir, check_video_shape
 from infra.cli import UserError
-from infra.files import read_json, read_prompts
+from infra.files import check_name, probe, read_json, read_prompts
 from infra.folder import check_run_folder
 from infra.frames import default_decode_frames
 from infra.offload import reward_leaves_in_backward
@@ -44,7 +46,9 @@ def parse_flags(config_class, argv, description):
             p.add_argument(flag, nargs="?", const="latest", metavar="PATH", help=help)
         else:
             p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=help)
-    return vars(p.parse_args(argv))
+    given = vars(p.parse_args(argv))
+    check_choices(SimpleNamespace(**given))  # a misspelt word costs a second, before a model's configs are read
+    return given
 
 
 def fits(value, f):
@@ -67,6 +71,7 @@ def checkpoint_config(values, config_class):
             raise UserError(f"its {k} is {v!r}, not a {known[k].type.__name__} value")
     cfg = config_class(**{k: v for k, v in values.items() if k in known})
     check_flags(cfg)
+    check_reward_spec(cfg)
     return cfg
 
 
@@ -75,7 +80,12 @@ def resumed(cfg, given):
     (which may not change a LOCKED field)."""
     config_class = type(cfg)
     check = lambda values: checkpoint_config(values, config_class)  # noqa: E731
-    run_dir, ckpt = find_resume_point(cfg.output_dir if cfg.resume == "latest" else cfg.resume, check)
+    target = cfg.output_dir if cfg.resume == "latest" else cfg.resume
+    fix = "pass a run folder or one of its checkpoints/step-N"
+    check_name(target, "--resume", fix)  # a path the operating system refuses: one line, before it is looked in
+    for folder in (Path(target), Path(target) / "checkpoints"):
+        probe(folder, "--resume", fix)
+    run_dir, ckpt = find_resume_point(target, check)
     old = asdict(check(read_json(ckpt / "config.json", "checkpoint config")))
     for k in LOCKED:
         if k in given and given[k] != old[k]:
@@ -91,16 +101,24 @@ def resumed(cfg, given):
 
 def check_settings(cfg):
     """Every setting (infra/checks.py), the device and the output folder; a UserError names the flag."""
-    check_flags(cfg)
+    check_flags(cfg)  # its CHOICES too: --dtype, --report-to
     check_device(cfg.device)
-    if cfg.report_to not in ("", "wandb", "tensorboard"):
-        raise UserError(f"--report-to takes wandb or tensorboard, got {cfg.report_to!r}")
+    check_reward_spec(cfg)
     if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
     if cfg.shard:
         check_torch()
     check_output_dir(cfg.output_dir)
     check_run_folder(cfg.output_dir, cfg.resume, cfg.overwrite)
+
+
+def check_reward_spec(cfg):
+    """--reward's weights and --reward-options' values parsed (a weight or number must be finite), before
+    the folder is claimed; the names and options are checked against the rewards as they are built."""
+    from reward_models.options import parse_options, parse_reward_spec
+
+    parse_reward_spec(cfg.reward)
+    parse_options(cfg.reward_options)
 
 
 def split_prompts(cfg):
@@ -150,9 +168,27 @@ def load_rewards(cfg, device, dtype, fps):
     return reward_fn, eval_fns
 
 
-def out_of_memory(cfg):
-    """The UserError for a step that ran out of GPU memory."""
-    return UserError(f"out of GPU memory at {cfg.frames}x{cfg.height}x{cfg.width}; lower it with {LOWER_MEMORY}")
+class OutOfMemory(UserError):
+    """A run that ran out of memory: the user's to fix with a smaller setting."""
+
+
+def is_out_of_memory(e):
+    """Whether an exception is a failed allocation: a GPU's (torch.OutOfMemoryError, which
+    torch.cuda.OutOfMemoryError is), the CPU's (a RuntimeError from DefaultCPUAllocator, or
+    torch.OutOfMemoryError on newer torch), Apple's MPS, or Python's MemoryError."""
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError, MemoryError) if k)
+    if isinstance(e, OutOfMemory) or isinstance(e, kinds):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def out_of_memory(cfg, device="cuda", where="", then=""):
+    """The UserError for a run that ran out of memory (of the GPU, or of the CPU: RAM) `where` it did,
+    with `then`, how to go on once a setting is lowered."""
+    kind = "CPU memory (RAM)" if str(device).startswith("cpu") else "GPU memory"
+    return OutOfMemory(f"out of {kind} at {cfg.frames}x{cfg.height}x{cfg.width}{f' {where}' if where else ''}; "
+                       f"lower it with {LOWER_MEMORY}{f'; {then}' if then else ''}")
 
 
 #### Each process's share of a batch

@@ -1,8 +1,11 @@
 """How the command line reaches the rewards: weighted sums, --reward-options, and which term takes which option.
 
-rewards.load_reward builds what these functions parse; nothing here loads a model.
+rewards.load_reward builds what these functions parse; nothing here loads a model. A weight, and an
+option's value that reads as a number, must be finite: nan or inf would make every reward, and so
+every gradient, nan. An option whose factory's default is a number takes only a number.
 """
 import inspect
+import math
 
 from infra.cli import UserError
 
@@ -24,6 +27,13 @@ def check_options(name, factory, options):
             f"reward {name!r} takes no option {', '.join(sorted(unknown))}; "
             f"its options: {', '.join(sorted(accepted)) or 'none'}"
         )
+    params = inspect.signature(factory).parameters
+    for key, value in sorted(options.items()):
+        default = params[key].default if key in params else None
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"--reward-options {key}={value}: reward {name!r} takes a number for {key} "
+                            f"(default {default}); write e.g. {key}={default}")
 
 
 def reward_terms(spec, options, factory_of):
@@ -45,11 +55,17 @@ def parse_reward_spec(spec):
     for part in spec.split(","):
         name, has_weight, weight = part.strip().partition(":")
         try:
-            terms.append((name.strip(), float(weight) if has_weight else 1.0))
+            value = float(weight) if has_weight else 1.0
         except ValueError:
             raise UserError(
                 f"reward weight {weight!r} in {spec!r} is not a number; write e.g. aesthetic:1.0,hps:2.0"
             ) from None
+        if not math.isfinite(value):
+            raise UserError(
+                f"reward weight {weight.strip()!r} in {spec!r} is not a finite number (it would make every reward "
+                "nan or inf); write e.g. aesthetic:1.0,hps:2.0"
+            )
+        terms.append((name.strip(), value))
     return terms
 
 
@@ -97,4 +113,7 @@ def parse_options(text):
                 break
             except ValueError:
                 pass
+        if isinstance(out[key], float) and not math.isfinite(out[key]):
+            raise UserError(f"--reward-options {key}={value}: not a finite number (nan or inf would make every "
+                            f"reward nan); give {key} a finite value")
     return out

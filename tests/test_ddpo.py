@@ -206,7 +206,7 @@ def test_efficiency_run_tunes_each_lr_and_writes_table_and_plot(tiny_folder, tmp
     (["--budget", "4"], "--budget (4) is smaller than one batch"),
     (["--budget", "20"], "--budget (20) must be a multiple of --batch-size (2), --ddpo-batch (8) and GRPO's"),
     (["--grpo-window", "3", "2"], "--grpo-window 3 2 does not fit --num-steps 4"),
-    (["--lr-grid", "0.01", "0"], "--lr-grid values must be positive"),
+    (["--lr-grid", "0.01", "0"], "--lr-grid values must be finite numbers above 0"),
     (["--large-k", "9"], "--large-k must be between 1 and --num-steps (4), got 9"),
 ])
 def test_efficiency_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):

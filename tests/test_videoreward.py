@@ -264,7 +264,8 @@ def test_spread_frames_through_the_causal_decode_are_exact(wan_folder, monkeypat
         return x.detach(), z_.grad
 
     (ours, grad), (ref, ref_grad) = decode(True), decode(False)
-    assert torch.equal(ours, ref) and torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(ours, ref)  # float32 rounding of sums taken in another order, at the gradient's scale:
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6 * ref_grad.abs().max().item())
     assert grad[:, :, 0].abs().sum() > 0 and grad[:, :, -1].abs().sum() > 0  # the first and the last latent frame
 
 

@@ -44,19 +44,22 @@ def main(argv=None):
                    help="the captions of the pairs seen in pretraining, of the held-out pairs, or both")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from infra.checks import check_flags
     from infra.lorafile import load_lora_file, read_lora_file
-    from models import load_video_model
+    from models import base_id, load_video_model, spec_of
 
     for flag, value in (("--repeats", args.repeats), ("--num-steps", args.num_steps)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be 1 or more, got {value}")
+    check_flags(args)  # --seed, --guidance, --num-steps, --repeats: infra/checks.py's rules
+    spec_of(args.model)  # an unknown name fails now, before anything loads
 
     if args.lora:
         read_lora_file(args.lora)  # a bad file fails now, before the model loads
     torch.set_num_threads(1)
     model = load_video_model(args.model)
-    if args.lora:
-        load_lora_file(model.unet, args.lora)
+    if args.lora:  # a LoRA of another base whose shapes fit: a warning, as sample.py gives (infra/lorafile.py)
+        load_lora_file(model.unet, args.lora, base_id(model.spec))
     # The toy world's clip size and sampler (the registry's "toy" entry); a bare folder would
     # otherwise get ModelScope's defaults (16 frames, 25 steps, guidance 9).
     model.spec = replace(model.spec, height=SIZE, width=SIZE, frames=FRAMES, num_steps=10, guidance=3.0)

@@ -202,6 +202,34 @@ def write_prompts(folder):
                       "then 32 captions of pairs seen in pretraining.\n" + "\n".join(held + seen) + "\n")
 
 
+MODEL_PARTS = {"scheduler", "text_encoder", "tokenizer", "unet", "vae"}  # what main writes into --out
+
+
+def check_args(args):
+    """Every flag before the minutes of training: the numbers by infra/checks.py's rules, and the folders.
+    --out is replaced whole once the model is made, so it must be new or a model this script wrote."""
+    from infra.checks import check_flags, check_output_dir
+    from infra.cli import UserError
+
+    check_flags(args)  # --vae-steps, --unet-steps, --batch, --vae-lr, --lr, --seed
+    final = Path(args.out)
+    check_output_dir(final, "--out", room=ROOM)
+    check_output_dir(args.prompts_dir, "--prompts-dir")
+    if final.is_dir():
+        others = sorted(p.name for p in final.iterdir() if p.name not in MODEL_PARTS)
+        if others:
+            raise UserError(f"--out {final} holds {others[0]}, so it is not a model toy/pretrain.py wrote; it would be "
+                            "replaced whole: pass a new folder, or an earlier one of this script")
+    elif final.exists() or final.is_symlink():
+        raise UserError(f"--out {final} is a file; pass a new folder, or an earlier one of this script")
+    from infra.files import check_name
+
+    check_name(final.resolve(), "--out", last_room=len(".partial"))  # written beside it first as NAME.partial
+
+
+ROOM = 160  # bytes of the deepest file written inside --out (text_encoder/..., tokenizer/...)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(TOY_FOLDER), help="folder to write (the diffusers layout)")
@@ -214,13 +242,14 @@ def main(argv=None):
     p.add_argument("--prompts-dir", default=str(Path(__file__).parent / "prompts"),
                    help="where to write toy.txt, toy_heldout.txt and toy_eval.txt")
     args = p.parse_args(argv)
+    check_args(args)
     from diffusers import DDIMScheduler
     from transformers import CLIPTokenizer
 
     torch.set_num_threads(1)  # the laptop CPU is shared; one thread is also the most reproducible
     # Everything goes to a side folder that replaces --out only once complete, so an interrupted
     # run never leaves the committed toy/model/ half overwritten.
-    t0, final = time.time(), Path(args.out)
+    t0, final = time.time(), Path(args.out).resolve()  # resolved: --out . has a name to put .partial beside
     out = final.with_name(final.name + ".partial")
     shutil.rmtree(out, ignore_errors=True)
     write_clip_tokenizer(out)
@@ -247,4 +276,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from infra.cli import run_cli
+
+    run_cli(main)

@@ -38,6 +38,7 @@ for the README's reward-hacking command.
 import argparse
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -218,6 +219,21 @@ def train(judge, data, pools, steps, lr, batch, generator, t0):
             log(f"judge step {step:5d}  loss {loss.item():.4f}", t0)
 
 
+def check_args(args):
+    """Every flag before the minutes of training: the numbers by infra/checks.py's rules, and --out a file
+    that can be written (its folder exists or can be made, its name leaves room for the temporary one)."""
+    from infra.checks import check_flags, check_output_dir
+    from infra.cli import UserError
+    from infra.files import TMP_MARK, check_name
+
+    check_flags(args)  # --steps, --batch, --lr, --pool, --samples, --report-clips, --report-samples, --seed
+    out = Path(args.out)
+    check_name(out, "--out", last_room=len(".") + len(TMP_MARK) + 8)  # infra.files.atomic_path's .NAME.tmp-XXXXXXXX
+    check_output_dir(out.parent, "--out")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; pass the path of a .safetensors file to write")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(JUDGE_FILE), help="safetensors file to write")
@@ -235,6 +251,7 @@ def main(argv=None):
     kind.add_argument("--unhardened", action="store_true",
                       help="the detector's labels, but no morphs or uniform targets: never trained against an optimiser")
     args = p.parse_args(argv)
+    check_args(args)
     from safetensors.torch import save_file
 
     from models import load_video_model
@@ -269,4 +286,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from infra.cli import run_cli
+
+    run_cli(main)
