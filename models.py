@@ -3,10 +3,9 @@
 A family answers the questions vader.py lists (how it encodes prompts, its latent shape, which
 frames it decodes exactly and how, its `denoiser` and `schedule`), and those the harness asks:
 how it is checkpointed and read from a diffusers-layout folder (`enable_checkpointing`,
-`load_components`), which blocks FSDP shards under --shard (`shard_blocks`). The denoiser sits
-in the field `unet` whatever its kind (a LoRA file's keys take the family's `lora_prefix`) and
-maps latents (B, C, F, h, w) and text to a prediction of the same shape. The two UNet families share
-SD's VAE:
+`load_components`), which blocks FSDP shards under --shard (`shard_blocks`). The denoiser, in the
+field `unet` whatever its kind (a LoRA file's keys take the family's `lora_prefix`), maps latents
+(B, C, F, h, w) and text to a prediction of the same shape. The two UNet families share SD's VAE:
 - "unet3d": ModelScope T2V and its fine-tunes (Zeroscope): a `UNet3DConditionModel`, OpenCLIP-H text.
 - "animatediff": an SD 1.5 `UNet2DConditionModel` with AnimateDiff's motion modules inserted by
   `UNetMotionModel.from_unet2d(unet, adapter)`, CLIP ViT-L text.
@@ -32,6 +31,9 @@ TOY_FOLDER = Path(__file__).resolve().parent / "toy" / "model"  # the toy world'
 # AnimateDiff's scheduler, as its diffusers docs load it: DDIM on the linear β schedule its motion
 # modules were trained with (SD 1.5's own config says scaled_linear), "linspace" timesteps.
 ANIMATEDIFF_SCHEDULER = dict(beta_schedule="linear", clip_sample=False, timestep_spacing="linspace", steps_offset=1)
+# Wan's authors' negative prompt (`sample_neg_prompt` in wan/configs/shared_config.py, Wan2.1 and 2.2; diffusers: "")
+WAN_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
+                "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class ModelSpec:
     variant: str = ""  # the hub's half-precision copy of the UNet and VAE, half the download; cast to --dtype
     guidance_high: float = None  # Wan2.2 A14B: the high-noise expert's guidance (--guidance is the trained one's)
     fps: int = 8  # the frame rate the model's videos are made for: what a reward reading the clip at its own rate needs
+    negative_prompt: str = ""  # the prompt of guidance's unconditional pass (--negative-prompt); Wan's: WAN_NEGATIVE
 
 
 TINY_RECIPE = {"lr": 1e-2, "grad_accum": 1, "batch_size": 2}  # random weights (infra/tiny.py): a large step
@@ -63,9 +66,8 @@ MODELS = {
                              fps=24),
     "tiny-wan22-a14b": ModelSpec("", 32, 32, 9, 10, 3.0, family="wan", scheduler={"flow_shift": 12.0},
                                  guidance_high=4.0, recipe=TINY_RECIPE, fps=16),
-    # The toy world (toy/world.py): a tiny UNet3D pretrained on clips of one coloured shape moving
-    # over a plain background. Its recipe is the demo: align it to the learned judge on the captions
-    # of the two colour/shape pairs it never saw; the detector reads 32 held-out videos.
+    # The toy world (toy/world.py): a tiny UNet3D pretrained on clips of one coloured shape moving over a plain
+    # background; its recipe, the demo, aligns it to the learned judge on the two colour/shape pairs it never saw.
     "toy": ModelSpec(str(TOY_FOLDER), 32, 32, 8, 10, 3.0,
                      recipe={"reward": "toy_judge", "prompts": "toy_heldout.txt", "eval_prompts": "toy_eval.txt",
                              "max_steps": 60, "lr": 3e-3, "grad_steps": 2, "grad_accum": 1, "batch_size": 2,
@@ -94,6 +96,7 @@ MODELS = {
     "wan22-a14b": ModelSpec("Wan-AI/Wan2.2-T2V-A14B-Diffusers", 480, 832, 81, 40, 3.0, family="wan",
                             scheduler={"flow_shift": 12.0}, guidance_high=4.0, recipe={"low_memory": True}, fps=16),
 }
+MODELS = {k: replace(s, negative_prompt=WAN_NEGATIVE) if s.family == "wan" else s for k, s in MODELS.items()}
 
 
 #### The family interface, implemented for the UNet families
@@ -116,8 +119,7 @@ class VideoModel:
     schedule_class = Schedule
     parts = "unet/, vae/, text_encoder/, tokenizer/, scheduler/, and a motion adapter for an SD 1.5 UNet"
 
-    # Pixels per latent cell (each SD VAE up block but the last doubles the resolution), and what
-    # height and width must be multiples of.
+    # Pixels per latent cell (each SD VAE up block but the last doubles the resolution): what height and width divide by.
     vae_factor = property(lambda self: 2 ** (len(self.vae.config.block_out_channels) - 1))
     size_multiple = property(lambda self: self.vae_factor)
     temporal_factor = 1  # pixel frames per latent frame after the first: 1 for SD's per-frame VAE
@@ -148,8 +150,7 @@ class VideoModel:
 
         SD's VAE is a 2D image decoder, so the f frames of each video are folded into the batch.
         `use_checkpoint` recomputes the decoder's activations in backward; `one_at_a_time`
-        (--low-memory) makes each frame its own checkpoint, for B*f small decoder calls.
-        """
+        (--low-memory) makes each frame its own checkpoint, for B*f small decoder calls."""
         z = z0[:, :, frame_idx]  # (B, C, f, h, w)
         b, c, f, h, w = z.shape
         z = z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # (B*f, C, h, w)
@@ -204,10 +205,9 @@ def _repeat_text(unet, args, kwargs):
 
 
 def per_frame_text(unet):
-    """Let a UNetMotionModel take (B, L, D) text embeddings, as UNet3D does, so the sampler serves both:
-    it folds the frames into the batch itself (it reads (B, C, F, h, w) whatever its docstring says;
-    tests/test_models.py checks) but does not repeat the text per frame. A hook, not a wrapper
-    module, so module paths and LoRA keys stay diffusers'."""
+    """Let a UNetMotionModel take (B, L, D) text embeddings, as UNet3D does, so the sampler serves both: it reads
+    (B, C, F, h, w) and folds the frames into the batch itself, whatever its docstring says (tests/test_models.py
+    checks), but does not repeat the text per frame. A hook, not a wrapper: module paths and LoRA keys stay diffusers'."""
     unet.register_forward_pre_hook(_repeat_text, with_kwargs=True)
     return unet
 

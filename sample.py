@@ -70,7 +70,10 @@ def export_merged(model, lora_path, folder):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from infra.setup import hyphenated
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Every flag also takes its underscore spelling (--num_prompts).")
     p.add_argument("--model", help="model name (tiny, modelscope, zeroscope, animatediff, wan, ...), local folder or "
                    f"hub id (default: the base model the --lora file names, else {DEFAULT_MODEL})")
     p.add_argument("--lora", help="a lora.safetensors written by train.py (default: none, the base model)")
@@ -82,6 +85,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default: 0)")
     p.add_argument("--num-steps", type=int, help="sampler steps, DDIM or Euler (default: the model's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
+    p.add_argument("--negative-prompt", help="the prompt guidance steers away from (default: the model's; Wan: its authors')")
     p.add_argument("--frames", type=int, help="frames per video (default: the model's)")
     p.add_argument("--height", type=int, help="height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="width in pixels (default: the model's)")
@@ -90,7 +94,9 @@ def parse_args(argv):
                    help="the frozen model's dtype (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--export-merged", metavar="DIR", help="write the denoiser with --lora merged in to DIR "
                    "(diffusers save_pretrained) instead of sampling")
-    return p.parse_args(argv)
+    p.add_argument("--export-comfy", metavar="PATH", help="write the Wan --lora file in the layout ComfyUI's LoRA "
+                   "loader reads to PATH (a .safetensors file) instead of sampling")
+    return p.parse_args(hyphenated(argv))  # --output_dir as --output-dir
 
 
 def main(argv=None):
@@ -109,8 +115,16 @@ def main(argv=None):
         raise UserError("--side-by-side compares the base with a LoRA: also pass --lora PATH")
     if args.export_merged and not args.lora:
         raise UserError("--export-merged folds a LoRA into the UNet: also pass --lora PATH")
+    if args.export_comfy and not args.lora:
+        raise UserError("--export-comfy converts a LoRA file for ComfyUI: also pass --lora PATH")
+    if args.export_comfy and args.export_merged:
+        raise UserError("--export-comfy and --export-merged each write an export instead of sampling: pass one of them")
     if args.lora:
         read_lora_file(args.lora)
+    if args.export_comfy:  # a file conversion: no model is loaded
+        from infra.comfyui import export_comfyui
+
+        return export_comfyui(args.lora, args.export_comfy)
     if args.model is None:  # the LoRA's own base, so a LoRA never meets another base by default
         base = trained_on(args.lora) if args.lora else ""
         args.model = base or DEFAULT_MODEL
@@ -149,7 +163,8 @@ def make(args, prompts, device):
            for k in ("frames", "height", "width", "num_steps", "guidance")}
     check_model_settings(model, SimpleNamespace(**gen, grad_steps=0))
     low_memory = spec.recipe.get("low_memory", False)  # as train.py runs the model (Wan: on)
-    cond, uncond = encode_prompts(model, prompts + [""]).split([len(prompts), 1])  # (P, L, D), (1, L, D)
+    negative = spec.negative_prompt if args.negative_prompt is None else args.negative_prompt
+    cond, uncond = encode_prompts(model, prompts + [negative]).split([len(prompts), 1])  # (P, L, D), (1, L, D)
 
     def videos():
         """One video per prompt (seed + i), batched one at a time to bound memory."""
@@ -169,7 +184,7 @@ def make(args, prompts, device):
             video = tile(torch.stack([base[i], aligned[i]]))  # (F, 3, H, 2W)
         else:
             video = aligned[i] if args.lora else base[i]
-        write_video(video, out_dir / f"{i:03d}-{slug(prompt)}")
+        write_video(video, out_dir / f"{i:03d}-{slug(prompt)}", spec.fps)
     atomic_write_text(out_dir / "prompts.txt", "".join(f"{i:03d}\t{p}\n" for i, p in enumerate(prompts)))
     print(f"wrote {len(prompts)} videos (.mp4 and .gif) to {out_dir}")
 

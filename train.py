@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from infra.cli import run_cli
+from infra.cli import UserError, run_cli
 from infra.distributed import distributed_env, join_process_group, leave_process_group, mean_over_processes
 from infra.offload import saved_on_cpu
+from infra.prompt_store import prompt_embeddings
 from infra.run import Run, make_videos, print_banner
-from infra.setup import (GENERATION, batch_drawer, check_model_settings, check_settings, load_rewards, parse_flags,
-                         resumed, split_prompts)
+from infra.setup import (GENERATION, batch_drawer, check_config_file, check_model_settings, check_settings,
+                         load_rewards, parse_flags, read_config_file, resumed, split_prompts)
 from infra.sharding import shard_denoiser
 from lora import inject_lora
 from models import load_video_model, spec_of
@@ -53,6 +54,7 @@ class Config:
     frames: int = opt(None, "Frames per video, F.")
     num_steps: int = opt(None, "Sampler steps N, DDIM or Euler (VADER uses 25).")
     guidance: float = opt(None, "Classifier-free guidance weight (VADER uses 9).")
+    negative_prompt: str = opt(None, "The prompt guidance steers away from (Wan: its authors' list of flaws, in Chinese).")
     grad_steps: int = opt(1, "K, the last sampler steps that keep gradients (VADER: 1).")
     random_grad_steps: bool = opt(False, "Draw K afresh each step, uniformly from 1..--grad-steps (AlignProp's "
                                                  "randomised truncation); with --grad-steps 1 it changes nothing.")
@@ -78,6 +80,7 @@ class Config:
     keep_checkpoints: int = opt(3, "Keep only the newest this many checkpoints (0: keep all).")
     max_bad_steps: int = opt(3, "Stop after this many steps in a row with a non-finite loss or gradient.")
     report_to: str = opt("", "Also log to 'wandb' or 'tensorboard' (imported only when asked for).")
+    tracker_project: str = opt("", "--report-to wandb's project (empty: vader-minimal); a run is named after its folder.")
     seed: int = opt(0, "Seed for the noise, the prompt order and K.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: each process its own GPU).")
     dtype: str = opt("auto", "Frozen model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
@@ -92,12 +95,20 @@ class Config:
 
 def parse_config(argv=None):
     """Build the Config once: dataclass defaults < the model's registry entry and recipe < the reward's
-    recipe < a resumed run's own settings < typed flags. Returns (cfg, the model's registry entry)."""
-    given = parse_flags(Config, argv, __doc__.split("\n\n")[0])  # only the flags actually typed
-    spec = spec_of(given.get("model", Config.model))  # a folder's or hub id's family and size are read off its configs
+    recipe < --config FILE < a resumed run's own settings < typed flags. Returns (cfg, the model's registry entry)."""
+    given = parse_flags(Config, argv, __doc__.split("\n\n")[0])  # only the flags actually typed, aliases mapped
+    path = given.pop("config", None)
+    if path and "resume" in given:
+        raise UserError("--config and --resume: a resumed run takes its settings from its checkpoint; drop --config "
+                        "(and type the settings to change)")
+    from_file = read_config_file(path, Config) if path else {}  # its fields' types checked; not its output_dir
+    # the typed --model, else the file's; a folder's or hub id's family and size are read off its configs
+    spec = spec_of(given.get("model", from_file.get("model", Config.model)))
     defaults = {**{k: getattr(spec, k) for k in GENERATION}, **spec.recipe}
-    defaults.update(reward_recipe(given.get("reward", defaults.get("reward", Config.reward))))
-    cfg = Config(**{**defaults, **given})
+    defaults.update(reward_recipe(given.get("reward", from_file.get("reward", defaults.get("reward", Config.reward)))))
+    if path:
+        check_config_file(path, Config(**{**defaults, **from_file}))  # its values by a checkpoint config's rules
+    cfg = Config(**{**defaults, **from_file, **given})
     cfg.output_dir = cfg.output_dir or f"runs/{Path(cfg.model).name}-{cfg.reward.replace(':', '').replace(',', '+')}"
     if cfg.resume:
         cfg = resumed(cfg, given)
@@ -176,10 +187,12 @@ def main(argv=None):
         reward_fn, eval_fns, model = load_models(cfg, spec, device, dtype, sharding)
         join_process_group(world, device)
 
-        # Text embeddings once per prompt, in one call; the text encoder is not needed again, and
-        # leaves host memory too.
-        cond, held_cond, uncond = encode_prompts(model, prompts + held_out + [""]).split(
-            [len(prompts), len(held_out), 1])  # (P, L, D), (P_eval, L, D), (1, L, D)
+        # Text embeddings once per prompt; the text encoder is not needed again, and leaves host memory
+        # too. The training prompts' wait in host memory, however many (and a costly encoder's also on
+        # disk, for the next run: infra/prompt_store.py); a micro-batch moves its own B to the GPU.
+        cond = prompt_embeddings(model, prompts)  # (P, L, D), host memory
+        held_cond, uncond = encode_prompts(model, held_out + [cfg.negative_prompt]).split(
+            [len(held_out), 1])  # (P_eval, L, D), (1, L, D)
         model.text_encoder = None
         torch.manual_seed(cfg.seed)  # LoRA's random A: the same on every process and in every run of this seed
         params = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, targets=model.spec.lora_targets,

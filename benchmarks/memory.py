@@ -281,6 +281,9 @@ def simulate(name, low_memory=False, fake=True, num_steps=None):
                 denoiser = sum(t.nbytes for t in (*model.unet.parameters(), *model.unet.buffers()) if id(t) not in lora)
                 block = max(sum(p.nbytes for p in b.parameters()) for b in model.shard_blocks())
                 result["step"]["denoiser_gib"], result["step"]["block_gib"] = denoiser / GIB, block / GIB
+                # The training prompts' embeddings wait in host memory (infra/prompt_store.py): the step
+                # counts one micro-batch's, so its peak is the same for any number of prompts.
+                result["step"]["host_mib_per_prompt"] = parts["cond"][:1].nbytes / 2**20
     return result
 
 
@@ -474,6 +477,8 @@ def run_memory(a):
         atomic_write_text(Path(a.output_dir) / f"{stem}.json", json.dumps(record, indent=2) + "\n")
         if a.ranks or name in SHARDED_BY_DEFAULT:
             sharded.append((name, step))
+        print(f"  {name}: prompt embeddings wait in host memory, {step['host_mib_per_prompt']:.2f} MiB a prompt; "
+              "the step peak holds a micro-batch's, whatever the number of prompts")
         if "reward_peak_gib" in step and config_of(name)[6] is not None:  # VideoReward: its own share is a lever's
             print(f"  {name}: {step['reward_peak_gib']:.2f} GiB at most while the reward model runs or is recomputed")
     for name, step in sharded:

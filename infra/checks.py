@@ -160,7 +160,7 @@ def check_output_dir(path, flag="--output-dir", room=ROOM_INSIDE):
     if virtual:
         raise UserError(f"{flag} {path}: {existing} {virtual}; choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        read_only = hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY  # POSIX only
         why = "is on a read-only file system" if read_only else "is not writable by this user"
         raise UserError(f"{flag} {path}: {existing} {why}; choose another {flag}")
 

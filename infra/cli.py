@@ -40,7 +40,8 @@ def stop_signals():
         print(f"{stop[0]}: stopping after the step in flight, with a checkpoint; send it again to stop at once",
               file=sys.stderr)
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    catch = [getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)]  # what the OS has
+    previous = {sig: signal.signal(sig, handle) for sig in catch}
     try:
         yield stop
     finally:

@@ -59,7 +59,7 @@ def limits(path):
     for name, default in (("PC_NAME_MAX", NAME_MAX), ("PC_PATH_MAX", PATH_MAX)):
         try:
             found.append(os.pathconf(folder, name) or default)
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # AttributeError: no os.pathconf (Windows)
             found.append(default)
     return tuple(found)
 
@@ -71,7 +71,7 @@ def check_name(path, what, fix=None, room=0, last_room=0):
     raw = os.fsencode(os.fspath(path))
     fix = fix or f"choose a shorter {what}"
     name_max, path_max = limits(path)
-    parts = raw.split(b"/")
+    parts = raw.replace(os.sep.encode(), b"/").split(b"/")  # Windows: "\\" too
     for i, part in enumerate(parts):
         most = name_max - (last_room if i == len(parts) - 1 else 0)
         if len(part) > most:
@@ -293,7 +293,8 @@ def read_tensor_state(path, what, fix):
 
 
 def read_prompts(arg):
-    """Prompts from a file: a path, or a file name under prompts/. One a line; '#' starts a comment."""
+    """Prompts from a file: a path, or a file name under prompts/. One a line, kept whole ("a #1 hit song");
+    a line whose first character other than whitespace is '#' is a comment."""
     path, fix = Path(arg), "pass a text file with one prompt a line"
     if probe(path, "prompts file", fix) is None and probe(PROMPTS_DIR / arg, "prompts file", fix) is not None:
         path = PROMPTS_DIR / arg
@@ -301,8 +302,8 @@ def read_prompts(arg):
         known = ", ".join(sorted(p.name for p in PROMPTS_DIR.glob("*.txt")))
         raise UserError(f"prompts file {arg!r} not found; pass a path or one of prompts/: {known}")
     text = read_text(path, "prompts file", fix)
-    prompts = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
-    prompts = [p for p in prompts if p]  # blank and whitespace-only lines are no prompts
+    prompts = [ln.strip() for ln in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]  # blank, whitespace-only and comment lines: none
     if not prompts:
         raise UserError(f"prompts file {path} has no prompts; write one prompt a line")
     return prompts

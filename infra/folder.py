@@ -1,9 +1,12 @@
 """Whose folder is it: a run owns its output folder, and removes only what it wrote.
 
 A run folder is claimed with a lock before anything is loaded: `OUT/.lock`, held with `flock`
-for as long as the process lives. The kernel drops the lock when the process ends, however it
-ends (a crash, `kill -9`, a power cut), so a dead run never leaves the folder stuck; a second run
-started on a live one is refused with the first one's process id and command, read from the file.
+(Windows: `msvcrt.locking` of a byte past its text) for as long as the process lives. The kernel
+drops the lock when the process ends, however it ends (a crash, `kill -9`, a power cut), so a dead
+run never leaves the folder stuck; a second run started on a live one is refused with the first
+one's process id and command, read from the file. Where neither exists, `.lock` itself is the lock:
+made with O_CREAT | O_EXCL, which one process alone can do, and taken over once the process it
+names (on this host) has died.
 
 A folder holds a run when its config.json is a run's config or it has a checkpoint; only then is
 there anything to resume or to overwrite. `--overwrite` removes the files a run writes (by name,
@@ -12,9 +15,10 @@ followed. Aimed at a folder that holds no run but other files, `--overwrite` is 
 only a run, and a user who typed it meant to replace something that is not there.
 `--export-merged` writes only into an empty folder or over an earlier export.
 """
-import fcntl
+import importlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -26,9 +30,11 @@ from infra.cli import UserError
 from infra.files import TMP_MARK, check_name, probe
 
 LOCK = ".lock"
+LOCK_BYTE = 1 << 30  # msvcrt.locking's byte: past any text, which Windows then still lets others read
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has none
 # What a run writes into its folder (the trackers' folders only with --report-to).
-RUN_FILES = ("config.json", "metrics.csv", "reward_curve.png", "lora.safetensors", "checkpoints", "videos",
-             "tensorboard", "wandb")
+RUN_FILES = ("config.json", "metrics.csv", "reward_curve.png", "lora.safetensors", "lora_comfyui.safetensors",
+             "checkpoints", "videos", "tensorboard", "wandb", "tracker.json")
 RUN_VIDEOS = ("before.*", "after.*", "before_after.png", "eval-step-*.*")  # inside videos/
 EXPORT_FILES = ("config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.index.json")
 
@@ -80,21 +86,127 @@ def check_run_folder(out, resume, overwrite):
     return ""
 
 
+#### The lock: flock, msvcrt.locking, or a file only one process can make
+
+def locking():
+    """fcntl (POSIX), msvcrt (Windows) or None (neither): imported here, since neither exists everywhere."""
+    for name in ("fcntl", "msvcrt"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            pass
+    return None
+
+
+def take(lib, file, shared=False):
+    """Lock the open lock file without waiting (msvcrt: exclusively, LOCK_BYTE); False while a live run holds it."""
+    if lib.__name__ == "fcntl":
+        try:
+            lib.flock(file, (lib.LOCK_SH if shared else lib.LOCK_EX) | lib.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    os.lseek(file.fileno(), LOCK_BYTE, os.SEEK_SET)  # msvcrt.locking locks from the file's position
+    try:
+        lib.locking(file.fileno(), lib.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
+
+
+def untake(lib, file):
+    if lib.__name__ == "fcntl":
+        lib.flock(file, lib.LOCK_UN)
+    else:
+        os.lseek(file.fileno(), LOCK_BYTE, os.SEEK_SET)
+        lib.locking(file.fileno(), lib.LK_UNLCK, 1)
+
+
+def holder_alive(text):
+    """Without flock or msvcrt: whether the process a lock file's text names ("pid N on HOST, ...") lives.
+    A text that names none (one being written) or a process on another host counts as alive."""
+    found = re.match(r"pid (\d+) on (\S+),", text)
+    if not found or found[2] != socket.gethostname() or sys.platform == "win32":  # (os.kill ends it there)
+        return True
+    try:
+        os.kill(int(found[1]), 0)  # signal 0 only asks whether it exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: it exists
+        pass
+    return True
+
+
+def make_new(path, text=None):
+    """`path` made with O_CREAT | O_EXCL, open (and `text` written in); None when it exists already."""
+    try:
+        file = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644), "r+")
+    except FileExistsError:
+        return None
+    if text is not None:
+        file.write(text)
+        file.flush()
+    return file
+
+
+def claim_by_pid(path):
+    """(the lock file, made new, or None while a live run holds it; the text of a dead run's lock taken over)."""
+    for _ in range(3):
+        file = make_new(path)
+        if file is not None:
+            return file, None
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # a link, a folder: not ours to follow or replace
+                raise OSError(0, "not a regular file")
+            with open(path, errors="replace") as f:
+                text = f.read(4096)
+        except FileNotFoundError:  # its run just ended
+            continue
+        if holder_alive(text):
+            return None, None
+        # A dead run's lock, moved aside to a name of our own and removed if it is still the one judged
+        # dead; another process's taken in the meantime is put back.
+        aside = path.with_name(f"{LOCK}{TMP_MARK}{os.getpid()}")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            continue
+        with open(aside, errors="replace") as f:
+            taken = f.read(4096) != text
+        if taken:
+            os.replace(aside, path)
+            return None, None
+        aside.unlink()
+        file = make_new(path)
+        if file is not None:
+            return file, text
+    return None, None
+
+
 class Claim:
     """A claimed folder: the open lock file, and what claiming it changed (the folders mkdir made, the
-    lock file's earlier text), so that a run refused or stopped before it wrote leaves the folder as found."""
+    lock file's earlier text), so that a run refused or stopped before it wrote leaves the folder as found.
+    `by_pid`: the lock is the file itself (neither flock nor msvcrt), removed when the run ends."""
 
-    def __init__(self, out, made, file, before):
+    def __init__(self, out, made, file, before, by_pid=False):
         self.out, self.made, self.file, self.before = out, made, file, before  # made: deepest first
+        self.by_pid = by_pid
 
     def release(self, began):
-        if not began:  # (a run that opens the lock file in the instant before it goes locks a lost file)
-            if self.before is None:
-                (self.out / LOCK).unlink(missing_ok=True)
-            else:
-                self.file.seek(0)
-                self.file.truncate()
-                self.file.write(self.before)
+        path = self.out / LOCK
+        if not began and self.before is not None and not self.by_pid:  # its earlier text back
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(self.before)
+        if os.name == "nt" or self.by_pid:  # Windows removes no open file
+            self.file.close()
+        if self.by_pid or not began and self.before is None:  # (a run that opens it in this instant locks a lost file)
+            path.unlink(missing_ok=True)
+        if self.by_pid and not began and self.before is not None:  # the dead run's lock found here, put back
+            restored = make_new(path, self.before)
+            if restored is not None:
+                restored.close()
+        if not began:
             for folder in self.made:
                 if any(folder.iterdir()):
                     break
@@ -108,13 +220,15 @@ def in_use(out):
     found = probe(path, "the run folder's lock file", "choose another folder", follow=False)
     if found is None or not stat.S_ISREG(found.st_mode):
         return
+    lib = locking()
     with open(path) as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused only while a run holds it
-        except BlockingIOError:
-            holder = lock.read(4096).strip() or "another process"
-            raise UserError(f"{out} is in use by a run that is still going ({holder}); wait for it to end or "
-                            "stop it, or choose another --output-dir") from None
+        holder = lock.read(4096).strip()
+        held = holder_alive(holder) if lib is None else not take(lib, lock, shared=True)
+        if lib is not None and not held:
+            untake(lib, lock)
+    if held:  # refused only while a run holds it
+        raise UserError(f"{out} is in use by a run that is still going ({holder or 'another process'}); wait for it "
+                        "to end or stop it, or choose another --output-dir")
 
 
 def claim(out):
@@ -131,26 +245,30 @@ def claim(out):
         raise UserError(f"--output-dir {out} cannot be made ({e.strerror or e}); choose another --output-dir") from None
     path = out / LOCK
     existed = path.exists() or path.is_symlink()
+    lib = locking()
     try:  # O_NOFOLLOW: a .lock that is a link would have us write into whatever it points to
-        lock = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
-        if not stat.S_ISREG(os.fstat(lock.fileno()).st_mode):
+        if lib is None:
+            lock, before = claim_by_pid(path)
+        else:
+            lock = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644), "r+")
+        if lock is not None and not stat.S_ISREG(os.fstat(lock.fileno()).st_mode):
             lock.close()
             raise OSError(0, "not a regular file")
     except OSError as e:
         raise UserError(f"{path} cannot be the run's lock file ({e.strerror}); remove it") from None
-    before = lock.read(4096) if existed else None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
+    if lib is not None:
+        before = lock.read(4096) if existed else None
+    if lock is None or lib is not None and not take(lib, lock):
+        if lock is not None:
+            lock.close()
         in_use(out)  # names the holder
-        raise UserError(f"{out} was in use by another run a moment ago; run the command again") from None
+        raise UserError(f"{out} was in use by another run a moment ago; run the command again")
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                f"{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}\n")
     lock.flush()
-    return Claim(out, made, lock, before)
+    return Claim(out, made, lock, before, by_pid=lib is None)
 
 
 def remove(path):

@@ -14,8 +14,9 @@ from infra.cli import UserError, stop_signals
 from infra.distributed import all_gather
 from infra.files import atomic_write_text
 from infra.folder import check_run_folder, claim, remove_run_files
-from infra.runlog import (METRICS, eval_columns, eval_summary, list_checkpoints, metrics_text, open_tracker,
-                          plot_rewards, restore, save_checkpoint, tidy_run_folder)
+from infra.runlog import (METRICS, eval_columns, eval_summary, list_checkpoints, metrics_text, plot_rewards, restore,
+                          save_checkpoint, tidy_run_folder)
+from infra.trackers import open_tracker
 from infra.video import plot_before_after, tile, write_strip, write_video
 from infra.frames import frames_scored
 from infra.setup import is_out_of_memory
@@ -65,10 +66,10 @@ def make_videos(model, cfg, prompts, cond, uncond, path_stem, n, reward_fn=None,
     Without `write` nothing is written (the other processes of a sharded run, which must take
     part in every pass of the sharded denoiser)."""
     idx = torch.arange(n) % len(prompts)
-    video = generate(model, cond[idx.to(cond.device)], uncond, cfg.frames, cfg.height, cfg.width, cfg.num_steps,
-                     cfg.guidance, seed=0, low_memory=cfg.low_memory)  # (n, F, 3, H, W)
+    video = generate(model, cond[idx.to(cond.device)].to(model.device), uncond, cfg.frames, cfg.height, cfg.width,
+                     cfg.num_steps, cfg.guidance, seed=0, low_memory=cfg.low_memory)  # (n, F, 3, H, W)
     if write:
-        write_video(tile(video, per_row=8), path_stem, rows=-(-n // 8))  # (F, 3, rows*H, 8*W)
+        write_video(tile(video, per_row=8), path_stem, model.spec.fps, rows=-(-n // 8))  # (F, 3, rows*H, 8*W)
     if reward_fn is None and write:  # before/after: also a still of every frame, for before_after.png
         write_strip(video, path_stem.with_suffix(".png"))
     if reward_fn is not None:
@@ -115,6 +116,8 @@ class Run:
         if self.bar is not None:
             self.bar.leave = self.bar.leave and not oom  # on a terminal the bar's line clears: the error is the line left
             self.bar.close()
+        if getattr(self, "tracker", None) is not None:  # --report-to: closed however the run ends
+            self.tracker.close(failed=exc[1] is not None)
         if self.lock is not None:
             self.lock.release(self.began)
         if oom:
@@ -166,13 +169,17 @@ class Run:
         self.tracker = None
         if self.main:
             atomic_write_text(self.out / "config.json", self.config_text)
-            self.tracker = open_tracker(self.cfg, self.out)
+            self.tracker = open_tracker(self.cfg, self.out, step)
+            if self.tracker is not None:  # every clip written into videos/ goes to the tracker too
+                self.videos = self.tracker.videos(videos)
             banner(lora_params)
         if self.main or self.together:
             if not self.main_says((self.out / "videos" / "before.mp4").exists()):
-                videos("before", self.cfg.num_videos, False)
+                self.videos("before", self.cfg.num_videos, False)
             if not self.rows and self.cfg.eval_every and not (self.stopped() if self.together else self.stop):
                 self.rows.append({**dict.fromkeys(METRICS, ""), "step": 0, **self.evaluate(0)})
+                if self.tracker:
+                    self.tracker(self.rows[-1])
         self.bar = tqdm(total=self.cfg.max_steps, initial=step, desc="training", unit="step", disable=not self.main)
         return step
 
@@ -250,6 +257,10 @@ class Run:
             if self.main:
                 save_lora(self.model.unet, out / "lora.safetensors", self.model.lora_prefix, self.model.base_id,
                           tensors=tensors)
+                if self.model.lora_prefix == "transformer.":  # Wan: also the file ComfyUI loads (infra/comfyui.py)
+                    from infra.comfyui import write_comfyui_lora
+
+                    write_comfyui_lora(out / "lora.safetensors", out / "lora_comfyui.safetensors")
                 plot_rewards(out, self.rows, cfg.reward)
         if stopped and self.main:
             print(f"stopped by {self.signal()} after step {step}; checkpoint saved. Continue with: "

@@ -27,7 +27,6 @@ import math
 import random
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -275,7 +274,7 @@ def tidy_run_folder(out):
         remove_temporaries(out)
 
 
-#### Logs: metrics.csv, the reward curve, optional trackers
+#### Logs: metrics.csv, the reward curve (the trackers of --report-to: infra/trackers.py)
 
 def metrics_text(rows):
     """metrics.csv's contents; floats are written in full so a resumed run can match bit for bit.
@@ -403,18 +402,3 @@ def plot_rewards(out, rows, reward_name):
     with atomic_path(out / "reward_curve.png") as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
-
-
-def open_tracker(cfg, out):
-    """A log(row) function for --report-to, or None. The package is imported only when asked for."""
-    if cfg.report_to == "wandb":
-        import wandb
-
-        wandb.init(project="vader-minimal", config=asdict(cfg), dir=str(out))
-        return lambda row: wandb.log({k: v for k, v in row.items() if v != ""}, step=row["step"])
-    if cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
-        return lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in row.items() if v != ""]
-    return None

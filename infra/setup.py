@@ -22,7 +22,7 @@ from infra.offload import reward_leaves_in_backward
 from infra.runlog import find_resume_point
 from infra.sharding import check_torch
 
-GENERATION = ("height", "width", "frames", "num_steps", "guidance")  # defaults come from the registry entry
+GENERATION = ("height", "width", "frames", "num_steps", "guidance", "negative_prompt")  # defaults: the registry entry's
 LOCKED = ("model", "height", "width", "frames", "lora_rank", "lora_alpha", "lora_dropout")  # fixed by a run
 LOWER_MEMORY = ("--decode-frames 1, --grad-steps 1, a smaller --height/--width or --frames, "
                 "--batch-size 1 with a larger --grad-accum")
@@ -30,13 +30,43 @@ LOWER_MEMORY = ("--decode-frames 1, --grad-steps 1, a smaller --height/--width o
 
 #### The command line and the config's layers
 
+# diffusers' training scripts' names for our settings (train_text_to_image_lora.py and the like):
+# flag -> (field, {their word: ours} or None when the value is ours as it is). --seed, --output_dir and
+# --report_to are ours already, under their underscore spelling.
+DIFFUSERS_FLAGS = {
+    "max_train_steps": ("max_steps", None),
+    "learning_rate": ("lr", None),
+    "gradient_accumulation_steps": ("grad_accum", None),
+    "train_batch_size": ("batch_size", None),
+    "resume_from_checkpoint": ("resume", None),  # their "latest" is our bare --resume
+    "mixed_precision": ("dtype", {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}),
+    "rank": ("lora_rank", None),
+    "checkpointing_steps": ("save_every", None),
+    "checkpoints_total_limit": ("keep_checkpoints", None),
+    "max_grad_norm": ("grad_clip", None),
+    "adam_weight_decay": ("weight_decay", None),
+}
+FROM_FILE_IGNORED = ("output_dir", "resume", "overwrite")  # a --config FILE's: only typed ones count
+
+
 def parse_flags(config_class, argv, description):
-    """{field: value} of the flags typed (only those), from an argparse built on the config's fields;
-    `--help` prints each default."""
+    """{field: value} of the flags typed (only those), from an argparse built on the config's fields,
+    with "config": FILE when --config is typed; `--help` prints each default. Each flag also takes its
+    underscore spelling (--max_steps), and diffusers' names (DIFFUSERS_FLAGS) reach their fields here,
+    so a typed one wins over every layer as ours does; two spellings of one setting that disagree are
+    refused in one line."""
     p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
                                 epilog="A model's registry entry may bring other defaults (its recipe, printed at "
-                                       "start-up), and a reward may too (videoreward); a flag you type always wins.")
-    for f in fields(config_class):
+                                       "start-up), and a reward may too (videoreward); --config FILE's fields "
+                                       "(a run's config.json) sit above those; a flag you type always wins. Every "
+                                       "flag also takes its underscore spelling (--max_steps, --no_low_memory), "
+                                       "and diffusers' training scripts' names work too: " + ", ".join(
+                                           f"--{k} (= --{v.replace('_', '-')})"
+                                           for k, (v, _) in DIFFUSERS_FLAGS.items())
+                                       + "; --mixed_precision no/fp16/bf16 is --dtype float32/float16/bfloat16, "
+                                         "--resume_from_checkpoint latest is a bare --resume.")
+    known = {f.name: f for f in fields(config_class)}
+    for f in known.values():
         flag, default = "--" + f.name.replace("_", "-"), f.default
         shown = "the model's" if f.name in GENERATION else (None if default in ("", None) else repr(default))
         help = (f.metadata["help"] + (f" [default: {shown}]" if shown else "")).replace("%", "%%")
@@ -46,9 +76,79 @@ def parse_flags(config_class, argv, description):
             p.add_argument(flag, nargs="?", const="latest", metavar="PATH", help=help)
         else:
             p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=help)
-    given = vars(p.parse_args(argv))
-    check_choices(SimpleNamespace(**given))  # a misspelt word costs a second, before a model's configs are read
-    return given
+    p.add_argument("--config", metavar="FILE", help="A run's config.json (or any JSON object of these fields) as the "
+                   "defaults under the flags typed; its output_dir, resume and overwrite are ignored (type them).")
+    aliases = {f"--{f.name}": (f.name, None) for f in known.values() if "_" in f.name}
+    aliases.update({f"--{k}": v for k, v in DIFFUSERS_FLAGS.items()})
+    for alias, (name, words) in aliases.items():  # each to a dest of its own, so disagreeing ones are seen
+        f, dest = known[name], f"{name}|{alias}"
+        if f.type is bool:
+            p.add_argument(alias, dest=dest, action="store_const", const=True, help=argparse.SUPPRESS)
+            p.add_argument(f"--no_{alias[2:]}", dest=dest, action="store_const", const=False, help=argparse.SUPPRESS)
+        elif name == "resume":
+            p.add_argument(alias, dest=dest, nargs="?", const="latest", help=argparse.SUPPRESS)
+        else:
+            p.add_argument(alias, dest=dest, type=f.type, choices=words and list(words), help=argparse.SUPPRESS)
+    typed, spelt = {}, {}  # field -> value, field -> the spellings typed and their values
+    for dest, value in vars(p.parse_args(argv)).items():
+        name, _, alias = dest.partition("|")
+        words = aliases.get(alias, (None, None))[1]
+        typed[name] = words[value] if words else value
+        spelt.setdefault(name, []).append((alias or "--" + name.replace("_", "-"), value, typed[name]))
+    for name, said in spelt.items():
+        if len({repr(v) for _, _, v in said}) > 1:
+            a, b = (as_typed(flag, v) for flag, v, _ in said[:2])
+            raise UserError(f"{a} and {b} are two spellings of one setting with different values; pass one")
+    check_choices(SimpleNamespace(**typed))  # a misspelt word costs a second, before a model's configs are read
+    return typed
+
+
+def hyphenated(argv):
+    """argv (None: the command line's) with each flag's underscores as hyphens, --num_prompts as --num-prompts,
+    for a parser whose flags are all hyphenated (sample.py); a value, and all after a bare --, stays as typed."""
+    import sys
+
+    argv, out = list(sys.argv[1:] if argv is None else argv), []
+    for i, a in enumerate(argv):
+        if a == "--":
+            return out + argv[i:]
+        name, eq, value = a.partition("=")
+        out.append(name.replace("_", "-") + eq + value if a.startswith("--") else a)
+    return out
+
+
+def as_typed(flag, value):
+    """How a flag with this value is typed: --lr 0.001, --low-memory, --no-low-memory, --no_low_memory."""
+    if not isinstance(value, bool):
+        return f"{flag} {value}"
+    return flag if value else f"--no{'_' if '_' in flag else '-'}{flag[2:]}"
+
+
+def read_config_file(path, config_class):
+    """--config FILE: {field: value} of a JSON object of the config's fields (a run's config.json), each of
+    its field's type as a checkpoint's config must be (`fits`); an unknown field is refused by name. Its
+    FROM_FILE_IGNORED fields are dropped: a rerun never writes into the old run's folder unless told to.
+    The rules (check_flags) are checked once it sits on its defaults (`check_config_file`)."""
+    values = read_json(path, "--config", fix="pass a run's config.json or a JSON object of train.py's fields")
+    known = {f.name: f for f in fields(config_class)}
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise UserError(f"--config {path}: unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}"
+                        "; it takes train.py's options, spelt as in config.json (e.g. max_steps)")
+    for k, v in values.items():
+        if not fits(v, known[k]):
+            raise UserError(f"--config {path}: its {k} is {v!r}, not a {known[k].type.__name__} value")
+    return {k: v for k, v in values.items() if k not in FROM_FILE_IGNORED}
+
+
+def check_config_file(path, cfg):
+    """--config FILE's fields on the defaults beneath them (`cfg`), checked by the rules a checkpoint's
+    config is (check_flags and the reward's spec); a refusal names the file."""
+    try:
+        check_flags(cfg)
+        check_reward_spec(cfg)
+    except UserError as e:
+        raise UserError(f"--config {path}: {e}") from None
 
 
 def fits(value, f):
@@ -86,7 +186,8 @@ def resumed(cfg, given):
     for folder in (Path(target), Path(target) / "checkpoints"):
         probe(folder, "--resume", fix)
     run_dir, ckpt = find_resume_point(target, check)
-    old = asdict(check(read_json(ckpt / "config.json", "checkpoint config")))
+    values = read_json(ckpt / "config.json", "checkpoint config")
+    old = asdict(check({"negative_prompt": "", **values}))  # a run from before --negative-prompt had the empty one
     for k in LOCKED:
         if k in given and given[k] != old[k]:
             raise UserError(f"--resume cannot change --{k.replace('_', '-')} (the run has {old[k]}); "
@@ -204,9 +305,10 @@ def batch_drawer(model, cfg, prompts, cond, generator, rank=0, world=1):
 
     b = cfg.batch_size
 
-    def draw_batch():
+    def draw_batch():  # `cond` may wait in host memory (infra/prompt_store.py): only the B rows drawn move
         idx = torch.randint(len(prompts), (b * world,), generator=generator)[rank * b:(rank + 1) * b]
-        z_T = initial_noise(model, b * world, cfg.frames, cfg.height, cfg.width, generator, cond.device)
-        return [prompts[i] for i in idx], cond[idx.to(cond.device)], z_T[rank * b:(rank + 1) * b]
+        z_T = initial_noise(model, b * world, cfg.frames, cfg.height, cfg.width, generator, model.device)
+        rows = cond[idx.to(cond.device)].to(model.device, non_blocking=True)  # (B, L, D)
+        return [prompts[i] for i in idx], rows, z_T[rank * b:(rank + 1) * b]
 
     return draw_batch

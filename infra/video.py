@@ -8,7 +8,6 @@ from PIL import Image
 
 from infra.files import atomic_path
 
-FPS = 8  # ModelScope's clips are 16 frames of a ~2 s scene; 8 frames a second shows them well
 MIN_SIDE = 128  # tiny videos are upscaled (nearest neighbour) to at least this height to be seen
 
 
@@ -31,9 +30,9 @@ def to_uint8(video, rows=1):
     return (video.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (F, H', W', 3)
 
 
-def write_video(video, stem, rows=1):
+def write_video(video, stem, fps, rows=1):
     """Write (F, 3, H, W) in [0, 1], `rows` tiled videos high, to `stem`.mp4 and `stem`.gif (each
-    atomically); returns the paths."""
+    atomically) at `fps` frames a second, the model's own (models.ModelSpec.fps); returns the paths."""
     import imageio
 
     frames = to_uint8(video, rows)
@@ -41,10 +40,14 @@ def write_video(video, stem, rows=1):
     mp4, gif = stem.with_suffix(".mp4"), stem.with_suffix(".gif")
     with atomic_path(mp4) as tmp:
         # libx264 wants sides divisible by 16; to_uint8's upscaling keeps small videos so.
-        imageio.mimwrite(tmp, list(frames), fps=FPS, macro_block_size=16)
+        imageio.mimwrite(tmp, list(frames), fps=fps, macro_block_size=16)
+    # A GIF counts time in hundredths of a second: frame i ends at round((i + 1) * 100 / fps), so 16 fps
+    # (6.25 each) shows frames of 60 and 70 ms that keep the clip's length to the hundredth.
+    ends = [round((i + 1) * 100 / fps) for i in range(len(frames))]
+    durations = [10 * (end - start) for start, end in zip([0, *ends], ends)]  # ms, each a multiple of 10
     with atomic_path(gif) as tmp:
         images = [Image.fromarray(f) for f in frames]
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=1000 // FPS, loop=0)
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
     return mp4, gif
 
 

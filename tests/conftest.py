@@ -20,7 +20,9 @@ sys.path.insert(0, str(ROOT))
 # order the files by their number of tests, which left a long file to run alone at the end.
 SLOWEST_FIRST = ["test_ownership.py", "test_toy.py", "test_videoreward.py", "test_files.py", "test_robustness.py", "test_scripts.py", "test_wan.py",
                  "test_wan22.py",
-                 "test_ddpo.py", "test_models.py", "test_memory.py", "test_behaviour.py"]
+                 "test_ddpo.py", "test_models.py", "test_inputs.py", "test_memory.py", "test_reward_models.py",
+                 "test_trackers.py", "test_flags.py", "test_comfyui.py", "test_releases.py", "test_behaviour.py",
+                 "test_param_counts.py", "test_prompt_store.py", "test_portable.py"]
 
 
 def pytest_collection_modifyitems(items):

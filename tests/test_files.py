@@ -50,8 +50,8 @@ def leftovers(folder):
 
 def test_prompts_with_a_bom_blank_lines_and_comments(tmp_path):
     path = tmp_path / "p.txt"
-    path.write_bytes("\ufeffa cat\n   \n\t\n# a comment\na dog  # and a note\n".encode())
-    assert read_prompts(str(path)) == ["a cat", "a dog"]
+    path.write_bytes("\ufeffa cat\n   \n\t\n# a comment\n  # an indented one\na #1 hit song  \n".encode())
+    assert read_prompts(str(path)) == ["a cat", "a #1 hit song"]  # a '#' inside a prompt is the prompt's
 
 
 @pytest.mark.parametrize("content,message", [

@@ -57,7 +57,7 @@ def test_bad_model_names_and_folders(tmp_path):
 def test_read_prompts(tmp_path):
     assert len(read_prompts("animals.txt")) == 50
     f = tmp_path / "p.txt"
-    f.write_text("# a comment\n\na cat  # trailing comment\n a dog\n")
+    f.write_text("# a comment\n\na cat\n a dog\n")
     assert read_prompts(str(f)) == ["a cat", "a dog"]
     f.write_text("# nothing\n\n")
     with pytest.raises(UserError, match="has no prompts"):
