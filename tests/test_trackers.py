@@ -1,7 +1,7 @@
 """--report-to: TensorBoard's event files read back as TensorBoard reads them (every row, the step-0
 evaluation, the videos; a resume that appends without doubling a step; closed after an error), and
-W&B through a stand-in `wandb` module that records its calls (the real one starts a service process
-per run: seconds, and a network that tests never touch)."""
+W&B through a stand-in `wandb` module that records its calls, and (marked slow: the real one starts
+a service process per run) W&B itself in offline mode, which never touches the network."""
 import csv
 import importlib.machinery
 import io
@@ -192,3 +192,22 @@ def test_a_missing_package_is_one_line_before_anything_loads(tmp_path, monkeypat
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "error: --report-to wandb needs the wandb package: pip install wandb\n"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # the real wandb starts a service process for each run: seconds
+def test_wandb_offline_keeps_one_run_across_a_resume_with_its_videos(tb_run, tmp_path, monkeypatch):
+    """W&B itself, in offline mode (no network): the run's id is the one kept in tracker.json, a resume
+    writes to a run of the same id, and the videos reach W&B's media folder."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = crashed_copy(tb_run, tmp_path, "offline-run")
+    run_cli(train.main, ["--resume", str(out), "--report-to", "wandb", "--tracker-project", "proj"])
+    run_id = json.loads((out / "tracker.json").read_text())["wandb_id"]
+    runs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert runs, sorted(p.name for p in (out / "wandb").iterdir())
+    media = [p.name for r in runs for p in (r / "files" / "media" / "videos").rglob("*.mp4")]
+    assert any("after" in m for m in media) and any("eval" in m for m in media), media
+    run_cli(train.main, ["--resume", str(out), "--report-to", "wandb", "--max-steps", "3"])
+    assert json.loads((out / "tracker.json").read_text())["wandb_id"] == run_id
+    assert len(sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))) == len(runs) + 1  # the same run, resumed
