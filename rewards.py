@@ -26,10 +26,10 @@ from torch import nn
 
 from infra.cli import UserError
 from reward_models.common import freeze, from_pretrained, load_checkpoint, load_pretrained, weights_file
-from reward_models.options import parse_options, reward_terms
+from reward_models.options import parse_options, parse_reward_spec, reward_terms
 from reward_models.registry import ELSEWHERE
 
-__all__ = ["REWARDS", "load_reward", "load_eval_rewards", "parse_options", "per_frame", "register"]
+__all__ = ["REWARDS", "load_reward", "load_eval_rewards", "parse_options", "parse_reward_spec", "per_frame", "register"]
 
 CLIP_L14 = "openai/clip-vit-large-patch14"  # the backbone of the aesthetic head (and of the `clip` reward)
 AESTHETIC_REPO, AESTHETIC_FILE = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"

@@ -54,24 +54,19 @@ def prompt_embeddings(model, prompts, cache=None, batch=32):
     cond, todo = None, []  # cond: (P, L, D), filled row by row, so no second copy of it is ever made
     for i, name in enumerate(names):
         if folder and (folder / name).is_file():
-            cond = _put(cond, i, load_file(folder / name)["embedding"], len(prompts))
+            row = load_file(folder / name)["embedding"]  # (L, D)
+            cond = torch.empty(len(prompts), *row.shape, dtype=row.dtype) if cond is None else cond
+            cond[i] = row
         else:
             todo.append(i)
     for start in tqdm(range(0, len(todo), batch), desc="encoding prompts", unit="batch", leave=False,
                       disable=len(todo) <= batch):
         chunk = todo[start:start + batch]
         emb = encode_prompts(model, [prompts[i] for i in chunk], batch).cpu()  # (b, L, D)
-        for i, e in zip(chunk, emb):
-            cond = _put(cond, i, e, len(prompts))
-            if folder:
-                with atomic_path(folder / names[i]) as tmp:  # a crash never leaves half an embedding
-                    save_file({"embedding": e.clone()}, tmp)
+        cond = torch.empty(len(prompts), *emb.shape[1:], dtype=emb.dtype) if cond is None else cond
+        cond[chunk] = emb
+        for i, e in zip(chunk, emb) if folder else ():
+            with atomic_path(folder / names[i]) as tmp:  # a crash never leaves half an embedding
+                save_file({"embedding": e.clone()}, tmp)
     cond = torch.empty(0) if cond is None else cond
     return cond.pin_memory() if torch.cuda.is_available() and str(model.device).startswith("cuda") else cond
-
-
-def _put(cond, i, row, n):
-    """Row i of the (n, L, D) store, which the first row sizes."""
-    cond = torch.empty(n, *row.shape, dtype=row.dtype) if cond is None else cond
-    cond[i] = row
-    return cond

@@ -202,21 +202,21 @@ def resumed(cfg, given):
 
 def check_settings(cfg):
     """Every setting (infra/checks.py), the device and the output folder; a UserError names the flag."""
+    check_reward_spec(cfg)
     check_flags(cfg)  # its CHOICES too: --dtype, --report-to
     check_device(cfg.device)
-    check_reward_spec(cfg)
+    check_output_dir(cfg.output_dir)
     if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
     if cfg.shard:
         check_torch()
-    check_output_dir(cfg.output_dir)
     check_run_folder(cfg.output_dir, cfg.resume, cfg.overwrite)
 
 
 def check_reward_spec(cfg):
     """--reward's weights and --reward-options' values parsed (a weight or number must be finite), before
     the folder is claimed; the names and options are checked against the rewards as they are built."""
-    from reward_models.options import parse_options, parse_reward_spec
+    from rewards import parse_options, parse_reward_spec
 
     parse_reward_spec(cfg.reward)
     parse_options(cfg.reward_options)
