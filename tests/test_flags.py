@@ -133,6 +133,7 @@ def test_config_file_with_resume_is_refused(tmp_path):
         config("--config", write(tmp_path / "c.json", {}), "--resume")
 
 
+@pytest.mark.slow  # two training runs
 def test_a_run_repeated_from_its_config_json_gives_the_same_lora(tmp_path, capsys):
     first, second = tmp_path / "X", tmp_path / "Y"
     run_cli(train.main, [*FAST, "--max-steps", "2", "--seed", "1", "--output-dir", str(first)])

@@ -189,6 +189,7 @@ def test_pretraining_script_writes_a_loadable_model(tmp_path):
         assert (tmp_path / name).read_text() == (PROMPTS_DIR / name).read_text(), name
 
 
+@pytest.mark.slow  # the README's CPU demo, shortened: about 15 s
 def test_short_alignment_to_the_judge_draws_held_out_shapes_better(tmp_path, capsys):
     """train.py on the toy model as the README's demo runs it, shorter: the toy recipe supplies the
     reward, the training prompts and the learning rate, and the flags typed here win over the rest

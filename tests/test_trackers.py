@@ -95,6 +95,7 @@ def crashed_copy(tb_run, tmp_path, name):
     return run
 
 
+@pytest.mark.slow  # three training runs
 def test_the_writer_is_closed_after_an_error_and_a_resume_appends_without_doubling_a_step(tb_run, tmp_path,
                                                                                        monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
