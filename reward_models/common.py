@@ -16,6 +16,7 @@ import torch
 
 from infra.cli import UserError
 from infra.files import read_tensor_state
+from infra.loading import misfit, unfit_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # VideoMAE, X-CLIP, V-JEPA 2
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,12 +75,6 @@ def weights_file(path, repo_id, filename, option):
         ) from e
 
 
-def few(keys, n=3):
-    """The first `n` of some tensor names, and how many more: "['a.bias', 'b.weight'] and 5 more"."""
-    keys = sorted(keys)
-    return f"{keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
 def refuse_unfit(where, what, fix, missing=(), unexpected=(), shapes=()):
     """The one-line UserError for a checkpoint that does not fill its model exactly.
 
@@ -87,12 +82,9 @@ def refuse_unfit(where, what, fix, missing=(), unexpected=(), shapes=()):
     initial values, skip the `unexpected` ones, and score with a broken judge, silently.
     `shapes`: (name, in the file, in the model) of tensors whose shape does not fit.
     """
-    if not (missing or unexpected or shapes):
-        return
-    shapes = ", ".join(f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(shapes)[:3])
-    found = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
-             f"other shapes {shapes}" if shapes else ""]
-    raise UserError(f"{where} does not have the {what} key layout ({'; '.join(f for f in found if f)}); {fix}")
+    text = unfit_text(missing, unexpected, shapes)
+    if text:
+        raise UserError(f"{where} does not have the {what} key layout ({text}); {fix}")
 
 
 def load_checkpoint(module, path, option, what, key=None):
@@ -108,11 +100,7 @@ def load_checkpoint(module, path, option, what, key=None):
         state = state[key]
     if not isinstance(state, dict):
         raise UserError(f"{option}={str(path)!r} holds a {type(state).__name__}, not the {what} tensors by name; {fix}")
-    expected = module.state_dict()
-    refuse_unfit(f"{option}={str(path)!r}", what, f"is it the right file? {fix}",
-                 missing=set(expected) - set(state), unexpected=set(state) - set(expected),
-                 shapes=[(k, getattr(state[k], "shape", ()), v.shape) for k, v in expected.items()
-                         if k in state and getattr(state[k], "shape", None) != v.shape])
+    refuse_unfit(f"{option}={str(path)!r}", what, f"is it the right file? {fix}", *misfit(module.state_dict(), state))
     module.load_state_dict(state)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from infra.cli import UserError
+from infra.loading import misfit, unfit_text
 from toy.world import COLOURS, DIRECTIONS, SHAPES, SIZES, Clip, by_group
 
 JUDGE_FILE = Path(__file__).resolve().parent / "judge.safetensors"  # float16, written by toy/train_judge.py
@@ -107,14 +108,9 @@ def load_judge(path=JUDGE_FILE, device="cpu", dtype=torch.float32):
     fix = "restore it with `git checkout -- toy/judge.safetensors` or rebuild it with `python -m toy.train_judge`"
     tensors, _ = read_safetensors(path, "toy judge weights", fix)
     judge = Judge()
-    expected = judge.state_dict()
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or shapes:  # every wrong name, not only the first kind load_state_dict reports
-        found = [f"{what} {keys[:3]}" for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                                         ("other shapes", shapes)) if keys]
-        raise UserError(f"toy judge weights {path} do not fit the judge ({'; '.join(found)}); {fix}")
+    unfit = unfit_text(*misfit(judge.state_dict(), tensors))  # every wrong name, not only the first kind
+    if unfit:
+        raise UserError(f"toy judge weights {path} do not fit the judge ({unfit}); {fix}")
     judge.load_state_dict(tensors)
     return judge.to(device, dtype).eval().requires_grad_(False)
 
