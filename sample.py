@@ -102,7 +102,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     from infra.distributed import resolve_device
-    from infra.lorafile import read_lora_file, trained_on
+    from infra.lorafile import read_lora_file
     from infra.setup import is_out_of_memory
     from models import spec_of
 
@@ -119,14 +119,13 @@ def main(argv=None):
         raise UserError("--export-comfy converts a LoRA file for ComfyUI: also pass --lora PATH")
     if args.export_comfy and args.export_merged:
         raise UserError("--export-comfy and --export-merged each write an export instead of sampling: pass one of them")
-    if args.lora:
-        read_lora_file(args.lora)
+    meta = read_lora_file(args.lora)[1] if args.lora else {}  # a bad file fails now, before anything loads
     if args.export_comfy:  # a file conversion: no model is loaded
         from infra.comfyui import export_comfyui
 
         return export_comfyui(args.lora, args.export_comfy)
     if args.model is None:  # the LoRA's own base, so a LoRA never meets another base by default
-        base = trained_on(args.lora) if args.lora else ""
+        base = meta.get("base_model", "")
         args.model = base or DEFAULT_MODEL
         print(f"--model {args.model}" + (f" (the base model {args.lora} was trained on)" if base else ""))
     spec_of(args.model)  # an unknown name fails now, before anything loads

@@ -49,11 +49,6 @@ def read_lora_file(path):
     return tensors, meta
 
 
-def trained_on(path):
-    """The base model a LoRA file names in its metadata ('' for a file that names none)."""
-    return read_lora_file(path)[1].get("base_model", "")
-
-
 def same_base(model, base):
     """Whether the model name `model` (a run's --model: a registry name, a folder or a hub id) is the
     base a LoRA file names (`base`, models.base_id of the model it was trained on), without loading it.
